@@ -1,0 +1,389 @@
+"""The job config: one typed tree of dataclasses, loaded from YAML plus `-p key=value` overrides.
+
+    cfg = load_job("job/validation.yaml", overrides=["num_epochs=3", "model.quantization=none"])
+
+Every problem (unknown keys, wrong types, bad values) is collected and reported together, with
+the list of valid keys. The seed's papermill parameter names work as short aliases
+(`num_images`, `num_epochs`, `batch_size`, `learning_rate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fada_batch.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+
+
+@dataclass
+class DataConfig:
+    """Where the scans and label sheets are, and how they become training samples."""
+
+    root: str = "data"  # holds `Fetal Ultrasound/` and `Fetal Ultrasound Labeled/`
+    categories: list[str] = field(default_factory=lambda: list(CATEGORY_NAMES))  # to train
+    num_images: int | None = None  # first N usable images of a sheet; None = all (5 = validation)
+    train_fraction: float = 0.8  # split is by image, never by question
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 42  # fixed so evaluation later sees the same held-out images
+    clean_answers: bool = True  # collapse whitespace, drop a trailing period
+    prompt_template: str = "Question: {question} Answer:"  # BLIP-2's VQA prompt
+    max_image_pixels: int = 40_000_000  # larger images are refused (decompression-bomb guard)
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
+    name_or_path: str = "Salesforce/blip2-opt-2.7b"  # hub id or a local folder
+    quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes weights
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bf16 on GPUs that have it, else fp32
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False  # trade compute for memory in the language model
+
+
+@dataclass
+class LoraSection:
+    """LoRA on the language model (the seed's recipe by default)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Extra modules trained in full and saved with the adapter (e.g. the tiny model's
+    # `language_model.model.decoder.final_layer_norm`); empty for the seed's recipe.
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    num_epochs: int = 1
+    batch_size: int = 1  # micro-batch (QA pairs per forward pass)
+    grad_accum_steps: int = 1  # optimizer step every N micro-batches
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # linear warm-up, as a fraction of all optimizer steps
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42  # data order and LoRA init
+    feature_cache: bool = True  # compute frozen vision+Q-Former features once per image
+    checkpoint_every_steps: int = 100  # optimizer steps between checkpoints (0 = epoch ends only)
+    keep_checkpoints: int = 2  # keep the last K complete checkpoints
+    log_every_s: float = 30.0  # progress line interval when not on a terminal
+    max_steps: int | None = None  # stop after N optimizer steps (smoke runs); None = all epochs
+
+
+@dataclass
+class OutputConfig:
+    """Where results land: `{root}/blip2_{category}/`."""
+
+    root: str = "outputs"
+
+
+@dataclass
+class ClusterConfig:
+    """SLURM settings for `fada-batch submit` (site-specific values live only here)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    time_min: int = 240  # per array task
+    constraint: str | None = None
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # any other sbatch flag
+    array_parallelism: int = 16  # max array tasks running at once
+    python: str | None = None  # e.g. "apptainer exec --nv --bind /shared fada-batch.sif python"
+    max_requeues: int = 3  # time-outs/preemptions before a task gives up
+    signal_delay_s: int = 120  # warning signal this long before the time limit
+    log_dir: str | None = None  # default: {output.root}/logs (shared storage)
+    collector_time_min: int = 30
+
+
+@dataclass
+class JobConfig:
+    """A whole job: one YAML file in `job/`."""
+
+    name: str = "job"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_hash(self) -> str:
+        """A short, stable hash of the resolved config (for summaries and checkpoints)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The seed's papermill parameter names.
+ALIASES: dict[str, str] = {
+    "num_images": "data.num_images",
+    "num_epochs": "train.num_epochs",
+    "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate",
+}
+
+
+class ConfigError(ValueError):
+    """A job config with one or more problems; the message lists them all."""
+
+
+def valid_keys(cls: type = JobConfig, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config dataclass, e.g. `train.learning_rate`."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(valid_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _coerce(value: Any, t: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `t`; return it (ints widened to floats)."""
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in inner:
+            out = _coerce(value, a, key, sub)
+            if not sub:
+                return out
+            sub.clear()
+        problems.append(f"{key}: expected {_type_name(t)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return value
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if t is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config annotation {t!r} for {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            problems.append(f"unknown key {dotted!r}{hint}")
+            continue
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a section (mapping), got {value!r}")
+                continue
+            kwargs[key] = _build(t, value, f"{dotted}.", problems)
+        else:
+            kwargs[key] = _coerce(value, t, dotted, problems)
+    return cls(**kwargs)
+
+
+def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
+    """Cross-field rules, checked once the tree is built."""
+    d, t, lo = cfg.data, cfg.train, cfg.lora
+    fr = (d.train_fraction, d.val_fraction, d.test_fraction)
+    if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        problems.append(
+            "data.train_fraction + data.val_fraction + data.test_fraction must be >= 0 each "
+            f"and sum to 1 (got {fr[0]} + {fr[1]} + {fr[2]} = {sum(fr):g})"
+        )
+    if d.train_fraction <= 0:
+        problems.append("data.train_fraction must be > 0")
+    if d.num_images is not None and d.num_images < 1:
+        problems.append(f"data.num_images must be >= 1 or null (all), got {d.num_images}")
+    if "{question}" not in d.prompt_template:
+        problems.append("data.prompt_template must contain '{question}'")
+    for name in d.categories:
+        try:
+            get_category(name)
+        except UnknownCategoryError as e:
+            problems.append(f"data.categories: {e}")
+    for key, value, low in (
+        ("train.num_epochs", t.num_epochs, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum_steps", t.grad_accum_steps, 1),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("lora.r", lo.r, 1),
+        ("lora.alpha", lo.alpha, 1),
+    ):
+        if isinstance(value, int) and value < low:
+            problems.append(f"{key} must be >= {low}, got {value}")
+    if isinstance(t.learning_rate, float) and not t.learning_rate > 0:
+        problems.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
+        problems.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if not lo.target_modules:
+        problems.append("lora.target_modules must name at least one module")
+    if cfg.model.quantization != "none" and cfg.model.device == "cpu":
+        pass  # bitsandbytes >= 0.49 runs 8/4-bit on CPU too (slowly); allowed.
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `key=value`; the value is parsed as YAML (so `3`, `1e-4`, `null`, `[a, b]` work)."""
+    if "=" not in text:
+        raise ConfigError(
+            f"override {text!r} is not key=value (e.g. -p train.num_epochs=3 or -p num_epochs=3)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    value = safe_load_yaml(raw) if raw.strip() else ""
+    return ALIASES.get(key, key), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.2; PyYAML's 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML with the safe loader (nothing in a job file is ever executed)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> JobConfig:
+    """Build and validate a JobConfig from a plain mapping; all problems reported at once."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the job file must be a mapping of sections, got {raw!r}")
+    raw = {ALIASES.get(k, k): v for k, v in raw.items()}
+    tree: dict[str, Any] = {}
+    for k, v in raw.items():
+        if "." in k:
+            _set_dotted(tree, k, v)
+        else:
+            tree[k] = v
+    cfg = _build(JobConfig, tree, "", problems)
+    if not problems:
+        _check_rules(cfg, problems)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        unknown = any(p.startswith("unknown key") for p in problems)
+        hint = ""
+        if unknown:
+            hint = (
+                "\nValid keys are:\n    "
+                + "\n    ".join(valid_keys())
+                + f"\nShort aliases: {', '.join(f'{a} -> {k}' for a, k in ALIASES.items())}"
+            )
+        raise ConfigError(f"{source}: {len(problems)} problem(s) in the job config:\n{lines}{hint}")
+    return cfg
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job YAML (safe loader) and apply `key=value` overrides.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or the config has problems (all listed).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read job file {path}: {e.strerror}. Pass an existing file, e.g. --job job/demo.yaml"
+        ) from e
+    try:
+        raw = safe_load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the job file must be a mapping of sections, got {type(raw).__name__}")
+    for text_override in overrides or []:
+        key, value = parse_override(text_override)
+        _set_dotted(raw, key, value)
+    cfg = config_from_dict(raw, source=str(path))
+    # Relative data/output roots are relative to the current directory (where users run
+    # `fada-batch`); the resolved config written next to the outputs records absolute paths.
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    cfg.output.root = str(Path(cfg.output.root).expanduser().resolve())
+    name = cfg.model.name_or_path
+    if name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        cfg.model.name_or_path = str(Path(name).expanduser().resolve())
+    if cfg.cluster.log_dir:
+        cfg.cluster.log_dir = str(Path(cfg.cluster.log_dir).expanduser().resolve())
+    return cfg
+
+
+def dump_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML (written next to the outputs)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,355 @@
+"""A small synthetic data set in the real folder layout, for demos and end-to-end tests.
+
+`make_demo_data(root)` writes grayscale ultrasound-like scans (a fan-shaped sector with
+speckle and one bright structure) under `root/Fetal Ultrasound/{folder}/` and label sheets
+under `root/Fetal Ultrasound Labeled/{sheet}_image_list.xlsx`, in the style real sheets use:
+an `Image Name` column, then eight columns whose headers are `Q1:` + newline + the question.
+
+Two answers are a function of what is drawn, so that learning can be measured:
+
+- Q2 (Fetal Orientation) says on which side of the image the structure lies;
+- Q6 (Image Quality) says whether the scan is clean or heavily speckled.
+
+Side and noise are balanced within a category, so the majority answer scores 50% on them.
+The other answers are constant per category or drawn independently of the image. The
+sheets carry blemishes found in the wild: names without extension, double spaces, trailing
+periods and empty cells; Abdomen uses the misspelled folder and sheet name `Abodomen`; and
+Cervix has images but no sheet (it must come out as "awaiting labels").
+
+`render_scan` and `describe` are public because the tiny model's pretraining
+(`fada_batch.tiny`) draws its captioned scans from the same renderer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fada_batch.categories import (
+    IMAGES_DIR,
+    LABELS_DIR,
+    SHEET_SUFFIX,
+    STANDARD_QUESTIONS,
+    get_category,
+)
+
+logger = logging.getLogger(__name__)
+
+SIDES: tuple[str, ...] = ("left", "right")
+DEFAULT_IMAGE_SIZE = 128  # pixels per side of the PNGs written by make_demo_data
+DEFAULT_IMAGES_PER_CATEGORY = 60
+
+# (category, folder name written, sheet stem written or None for "no sheet").
+# Abdomen uses the misspelled names found in the wild; categories.py aliases resolve them.
+DEMO_LAYOUT: tuple[tuple[str, str, str | None], ...] = (
+    ("Abdomen", "Abodomen", "Abodomen"),
+    ("Femur", "Femur", "Femur"),
+    ("Thorax", "Thorax", "Thorax"),
+    ("Cervix", "Cervix", None),
+)
+
+# Answers that depend on the drawn image (index 1 = Q2, index 5 = Q6).
+ORIENTATION_ANSWERS: dict[str, str] = {
+    "left": "Fetus lies on the left side",
+    "right": "Fetus lies on the right side",
+}
+QUALITY_ANSWERS: dict[bool, str] = {
+    False: "Good image quality",
+    True: "Poor image quality, heavy noise",
+}
+
+# Answers that do not depend on the image: per category, Q1, Q3, Q4, Q7, Q8 are constant.
+_CONSTANT_ANSWERS: dict[str, dict[int, str]] = {
+    "Abdomen": {
+        0: "Stomach bubble and liver",
+        2: "Standard abdominal plane",
+        3: "Abdominal circumference",
+        6: "No abnormality seen",
+        7: "Routine follow-up",
+    },
+    "Femur": {
+        0: "Femoral diaphysis",
+        2: "Standard femur plane",
+        3: "Femur length",
+        6: "No abnormality seen",
+        7: "Routine follow-up",
+    },
+    "Thorax": {
+        0: "Heart and lungs",
+        2: "Standard four chamber plane",
+        3: "Thoracic circumference",
+        6: "No abnormality seen",
+        7: "Routine follow-up",
+    },
+    "Cervix": {
+        0: "Cervical canal",
+        2: "Standard cervical plane",
+        3: "Cervical length",
+        6: "No abnormality seen",
+        7: "Routine follow-up",
+    },
+}
+# Q5 (gestational age) is drawn at random, independently of the image: not learnable.
+GESTATIONAL_AGE_ANSWERS: tuple[str, ...] = ("20 to 24 weeks", "24 to 28 weeks")
+
+# Shape of the bright structure per category; categories not listed get an ellipse.
+_SHAPES: dict[str, str] = {
+    "Abdomen": "ring",
+    "Femur": "bar",
+    "Thorax": "heart",
+    "Cervix": "band",
+}
+
+
+def all_answers() -> dict[int, tuple[str, ...]]:
+    """Every answer the demo data can hold, per question index 0..7 (for tokenizer corpora)."""
+    out: dict[int, set[str]] = {i: set() for i in range(len(STANDARD_QUESTIONS))}
+    for answers in _CONSTANT_ANSWERS.values():
+        for i, a in answers.items():
+            out[i].add(a)
+    out[1].update(ORIENTATION_ANSWERS.values())
+    out[4].update(GESTATIONAL_AGE_ANSWERS)
+    out[5].update(QUALITY_ANSWERS.values())
+    return {i: tuple(sorted(v)) for i, v in out.items()}
+
+
+def describe(*, side: str, noisy: bool, category: str) -> str:
+    """A caption of a rendered scan in words other than the VQA answers.
+
+    Pretraining on these captions teaches the vision side to encode side and noise without
+    teaching the language model the demo's answers ("left side", "image quality").
+
+    >>> describe(side="left", noisy=False, category="Femur")
+    'femur sweep, bright echo at nine o clock, crisp smooth texture'
+    """
+    _check_side(side)
+    where = "nine o clock" if side == "left" else "three o clock"
+    texture = "grainy speckled texture" if noisy else "crisp smooth texture"
+    name = get_category(category).name.lower().replace("_", " ")
+    return f"{name} sweep, bright echo at {where}, {texture}"
+
+
+def render_scan(
+    rng: np.random.Generator,
+    *,
+    side: str,
+    noisy: bool,
+    size: int = DEFAULT_IMAGE_SIZE,
+    category: str = "Abdomen",
+) -> Image.Image:
+    """Draw one grayscale ultrasound-like scan.
+
+    A fan-shaped sector opens from the top centre; tissue carries multiplicative speckle;
+    one bright structure (its shape set by the category) lies in the left or right half.
+    A noisy scan has coarse, strong speckle and additive noise; a clean one fine, weak speckle.
+    The grain of the speckle scales with `size`, so it survives resizing to the model's input.
+
+    Args:
+        rng: source of all randomness (position, shape jitter, speckle).
+        side: "left" or "right": the image half that holds the structure.
+        noisy: heavy noise (poor quality) or not.
+        size: width and height in pixels.
+        category: a category name or alias; selects the structure's shape.
+
+    Returns:
+        A `size` x `size` PIL image in mode "L".
+    """
+    _check_side(side)
+    shape = _SHAPES.get(get_category(category).name, "ellipse")
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (S, S) each, in [0, 1)
+
+    # Sector: apex above the top edge, +-40 degrees, depth 0.08..0.97.
+    dx, dy = xx - 0.5, yy + 0.02
+    radius = np.hypot(dx, dy)
+    fan = (np.abs(np.arctan2(dx, dy)) < np.radians(40)) & (radius > 0.08) & (radius < 0.97)
+
+    tissue = 0.28 * np.exp(-0.8 * radius) + 0.06 * _smooth_noise(rng, size, grain=8)
+    cx = 0.5 + (-0.2 if side == "left" else 0.2) + rng.uniform(-0.04, 0.04)
+    cy = 0.55 + rng.uniform(-0.08, 0.08)
+    structure = _structure(shape, xx - cx, yy - cy, rng)
+    image = np.maximum(tissue, structure)
+
+    if noisy:
+        speckle = _speckle(rng, size, grain=max(1, size // 32), strength=0.75)
+        image = image * speckle + rng.normal(0.0, 0.08, image.shape)
+    else:
+        image = image * _speckle(rng, size, grain=1, strength=0.15)
+    image = np.clip(image, 0.0, 1.0) * fan
+    return Image.fromarray((image * 255.0).round().astype(np.uint8), mode="L")
+
+
+def make_demo_data(
+    root: Path,
+    *,
+    images_per_category: int = DEFAULT_IMAGES_PER_CATEGORY,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> dict[str, Any]:
+    """Write the demo data set under `root` (created if needed; existing files are replaced).
+
+    Args:
+        root: the data root; gets `Fetal Ultrasound/` and `Fetal Ultrasound Labeled/`.
+        images_per_category: images per category; even numbers balance side and noise exactly.
+        seed: the same seed writes the same images and sheets.
+        image_size: width and height of the PNGs.
+
+    Returns:
+        `{"root": Path, "labeled": [names], "unlabeled": [names],
+          "counts": {name: number of images}, "sheets": {name: Path},
+          "image_dirs": {name: Path}}`.
+
+    Raises:
+        ValueError: when `images_per_category` < 2.
+    """
+    if images_per_category < 2:
+        raise ValueError(
+            f"images_per_category must be at least 2 (one per side), got {images_per_category}"
+        )
+    root = Path(root)
+    labels_dir = root / LABELS_DIR
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "root": root,
+        "labeled": [],
+        "unlabeled": [],
+        "counts": {},
+        "sheets": {},
+        "image_dirs": {},
+    }
+    for index, (name, folder, sheet) in enumerate(DEMO_LAYOUT):
+        # One generator per category, so categories do not shift each other's draws.
+        rng = np.random.default_rng([seed, index])
+        image_dir = root / IMAGES_DIR / folder
+        image_dir.mkdir(parents=True, exist_ok=True)
+        rows = _write_category_images(rng, name, image_dir, images_per_category, image_size)
+        result["counts"][name] = len(rows)
+        result["image_dirs"][name] = image_dir
+        if sheet is None:
+            result["unlabeled"].append(name)
+            continue
+        sheet_path = labels_dir / f"{sheet}{SHEET_SUFFIX}"
+        _sheet_frame(rng, rows).to_excel(sheet_path, index=False, engine="openpyxl")
+        result["labeled"].append(name)
+        result["sheets"][name] = sheet_path
+    logger.info(
+        "Demo data in %s: %s labeled, %s awaiting labels",
+        root,
+        ", ".join(result["labeled"]),
+        ", ".join(result["unlabeled"]) or "none",
+    )
+    return result
+
+
+def question_header(number: int, question: str) -> str:
+    """A sheet header in the style of real sheets: `Q{n}:` + newline + the question text."""
+    return f"Q{number}:\n{question}"
+
+
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, *, grain: int) -> np.ndarray:
+    """Zero-mean noise drawn at `size / grain` cells, smoothly upsampled to (size, size)."""
+    cells = max(2, -(-size // grain))
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    if cells >= size:
+        return coarse[:size, :size]
+    smooth = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(smooth, dtype=np.float32)  # (S, S)
+
+
+def _speckle(rng: np.random.Generator, size: int, *, grain: int, strength: float) -> np.ndarray:
+    """Multiplicative speckle with mean ~1: Rayleigh-like magnitude at `grain`-pixel cells."""
+    re = _smooth_noise(rng, size, grain=grain)
+    im = _smooth_noise(rng, size, grain=grain)
+    rayleigh = np.hypot(re, im) / np.sqrt(np.pi / 2.0)  # mean 1 for unit-variance parts
+    return (1.0 - strength) + strength * rayleigh  # (S, S)
+
+
+def _structure(shape: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity map of one bright structure centred at x = y = 0 (coordinates in image units)."""
+    angle = rng.uniform(-0.4, 0.4)
+    u = x * np.cos(angle) + y * np.sin(angle)
+    v = -x * np.sin(angle) + y * np.cos(angle)
+    scale = rng.uniform(0.9, 1.1)
+    if shape == "bar":  # femur: a long, thick, very bright bone
+        inside = (np.abs(u) < 0.17 * scale) & (np.abs(v) < 0.035 * scale)
+        return np.where(inside, 0.95, 0.0)
+    if shape == "band":  # cervix: a curved elongated band
+        curve = v - 1.2 * u**2
+        inside = (np.abs(u) < 0.18 * scale) & (np.abs(curve) < 0.05 * scale)
+        return np.where(inside, 0.8, 0.0)
+    r = np.hypot(u / (1.15 * scale), v / (0.95 * scale))
+    if shape == "ring":  # abdomen: bright wall, darker inside with a bright spot
+        wall = np.where((r > 0.11) & (r < 0.15), 0.9, 0.0)
+        spot = np.where(np.hypot(u - 0.04, v) < 0.035, 0.75, 0.0)
+        return np.maximum(wall, spot) + np.where(r <= 0.11, 0.35, 0.0)
+    if shape == "heart":  # thorax: ribs ring and a bright heart
+        wall = np.where((r > 0.12) & (r < 0.15), 0.85, 0.0)
+        heart = np.where(np.hypot(u + 0.03, v - 0.02) < 0.06, 0.9, 0.0)
+        return np.maximum(wall, heart) + np.where(r <= 0.12, 0.3, 0.0)
+    return np.where(r < 0.14, 0.85, 0.0)  # anything else: a bright ellipse
+
+
+def _write_category_images(
+    rng: np.random.Generator, category: str, image_dir: Path, count: int, size: int
+) -> list[dict[str, Any]]:
+    """Render and save `count` scans; return one row per image: name, side, noisy."""
+    # Balanced, independently shuffled sides and noise levels: majority answers score 50%.
+    sides = rng.permutation(np.arange(count) % 2)
+    noise = rng.permutation(np.arange(count) % 2)
+    rows = []
+    prefix = image_dir.name.lower()
+    for i in range(count):
+        side = SIDES[int(sides[i])]
+        noisy = bool(noise[i])
+        image = render_scan(rng, side=side, noisy=noisy, size=size, category=category)
+        file_name = f"{prefix}_{i + 1:03d}.png"
+        image.save(image_dir / file_name)
+        rows.append({"file": file_name, "side": side, "noisy": noisy, "category": category})
+    return rows
+
+
+def _sheet_frame(rng: np.random.Generator, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The label sheet of one category, with a few real-world blemishes mixed in."""
+    headers = [question_header(i + 1, q) for i, q in enumerate(STANDARD_QUESTIONS)]
+    records = []
+    for row in rows:
+        constant = _CONSTANT_ANSWERS[row["category"]]
+        answers = [
+            constant[0],
+            ORIENTATION_ANSWERS[row["side"]],
+            constant[2],
+            constant[3],
+            GESTATIONAL_AGE_ANSWERS[int(rng.integers(len(GESTATIONAL_AGE_ANSWERS)))],
+            QUALITY_ANSWERS[row["noisy"]],
+            constant[6],
+            constant[7],
+        ]
+        records.append([row["file"], *answers])
+
+    n = len(records)
+    # Blemishes, at fixed fractions so every sheet of a reasonable size has some of each:
+    # names without extension, double spaces, trailing periods, empty answer cells.
+    picks = rng.permutation(n)
+    per_kind = max(1, n // 12)
+    no_ext, spaces, periods, empty = (picks[k * per_kind : (k + 1) * per_kind] for k in range(4))
+    for i in no_ext:
+        records[i][0] = Path(records[i][0]).stem
+    for i in spaces:
+        q = 1 + int(rng.integers(8))
+        records[i][q] = records[i][q].replace(" ", "  ", 1)
+    for i in periods:
+        q = 1 + int(rng.integers(8))
+        records[i][q] = records[i][q] + "."
+    for i in empty:
+        q = 1 + int(rng.integers(8))
+        records[i][q] = None
+    return pd.DataFrame(records, columns=["Image Name", *headers])

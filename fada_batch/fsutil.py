@@ -1,0 +1,202 @@
+"""File-system helpers: atomic writes, atomic folder swaps, and a per-category lock.
+
+A reader (the collector, a resumed task) must never see half a file or half a folder. Files
+are written to a temporary sibling, flushed and fsynced, then renamed over the target (an
+atomic step on POSIX file systems). Folders are built under a temporary name and renamed into
+place; replacing an existing folder moves the old one aside first and deletes it last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"  # temporary siblings carry this in their name; resume ignores/cleans them
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        # mkstemp makes 0600 files; results on shared storage must be readable like any other
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (before it is renamed into place)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `target` in one rename.
+
+    On an exception the temporary folder is removed and `target` is left as it was. If
+    `target` exists, it is moved aside first and removed after the new one is in place, so at
+    every instant either the old or the new complete folder (or, between two renames, neither)
+    exists under the target name, never a partial one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{target.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f"{target.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete temporary siblings left by a killed writer (names containing TMP_MARK)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if TMP_MARK in p.name:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the category's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[Path]:
+    """Hold `folder/.lock` while training into `folder` (keeps duplicate submissions apart).
+
+    The lock file records host, pid, SLURM job id and time. A lock is stale (and taken over)
+    when its process is gone on this host, or, for another host, when it has not been
+    refreshed for `stale_after_s` seconds (the holder touches it at every checkpoint).
+
+    Raises:
+        LockedError: naming the holder and how to proceed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "since": time.time(),
+    }
+    for _attempt in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder: dict[str, Any] = {}
+            with contextlib.suppress(OSError, ValueError):
+                holder = json.loads(lock.read_text() or "{}")
+            age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
+            same_host = holder.get("host") == me["host"]
+            pid = holder.get("pid")
+            stale = (
+                not holder
+                or (same_host and isinstance(pid, int) and not _pid_alive(pid))
+                or (not same_host and age > stale_after_s)
+            )
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            raise LockedError(
+                f"{folder} is being trained by another task (host {holder.get('host')}, "
+                f"pid {pid}, SLURM job {holder.get('slurm_job_id')}, lock {lock}). "
+                "Two tasks must not write the same category at once: wait for it to finish, "
+                "cancel it, or use another output.root. If that task is dead on another host, "
+                f"delete {lock}."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise LockedError(f"could not take the lock {lock} after removing a stale one; retry")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            held = json.loads(lock.read_text() or "{}")
+            if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
+                lock.unlink()
+
+
+def touch(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)

@@ -1,0 +1,245 @@
+"""One category end to end on the tiny model and demo data: the production path on a CPU.
+
+from_pretrained -> LoRA -> train -> checkpoints -> save -> reload, resume after SIGKILL,
+skip/force, awaiting labels, cached vs uncached features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fada_batch.checkpoint import list_checkpoints
+from fada_batch.config import dump_yaml
+from fada_batch.train import FINAL_MODEL, train_category
+
+SMALL = {"train.num_epochs": 3, "data.num_images": 24, "train.checkpoint_every_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def femur_run(tiny_model_dir, demo_root, tmp_path_factory):
+    """A short Femur training run shared by the read-only checks below."""
+    from fada_batch.config import config_from_dict, load_job
+
+    raw = load_job(Path("job/demo.yaml")).to_dict()
+    raw["data"].update(root=str(demo_root), num_images=24)
+    raw["model"]["name_or_path"] = str(tiny_model_dir)
+    raw["output"]["root"] = str(tmp_path_factory.mktemp("out") / "run one")
+    raw["train"].update(num_epochs=3, checkpoint_every_steps=2, log_every_s=0.0)
+    cfg = config_from_dict(raw)
+    summary = train_category(cfg, "Femur")
+    return cfg, summary, Path(cfg.output.root) / "blip2_femur"
+
+
+def test_output_tree(femur_run):
+    _cfg, _summary, out = femur_run
+    for f in ("training_summary.json", "split.json", "config.yaml"):
+        assert (out / f).is_file(), f
+    fm = out / FINAL_MODEL
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+              "tokenizer_config.json", "processor_config.json", "fada_batch.json"):
+        assert (fm / f).is_file(), f
+    ckpts = list_checkpoints(out)
+    assert 1 <= len(ckpts) <= 2  # keep_checkpoints default 2
+    assert ckpts[-1][0] == json.loads((out / "training_summary.json").read_text())["steps"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no temp leftovers
+
+
+def test_summary_content(femur_run):
+    cfg, summary, out = femur_run
+    on_disk = json.loads((out / "training_summary.json").read_text())
+    assert on_disk["status"] == "completed" == summary["status"]
+    for key in ("category", "start_time", "end_time", "wall_time_s", "images", "qa_pairs", "epochs",
+                "steps", "batch_size", "learning_rate", "loss_curve", "val_loss", "samples_per_s",
+                "peak_memory", "device", "versions", "config_hash", "seed", "adapter_path", "slurm"):
+        assert key in on_disk, key
+    assert on_disk["category"] == "Femur"
+    split = json.loads((out / "split.json").read_text())
+    assert on_disk["images"] == {k: len(split[k]) for k in ("train", "val", "test")}
+    assert sum(on_disk["images"].values()) == 24
+    assert on_disk["qa_pairs"]["train"] > on_disk["images"]["train"]  # up to 8 per image
+    assert on_disk["epochs"] == 3 and len(on_disk["val_loss"]) == 3
+    assert on_disk["steps"] == len(on_disk["loss_curve"])
+    assert on_disk["samples_per_s"] > 0 and on_disk["peak_memory"]["gb"] > 0
+    assert on_disk["device"]["type"] == "cpu"
+    assert on_disk["config_hash"] == cfg.config_hash()
+    assert on_disk["versions"]["torch"].startswith("2.")
+    assert Path(on_disk["adapter_path"]) == out / FINAL_MODEL
+
+
+def test_training_loss_goes_down(femur_run):
+    _cfg, summary, _out = femur_run
+    epochs = [loss for _e, loss in summary["epoch_train_loss"]]
+    assert epochs[-1] < epochs[0] * 0.6, epochs
+    vals = [loss for _e, loss in summary["val_loss"]]
+    assert vals[-1] < vals[0], vals
+
+
+def test_saved_adapter_reloads_with_same_logits(femur_run, tiny_model_dir):
+    """base + PeftModel.from_pretrained(final_model) == the trained weights in the last checkpoint."""
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from fada_batch.model import apply_lora, load_base_model
+
+    cfg, _summary, out = femur_run
+    lc = cfg.lora
+    trained = load_base_model(str(tiny_model_dir), device="cpu")
+    apply_lora(trained, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
+               target_modules=lc.target_modules, modules_to_save=lc.modules_to_save)
+    weights = load_file(str(list_checkpoints(out)[-1][1] / "adapter_model.safetensors"))
+    params = dict(trained.model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    trained.model.eval()
+
+    base = Blip2ForConditionalGeneration.from_pretrained(str(tiny_model_dir))
+    reloaded = PeftModel.from_pretrained(base, str(out / FINAL_MODEL)).eval()
+    processor = Blip2Processor.from_pretrained(str(out / FINAL_MODEL))
+
+    from PIL import Image
+
+    image = Image.open(next((Path(cfg.data.root) / "Fetal Ultrasound" / "Femur").glob("*.png")))
+    inputs = processor(images=image.convert("RGB"), text="Question: Image Quality? Answer:", return_tensors="pt")
+    plain = Blip2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        a = trained.model(**inputs).logits
+        b = reloaded(**inputs).logits
+        c = plain(**inputs).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(b, c, atol=1e-3)  # the adapter changes the model
+
+
+def test_completed_category_is_skipped_unless_forced(femur_run, caplog):
+    caplog.set_level(logging.INFO, logger="fada_batch")
+    cfg, summary, out = femur_run
+    mtime = (out / "training_summary.json").stat().st_mtime_ns
+    again = train_category(cfg, "Femur")
+    assert again["end_time"] == summary["end_time"]
+    assert (out / "training_summary.json").stat().st_mtime_ns == mtime
+    assert "already completed" in caplog.text and "--force" in caplog.text
+
+
+def test_force_retrains_from_scratch(job_factory):
+    cfg = job_factory({"train.num_epochs": 1, "data.num_images": 12})
+    first = train_category(cfg, "Thorax")
+    forced = train_category(cfg, "Thorax", force=True)
+    assert forced["status"] == "completed" and forced["resumes"] == 0
+    assert forced["start_time"] >= first["end_time"]
+
+
+def test_awaiting_labels_is_not_an_error(job_factory):
+    cfg = job_factory()
+    summary = train_category(cfg, "Cervix")
+    assert summary["status"] == "awaiting_labels"
+    on_disk = json.loads((Path(cfg.output.root) / "blip2_cervix" / "training_summary.json").read_text())
+    assert on_disk["status"] == "awaiting_labels"
+
+
+def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
+    """The frozen-feature cache changes only the speed: same loss, same LoRA gradients."""
+    from fada_batch.collate import Encoder
+    from fada_batch.model import apply_lora, eos_token_id, load_base_model
+    from fada_batch.train import FeatureSource, batch_loss_sum, prepare_data, set_train_mode
+
+    cfg = job_factory({"data.num_images": 10})
+    from fada_batch.categories import get_category
+
+    out = Path(cfg.output.root) / "blip2_abdomen"
+    out.mkdir(parents=True)
+    cs = prepare_data(cfg, get_category("Abdomen"), out, resuming=False)
+    torch.manual_seed(0)
+    loaded = load_base_model(cfg.model.name_or_path, device="cpu")
+    model = apply_lora(loaded, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                       modules_to_save=cfg.lora.modules_to_save)
+    # perturb LoRA B (zero at init) so gradients reach A too
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    set_train_mode(model)
+    bc = model.get_base_model().config
+    enc = Encoder(loaded.processor, num_query_tokens=bc.num_query_tokens, image_token_id=bc.image_token_id,
+                  eos_token_id=eos_token_id(model, loaded.processor))
+    samples = cs.train[:12]
+    encoded = [enc.encode(s) for s in samples]
+    results = []
+    for cache in (True, False):
+        fs = FeatureSource(loaded, cs.image_paths, cache=cache, max_pixels=cfg.data.max_image_pixels)
+        fs.warm([s.image for s in samples])
+        model.zero_grad()
+        loss, n = batch_loss_sum(model, fs, samples, encoded, enc, loaded.device)
+        (loss / n).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss.detach() / n), grads))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    assert g1.keys() == g2.keys() and any("lora_A" in k for k in g1)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-7, rtol=1e-5), k
+
+
+def _train_cmd(job: Path, category: str) -> list[str]:
+    return [sys.executable, "-m", "fada_batch", "train", "--job", str(job), "--category", category]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(job_factory, tmp_path):
+    """SIGKILL the training process at seeded random instants, resume each time; the final
+    adapter equals an uninterrupted run's within float tolerance."""
+    overrides = {"train.num_epochs": 3, "data.num_images": 20, "train.checkpoint_every_steps": 1,
+                 "train.batch_size": 8, "lora.dropout": 0.1}
+    ref_cfg = job_factory(overrides, out=tmp_path / "reference")
+    train_category(ref_cfg, "Femur")
+    ref = load_file(str(Path(ref_cfg.output.root) / "blip2_femur" / FINAL_MODEL / "adapter_model.safetensors"))
+
+    cfg = job_factory(overrides, out=tmp_path / "killed run")
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    out = Path(cfg.output.root) / "blip2_femur"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(1234)
+    kills = 0
+    for _attempt in range(6):
+        proc = subprocess.Popen(_train_cmd(job, "Femur"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        # wait until training is under way (a checkpoint newer than before), then kill at a
+        # random instant a little later
+        before = {s for s, _ in list_checkpoints(out)}
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if {s for s, _ in list_checkpoints(out)} - before:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+    assert kills >= 1
+    final = subprocess.run(_train_cmd(job, "Femur"), env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["resumes"] >= 1
+    assert summary["steps"] == json.loads(
+        (Path(ref_cfg.output.root) / "blip2_femur" / "training_summary.json").read_text()
+    )["steps"]
+    got = load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), k
