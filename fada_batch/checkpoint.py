@@ -41,7 +41,7 @@ class TrainerState:
 
     global_step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
-    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    step_in_epoch: int = 0  # optimizer steps of `epoch` already done
     samples_seen: int = 0
     train_time_s: float = 0.0  # time spent in the loop so far, across requeues/resumes
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss]

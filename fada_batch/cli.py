@@ -13,6 +13,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ log = logging.getLogger("fada_batch")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_REQUEUED = 3  # stopped on a signal after a checkpoint; resumes when run again
 
 
 def _add_job_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -59,8 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain a completed category from scratch")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "submit", help="pre-flight, then one SLURM array task per category and a collector job"
+    )
+    _add_job_args(p)
+    p.add_argument("--categories", help="comma-separated subset (default: the job's)")
+    p.add_argument(
+        "--executor",
+        choices=("slurm", "local", "debug"),
+        default="slurm",
+        help="slurm: array + dependent collector; local: one after another on this machine "
+        "(subprocesses); debug: in this process",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be submitted; submit nothing")
+    p.add_argument(
+        "--sort-by-size",
+        action="store_true",
+        help="smallest categories first (default: largest first, for the shortest array wall time)",
+    )
+    p.add_argument("--force", action="store_true", help="retrain completed categories from scratch")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("demo", help="make the tiny model and demo data if absent, then train them")
     _add_job_args(p, required=False)
+    p.add_argument(
+        "--executor", choices=("local", "debug"), default="local", help="how to run the tasks"
+    )
     p.set_defaults(func=cmd_demo, job="job/demo.yaml")
 
     p = sub.add_parser("validate", help="pre-flight check of every category's sheet and images")
@@ -68,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", help="comma-separated subset (default: the job's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "collect", help="report on a run: report.md/.html, results.csv, collected.json in the output root"
+    )
+    _add_job_args(p, required=False)
+    p.add_argument(
+        "--outputs", metavar="DIR", help="output root to read (default: the job's output.root)"
+    )
+    p.add_argument("--compare", metavar="OTHER", help="another run's output root to compare with")
+    p.add_argument(
+        "--finished",
+        action="store_true",
+        help="the tasks are over (the collector after the array): report 'running' as incomplete",
+    )
+    p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("make-tiny-model", help="save a small pretrained BLIP-2 for tests and the demo")
     p.add_argument("dir", help="output folder")
@@ -98,7 +140,10 @@ def _job_categories(cfg) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fada_batch.train import train_category
+    """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
+    limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task
+    requeues itself with `scontrol requeue` (up to cluster.max_requeues) and resumes there."""
+    from fada_batch.train import StopRequested, train_category
 
     cfg = _load(args)
     if args.task_index is not None:
@@ -113,8 +158,62 @@ def cmd_train(args: argparse.Namespace) -> int:
         category = cats[args.task_index]
     else:
         category = args.category
-    summary = train_category(cfg, category, force=args.force)
+    caught: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        caught.append(signum)
+        print(f"caught signal {signum}: checkpointing at the next step", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    try:
+        summary = train_category(
+            cfg, category, force=args.force, should_stop=lambda: bool(caught), requeues=requeues
+        )
+    except StopRequested as e:
+        print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
+        if caught and caught[0] == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
+            return _requeue_self(cfg.cluster.max_requeues, requeues)
+        return EXIT_REQUEUED
     _print_result(summary)
+    return EXIT_OK
+
+
+def _requeue_self(max_requeues: int, requeues: int) -> int:
+    """`scontrol requeue` this (array) job; the requeued run resumes from the checkpoint."""
+    env = os.environ
+    if requeues >= max_requeues:
+        print(
+            f"not requeued: already requeued {requeues} times (cluster.max_requeues={max_requeues})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    job = env["SLURM_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+    print(f"requeued job {job} ({requeues + 1} of at most {max_requeues})", file=sys.stderr, flush=True)
+    return EXIT_REQUEUED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fada_batch.launch import submit
+
+    cfg = _load(args)
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    record = submit(
+        cfg,
+        categories=cats,
+        executor=args.executor,
+        dry_run=args.dry_run,
+        smallest_first=args.sort_by_size,
+        force=args.force,
+    )
+    if record.get("dry_run"):
+        return EXIT_OK
+    if args.executor != "slurm":
+        return EXIT_FAILED if record.get("collect_exit_code") else EXIT_OK
     return EXIT_OK
 
 
@@ -132,10 +231,11 @@ def _print_result(summary: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fada_batch.categories import find_sheet, get_category
+    """Make the tiny model and the demo data when absent, then run the job the way a
+    workstation does (`submit --executor local`), ending with the collector's report."""
     from fada_batch.demo import make_demo_data
+    from fada_batch.launch import submit
     from fada_batch.tiny import make_tiny_model
-    from fada_batch.train import train_category
 
     cfg = _load(args)
     model_dir = Path(cfg.model.name_or_path)
@@ -147,57 +247,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         make_demo_data(data_root)
     else:
         print(f"demo data: {data_root} (exists)", flush=True)
-    failed = []
-    results = []
-    for name in _job_categories(cfg):
-        cat = get_category(name)
-        if find_sheet(data_root, cat) is None:
-            results.append((name, "awaiting_labels", ""))
-            train_category(cfg, name)  # records the awaiting_labels summary
-            continue
-        try:
-            s = train_category(cfg, name)
-            results.append((name, s.get("status"), s.get("adapter_path", "")))
-        except Exception as e:
-            failed.append(name)
-            results.append((name, "failed", str(e).splitlines()[0]))
-    print(f"\noutputs under {cfg.output.root}:")
-    for name, status, where in results:
-        print(f"  {name:<18} {status:<16} {where}")
-    return EXIT_FAILED if failed else EXIT_OK
+    record = submit(cfg, executor=args.executor)
+    print(f"\noutputs: {cfg.output.root}/blip2_<category>/ (report: {cfg.output.root}/report.md)")
+    return EXIT_FAILED if record.get("collect_exit_code") else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fada_batch.categories import get_category
-    from fada_batch.dataset import load_category
+    from fada_batch.validate import format_table, preflight
 
     cfg = _load(args)
-    names = args.categories.split(",") if args.categories else _job_categories(cfg)
-    results = []
-    blocking = False
-    for name in names:
-        cat = get_category(name.strip())
-        data = load_category(
-            Path(cfg.data.root),
-            cat,
-            clean_answers=cfg.data.clean_answers,
-            max_image_pixels=cfg.data.max_image_pixels,
-        )
-        results.append(data)
-        blocking |= data.status == "error"
+    names = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    pf = preflight(cfg, names)
     if args.json:
-        print(json.dumps([d.to_dict() for d in results], indent=2, default=str))
+        print(json.dumps(pf.to_dict(), indent=2, default=str))
     else:
-        for d in results:
-            d_dict = d.to_dict()
-            stats = d_dict.get("stats", {})
-            print(
-                f"{d.category.name:<18} {d.status:<16} images {stats.get('images_usable', '-')}"
-                f"  QA pairs {stats.get('qa_pairs', '-')}"
-            )
-            for p in d.problems:
-                print(f"    [{p.severity}] {p.message}")
-    return EXIT_FAILED if blocking else EXIT_OK
+        print(format_table(pf))
+    return EXIT_FAILED if pf.blocked else EXIT_OK
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -74,6 +74,7 @@ class TrainConfig:
     num_epochs: int = 1
     batch_size: int = 1  # micro-batch (QA pairs per forward pass)
     grad_accum_steps: int = 1  # optimizer step every N micro-batches
+    group_by_length: bool = True  # batch rows of similar length (less padding)
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0  # linear warm-up, as a fraction of all optimizer steps
@@ -106,7 +107,7 @@ class ClusterConfig:
     mem_gb: int = 64
     time_min: int = 240  # per array task
     constraint: str | None = None
-    extra_sbatch: dict[str, str] = field(default_factory=dict)  # any other sbatch flag
+    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch flags (true = bare flag)
     array_parallelism: int = 16  # max array tasks running at once
     python: str | None = None  # e.g. "apptainer exec --nv --bind /shared fada-batch.sif python"
     max_requeues: int = 3  # time-outs/preemptions before a task gives up

@@ -241,17 +241,31 @@ def get_lr(step: int, *, total: int, base_lr: float, warmup: int, schedule: str)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), so a resumed run
-    replays the same order without saving it."""
+def epoch_steps(
+    lengths: list[int], *, seed: int, epoch: int, step_size: int, group_by_length: bool
+) -> list[list[int]]:
+    """The optimizer steps of one epoch: lists of sample indices, fixed by (seed, epoch).
+
+    A resumed run replays the same steps without saving them. With `group_by_length`, the
+    shuffled order is cut into windows of 50 steps, each sorted by token length and cut into
+    steps, and the steps are shuffled again: rows of a batch have similar lengths, so dynamic
+    padding wastes little, while the epoch stays random.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    if not group_by_length or step_size == 1:
+        return [order[i : i + step_size] for i in range(0, len(order), step_size)]
+    window = step_size * 50
+    steps: list[list[int]] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: (-lengths[i], i))
+        steps.extend(chunk[i : i + step_size] for i in range(0, len(chunk), step_size))
+    perm = torch.randperm(len(steps), generator=g).tolist()
+    return [steps[i] for i in perm]
 
 
-def step_groups(order: list[int], micro: int, accum: int) -> list[list[list[int]]]:
-    """Cut an epoch's order into optimizer steps, each a list of micro-batches of indices."""
-    micro_batches = [order[i : i + micro] for i in range(0, len(order), micro)]
-    return [micro_batches[i : i + accum] for i in range(0, len(micro_batches), accum)]
+def micro_batches(step: list[int], micro: int) -> list[list[int]]:
+    return [step[i : i + micro] for i in range(0, len(step), micro)]
 
 
 def batch_loss_sum(
@@ -274,6 +288,32 @@ def batch_loss_sum(
         model, batch["input_ids"].to(device), batch["attention_mask"].to(device), feats
     )  # (B, T, V)
     return masked_lm_loss_sum(logits, batch["labels"])
+
+
+def _accumulate(
+    model: Any,
+    features: FeatureSource,
+    samples: list[Sample],
+    encoded: list[Encoded],
+    encoder: Encoder,
+    device: torch.device,
+    step: list[int],
+    micro: int,
+) -> float:
+    """Backward over one optimizer step's samples in micro-batches; returns the step's loss.
+
+    The loss is the mean over the answer (+EOS) tokens of the WHOLE step, so cutting the step
+    into smaller micro-batches (out-of-memory back-off) gives the same gradient.
+    """
+    n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for i in step)
+    step_loss = 0.0
+    for mb in micro_batches(step, micro):
+        s, _n = batch_loss_sum(
+            model, features, [samples[i] for i in mb], [encoded[i] for i in mb], encoder, device
+        )
+        (s / n_tokens).backward()
+        step_loss += float(s.detach()) / n_tokens
+    return step_loss
 
 
 @torch.no_grad()
@@ -529,7 +569,7 @@ def _run_training(
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
     micro, accum = tc.batch_size, tc.grad_accum_steps
-    steps_per_epoch = math.ceil(math.ceil(len(cs.train) / micro) / accum)
+    steps_per_epoch = math.ceil(len(cs.train) / (micro * accum))
     total_steps = steps_per_epoch * tc.num_epochs
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
@@ -539,6 +579,7 @@ def _run_training(
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
         state.resumes += 1
+        micro = state.micro_batch_size or micro  # keep an earlier out-of-memory back-off
         if state.config_hash != cfg.config_hash():
             log.warning(
                 "%s: resuming %s written under another config (hash %s, now %s)",
@@ -588,15 +629,13 @@ def _run_training(
     last_ckpt: Path | None = latest
     done = state.global_step >= total_steps
     epoch = state.epoch
+    lengths = [len(e.input_ids) for e in train_enc]
     while not done and epoch < tc.num_epochs:
-        groups = step_groups(epoch_order(len(cs.train), seed=tc.seed, epoch=epoch), micro, accum)
-        consumed = state.micro_in_epoch
-        g_index = 0
-        seen = 0
-        for g_index, group in enumerate(groups):
-            if seen < consumed:
-                seen += len(group)
-                continue
+        steps = epoch_steps(
+            lengths, seed=tc.seed, epoch=epoch, step_size=micro * accum, group_by_length=tc.group_by_length
+        )
+        for s_index in range(state.step_in_epoch, len(steps)):
+            step = steps[s_index]
             lr = get_lr(
                 state.global_step,
                 total=total_steps,
@@ -606,32 +645,42 @@ def _run_training(
             )
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            # answer + EOS tokens of the whole step: the loss is their mean, however the step
-            # is cut into micro-batches
-            n_tokens = sum(len(train_enc[i].input_ids) - train_enc[i].prompt_len for mb in group for i in mb)
-            step_loss = 0.0
-            for mb in group:
-                s, _n = batch_loss_sum(
-                    model, features, [cs.train[i] for i in mb], [train_enc[i] for i in mb], encoder, device
-                )
-                (s / n_tokens).backward()
-                step_loss += float(s.detach()) / n_tokens
+            while True:
+                try:
+                    step_loss = _accumulate(
+                        model, features, cs.train, train_enc, encoder, device, step, micro
+                    )
+                    break
+                except torch.OutOfMemoryError as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if micro == 1:
+                        raise RuntimeError(
+                            "out of memory even with a micro-batch of 1: set "
+                            "model.quantization=8bit (or 4bit) and/or "
+                            "model.gradient_checkpointing=true, or use a larger GPU"
+                        ) from e
+                    micro = max(1, micro // 2)
+                    progress.line(
+                        f"CUDA out of memory: micro-batch halved to {micro}, "
+                        f"{math.ceil(tc.batch_size * accum / micro)} micro-batches per optimizer "
+                        f"step (same effective batch of {tc.batch_size * accum}); retrying the step"
+                    )
+                    state.micro_batch_size = micro
             if tc.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            seen += len(group)
-            state.micro_in_epoch = seen
-            n_samples = sum(len(mb) for mb in group)
-            state.samples_seen += n_samples
+            state.step_in_epoch = s_index + 1
+            state.samples_seen += len(step)
             state.loss_curve.append([state.global_step, round(step_loss, 6)])
             state.train_time_s = train_time_before + (time.time() - t_loop)
-            progress.update(state.global_step, step_loss, n_samples, epoch)
-            last_step_of_epoch = g_index == len(groups) - 1
+            progress.update(state.global_step, step_loss, len(step), epoch)
             if state.global_step >= total_steps:
                 done = True
-            if last_step_of_epoch or done:
+            if s_index == len(steps) - 1 or done:
                 break
             if should_stop is not None and should_stop():
                 last_ckpt = checkpoint_now()
@@ -641,16 +690,15 @@ def _run_training(
             if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0:
                 last_ckpt = checkpoint_now()
         # end of epoch (or of max_steps): validation loss, then a checkpoint at the boundary
-        val = evaluate_loss(model, features, cs.val, val_enc, encoder, device, max(1, micro))
+        val = evaluate_loss(model, features, cs.val, val_enc, encoder, device, micro)
         epoch_losses = [loss for st, loss in state.loss_curve if st > epoch * steps_per_epoch]
         if epoch_losses:
             state.epoch_train_loss.append([epoch + 1, round(sum(epoch_losses) / len(epoch_losses), 6)])
         if val is not None:
             state.val_loss.append([epoch + 1, round(val, 6)])
-        finished_epoch = state.micro_in_epoch >= sum(len(g) for g in groups)
-        if finished_epoch:
+        if state.step_in_epoch >= len(steps):
             state.epoch = epoch + 1
-            state.micro_in_epoch = 0
+            state.step_in_epoch = 0
         progress.line(
             f"epoch {epoch + 1}/{tc.num_epochs} done at step {state.global_step}: "
             f"train loss {state.epoch_train_loss[-1][1] if state.epoch_train_loss else float('nan'):.4f}"
@@ -677,9 +725,10 @@ def _run_training(
         epochs_completed=state.epoch,
         steps=state.global_step,
         total_steps=total_steps,
-        batch_size=micro,
+        batch_size=tc.batch_size,
         grad_accum_steps=accum,
-        effective_batch_size=micro * accum,
+        effective_batch_size=tc.batch_size * accum,
+        micro_batch_size=micro,  # smaller than batch_size after an out-of-memory back-off
         learning_rate=tc.learning_rate,
         lr_schedule=tc.lr_schedule,
         samples_seen=state.samples_seen,

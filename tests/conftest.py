@@ -8,6 +8,8 @@ checkout builds it once. Fixture paths carry spaces and quotes, like the real da
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,33 @@ def job_factory(tiny_model_dir: Path, demo_root: Path, tmp_path: Path):
         return config_from_dict(raw)
 
     return make
+
+
+TESTCLUSTER = REPO / "slurm" / "testcluster"
+
+
+@pytest.fixture(scope="session")
+def slurm_conf() -> Iterator[str]:
+    """A real single-node SLURM (slurm/testcluster/start.sh); sets SLURM_CONF for children.
+
+    Started unless up (a cold start installs Debian's packages); stopped afterwards only if
+    this fixture started it. FADA_SKIP_SLURM=1 skips the tests that need it.
+    """
+    if os.environ.get("FADA_SKIP_SLURM") == "1":
+        pytest.skip("FADA_SKIP_SLURM=1: not starting the local SLURM cluster")
+
+    def run(*cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+    was_up = run("bash", str(TESTCLUSTER / "status.sh"), "--quiet", timeout=60).returncode == 0
+    start = run("bash", str(TESTCLUSTER / "start.sh"), timeout=900)
+    if start.returncode != 0:
+        pytest.fail(f"slurm/testcluster/start.sh exited {start.returncode}:\n{start.stderr}")
+    export = start.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SLURM_CONF="), start.stdout
+    conf = export.removeprefix("export SLURM_CONF=")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", conf)
+        yield conf
+    if not was_up:
+        run("bash", str(TESTCLUSTER / "stop.sh"), timeout=120)

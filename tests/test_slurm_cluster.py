@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,29 +39,6 @@ def _check(*cmd: str | Path, timeout: float = 30) -> str:
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def slurm_conf() -> Iterator[str]:
-    """Start the cluster (unless up), set SLURM_CONF for this process and its children.
-
-    Stops the cluster afterwards only if this fixture started it.
-    """
-    if os.environ.get("FADA_SKIP_SLURM") == "1":
-        pytest.skip("FADA_SKIP_SLURM=1: not starting the local SLURM cluster")
-    was_up = _run("bash", STATUS, "--quiet").returncode == 0
-    # A cold start installs Debian's packages (~10-60 s); a warm one takes ~2 s.
-    start = _run("bash", START, timeout=900)
-    if start.returncode != 0:
-        pytest.fail(f"slurm/testcluster/start.sh exited {start.returncode}:\n{start.stderr}")
-    export = start.stdout.strip().splitlines()[-1]
-    assert export.startswith("export SLURM_CONF="), start.stdout
-    conf = export.removeprefix("export SLURM_CONF=")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLURM_CONF", conf)
-        yield conf
-    if not was_up:
-        _run("bash", STOP, timeout=120)
 
 
 def _pids() -> dict[str, str]:

@@ -243,3 +243,33 @@ def test_resume_after_sigkill_equals_uninterrupted_run(job_factory, tmp_path):
     assert got.keys() == ref.keys()
     for k in ref:
         assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_out_of_memory_backoff_halves_micro_batch_same_result(job_factory, tmp_path, monkeypatch, capsys):
+    """A simulated CUDA OOM on micro-batches above 4 rows: the step is retried with half the
+    micro-batch and twice the accumulation, logged, and the result equals a run without OOM."""
+    import fada_batch.train as train_mod
+
+    overrides = {"train.num_epochs": 1, "data.num_images": 12, "train.batch_size": 16}
+    ref = train_category(job_factory(overrides, out=tmp_path / "ref"), "Abdomen")
+
+    real = train_mod.batch_loss_sum
+    calls = {"oom": 0}
+
+    def oom_above_4(model, features, samples, *args, **kwargs):
+        if len(samples) > 4:
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, features, samples, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "batch_loss_sum", oom_above_4)
+    cfg = job_factory(overrides, out=tmp_path / "oom")
+    got = train_category(cfg, "Abdomen", progress_stream=sys.stderr)
+    assert calls["oom"] == 2  # 16 -> 8 -> 4, then no more
+    assert got["micro_batch_size"] == 4 and got["effective_batch_size"] == 16
+    assert got["steps"] == ref["steps"]
+    assert "CUDA out of memory: micro-batch halved to 8" in capsys.readouterr().err
+    a = load_file(str(Path(ref["adapter_path"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(got["adapter_path"]) / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k

@@ -1,0 +1,730 @@
+"""Collect a run: where each category stands, read from the files under the output root.
+
+    result = collect(Path("outputs"), categories=["Abdomen", "Femur"], data_root=Path("data"))
+    report.write_report(result.to_dict(), Path("outputs"))
+    sys.exit(result.exit_code())
+
+For every category it reads `blip2_{slug}/training_summary.json`, the latest checkpoint's
+`trainer_state.json` (for categories that have not finished) and `eval/metrics.json` (when
+evaluation has run). It never needs the submitting process or submitit's pickles, works on a
+partial run, and changes nothing it reads. A summary that cannot be read is named in
+`problems` and that category is reported as `unreadable`; it never stops the collection.
+
+Category states (`CategoryResult.state`):
+
+- `completed`: trained; the adapter is in `final_model/`.
+- `running`: the summary says running and a live task holds the category's lock.
+- `incomplete`: stopped part-way (interrupted for a requeue, or marked running while no live
+  task holds the lock); the next run resumes from its last checkpoint.
+- `failed`: training raised; `error_tail` holds the end of the error.
+- `invalid_data`: the data checks blocked training (counts as failed).
+- `awaiting_labels`: the category has no label sheet yet (from its summary, or from the
+  data root when it never ran).
+- `not_started`: asked for, but there is no summary.
+- `unreadable`: the summary is corrupt or has an unknown status (named in `problems`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
+
+SCHEMA_VERSION = 1
+EVAL_FILE = Path("eval") / "metrics.json"
+LOCK_FILE = ".lock"
+MODELS = ("adapter", "base", "majority")  # the blocks of eval/metrics.json
+# A lock on another host whose folder saw no write for this long belongs to a dead task
+# (the same rule as `fsutil.category_lock`).
+STALE_AFTER_S = 6 * 3600.0
+ERROR_TAIL_LINES = 8
+ERROR_TAIL_CHARS = 1200
+
+STATES = (
+    "completed",
+    "running",
+    "incomplete",
+    "failed",
+    "invalid_data",
+    "awaiting_labels",
+    "not_started",
+    "unreadable",
+)
+FAILED_STATES = ("failed", "invalid_data")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+@dataclass
+class CategoryResult:
+    """What the collector knows about one category (plain values, ready for JSON)."""
+
+    category: str
+    folder: str
+    state: str  # one of STATES
+    detail: str = ""  # one line for people: why this state, what to do
+    requested: bool = True  # the job asked for it
+    summary_status: str | None = None  # the raw `status` of the summary
+    last_step: int | None = None  # optimizer steps done (summary or latest checkpoint)
+    total_steps: int | None = None
+    last_checkpoint: str | None = None
+    images: dict[str, int] | None = None  # per split: train/val/test
+    qa_pairs: dict[str, int] | None = None
+    epochs: int | None = None
+    epochs_completed: int | None = None
+    steps: int | None = None
+    wall_time_s: float | None = None  # the last attempt, model load to save
+    train_time_s: float | None = None  # time in the training loop, all attempts together
+    samples_per_s: float | None = None
+    peak_memory_gb: float | None = None
+    peak_memory_kind: str | None = None  # gpu_max_allocated or process_max_rss
+    device_type: str | None = None  # cuda / cpu
+    device_name: str | None = None
+    final_train_loss: float | None = None
+    final_val_loss: float | None = None
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, training loss]
+    val_loss: list[list[float]] = field(default_factory=list)  # [epoch, validation loss]
+    val_loss_steps: list[list[float]] = field(default_factory=list)  # [step, validation loss]
+    eval: dict[str, dict[str, dict[str, float]]] | None = None  # model -> question -> metric
+    eval_source: str | None = None
+    requeues: int | None = None
+    resumes: int | None = None
+    slurm_job_id: str | None = None
+    slurm_array_job_id: str | None = None
+    slurm_array_task_id: str | None = None
+    adapter_path: str | None = None
+    adapter_bytes: int | None = None
+    error: str | None = None  # the whole error text, as the summary holds it
+    error_tail: str | None = None  # its last lines
+    start_time: str | None = None
+    end_time: str | None = None
+    updated: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CollectResult:
+    """A whole run: one `CategoryResult` per category, totals, problems and a comparison."""
+
+    output_root: str
+    generated: str
+    categories: list[CategoryResult]
+    totals: dict[str, Any]
+    problems: list[str]  # unreadable files and other things a person should look at
+    categories_from: str  # where the list of categories came from
+    compare: dict[str, Any] | None = None
+
+    def exit_code(self) -> int:
+        """EXIT_FAILED when a category that was asked for failed, else EXIT_OK."""
+        return exit_code(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "generated": self.generated,
+            "output_root": self.output_root,
+            "categories_from": self.categories_from,
+            "totals": self.totals,
+            "problems": self.problems,
+            "categories": [c.to_dict() for c in self.categories],
+            "compare": self.compare,
+        }
+
+
+def exit_code(result: CollectResult) -> int:
+    """Non-zero when a category the job asked for failed (so a dependency chain can react).
+
+    Categories still running, incomplete, waiting for labels, not started or unreadable do not
+    count as failed: they say nothing about whether training works.
+    """
+    return EXIT_FAILED if any(c.requested and c.failed for c in result.categories) else EXIT_OK
+
+
+# ------------------------------------------------------------------------- coercion helpers
+# A summary is user-reachable input: every field is checked for its type, so a hand-edited or
+# truncated file gives a blank cell, never a crash.
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return None
+
+
+def _str(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)  # SLURM ids written as numbers
+    return None
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _pairs(v: Any) -> list[list[float]]:
+    """[[x, y], ...] with finite numbers only (anything else dropped)."""
+    out: list[list[float]] = []
+    if not isinstance(v, list):
+        return out
+    for item in v:
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            x, y = _num(item[0]), _num(item[1])
+            if x is not None and y is not None:
+                out.append([x, y])
+    return out
+
+
+def _splits(v: Any) -> dict[str, int] | None:
+    d = _dict(v)
+    out = {k: n for k in ("train", "val", "test") if (n := _int(d.get(k))) is not None}
+    return out or None
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.astimezone()
+
+
+def _tail(text: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
+    kept = "\n".join(text.rstrip().splitlines()[-lines:])
+    return kept if len(kept) <= chars else "…" + kept[-chars:]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ------------------------------------------------------------------------------- one category
+
+
+def steps_per_epoch(qa_train: int | None, batch_size: int | None, accum: int | None) -> int | None:
+    """Optimizer steps in one epoch, as `train._run_training` counts them."""
+    if not qa_train or not batch_size or not accum or batch_size < 1 or accum < 1:
+        return None
+    return math.ceil(math.ceil(qa_train / batch_size) / accum)
+
+
+def _val_at_steps(val_loss: list[list[float]], spe: int | None, last_step: int | None) -> list[list[float]]:
+    """Place each epoch's validation loss at the step where that epoch ended."""
+    if spe is None:
+        return []
+    out = []
+    for epoch, loss in val_loss:
+        step = epoch * spe
+        if last_step is not None:
+            step = min(step, last_step)
+        out.append([float(step), loss])
+    return out
+
+
+def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
+    r.summary_status = _str(s.get("status"))
+    r.images = _splits(s.get("images"))
+    r.qa_pairs = _splits(s.get("qa_pairs"))
+    r.epochs = _int(s.get("epochs"))
+    r.epochs_completed = _int(s.get("epochs_completed"))
+    r.steps = _int(s.get("steps"))
+    r.total_steps = _int(s.get("total_steps"))
+    r.wall_time_s = _num(s.get("wall_time_s"))
+    r.train_time_s = _num(s.get("train_time_s"))
+    r.samples_per_s = _num(s.get("samples_per_s"))
+    mem = _dict(s.get("peak_memory"))
+    r.peak_memory_gb = _num(mem.get("gb"))
+    r.peak_memory_kind = _str(mem.get("kind"))
+    dev = _dict(s.get("device"))
+    r.device_type = _str(dev.get("type"))
+    r.device_name = _str(dev.get("name"))
+    r.final_train_loss = _num(s.get("final_train_loss"))
+    r.final_val_loss = _num(s.get("final_val_loss"))
+    r.loss_curve = _pairs(s.get("loss_curve"))
+    r.val_loss = _pairs(s.get("val_loss"))
+    r.requeues = _int(s.get("requeues"))
+    r.resumes = _int(s.get("resumes"))
+    slurm = _dict(s.get("slurm"))
+    r.slurm_job_id = _str(slurm.get("job_id"))
+    r.slurm_array_job_id = _str(slurm.get("array_job_id"))
+    r.slurm_array_task_id = _str(slurm.get("array_task_id"))
+    r.adapter_path = _str(s.get("adapter_path"))
+    r.adapter_bytes = _int(s.get("adapter_bytes"))
+    r.error = _str(s.get("error"))
+    r.error_tail = _tail(r.error) if r.error else None
+    r.start_time = _str(s.get("start_time"))
+    r.end_time = _str(s.get("end_time"))
+    r.updated = _str(s.get("updated"))
+    r.last_step = r.steps
+    r.last_checkpoint = _str(s.get("last_checkpoint")) or _str(s.get("checkpoint"))
+    spe = steps_per_epoch(
+        (r.qa_pairs or {}).get("train"), _int(s.get("batch_size")), _int(s.get("grad_accum_steps"))
+    )
+    r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.steps)
+
+
+def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
+    """Progress of an unfinished category from its latest complete checkpoint."""
+    from fada_batch.checkpoint import find_latest, read_state
+
+    latest = find_latest(folder)
+    if latest is None:
+        return
+    try:
+        state = read_state(latest)
+    except (OSError, ValueError, TypeError) as e:
+        problems.append(f"{latest / 'trainer_state.json'} cannot be read ({e}); progress not shown")
+        return
+    r.last_checkpoint = str(latest)
+    r.last_step = _int(state.global_step)
+    r.epochs_completed = _int(state.epoch)
+    if r.train_time_s is None:
+        r.train_time_s = _num(state.train_time_s)
+    if r.resumes is None:
+        r.resumes = _int(state.resumes)
+    if not r.loss_curve:
+        r.loss_curve = _pairs(state.loss_curve)
+    if not r.val_loss:
+        r.val_loss = _pairs(state.val_loss)
+    if r.final_train_loss is None and (epochs := _pairs(state.epoch_train_loss)):
+        r.final_train_loss = epochs[-1][1]
+    if r.final_val_loss is None and r.val_loss:
+        r.final_val_loss = r.val_loss[-1][1]
+    spe = steps_per_epoch(
+        (r.qa_pairs or {}).get("train"), _int(state.micro_batch_size), _int(state.grad_accum_steps)
+    )
+    r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.last_step)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_activity(folder: Path) -> float | None:
+    """The newest modification time among the lock, the summary and the checkpoints."""
+    times = []
+    for p in [folder / LOCK_FILE, folder / SUMMARY_FILE, *folder.glob("checkpoint-*")]:
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times) if times else None
+
+
+def task_alive(folder: Path, *, now: float | None = None) -> tuple[bool, str]:
+    """Whether a live task holds `folder/.lock`, and why the collector thinks so.
+
+    On this host the holder's pid is checked. On another host (the usual case for a collector
+    running on its own node) the holder counts as dead once nothing in the folder has been
+    written for `STALE_AFTER_S`, like `fsutil.category_lock` decides.
+    """
+    now = time.time() if now is None else now
+    lock = folder / LOCK_FILE
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return False, "no task holds the lock"
+    except OSError as e:
+        return False, f"the lock {lock} cannot be read ({e.strerror})"
+    try:
+        holder = json.loads(text or "{}")
+    except ValueError:
+        holder = {}
+    holder = _dict(holder)
+    host, pid, job = holder.get("host"), _int(holder.get("pid")), _str(holder.get("slurm_job_id"))
+    who = f"pid {pid} on {host}" + (f", SLURM job {job}" if job else "")
+    if host == socket.gethostname() and pid is not None:
+        if _pid_alive(pid):
+            return True, f"{who} is alive"
+        return False, f"the task that held the lock ({who}) is gone"
+    last = _last_activity(folder)
+    if last is None or now - last > STALE_AFTER_S:
+        idle = "ever" if last is None else f"{(now - last) / 3600:.1f} h"
+        return False, f"nothing written for {idle} by the lock holder ({who})"
+    return True, f"{who}, last write {_duration(now - last)} ago"
+
+
+def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]) -> tuple[Any, str | None]:
+    """Evaluation metrics: `eval/metrics.json` when present, else the summary's `eval` block.
+
+    Returns ({model: {question: {metric: value}}}, where they came from), or (None, None).
+    """
+    path = folder / EVAL_FILE
+    raw: Any = None
+    source = None
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            source = str(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{path} is not valid JSON ({e}); its metrics are left out")
+            raw = None
+        if raw is not None and not isinstance(raw, dict):
+            problems.append(f"{path} does not hold a JSON object; its metrics are left out")
+            raw = None
+    if raw is None and summary is not None and isinstance(summary.get("eval"), dict):
+        block = summary["eval"]
+        raw = {"adapter": block} if "adapter" not in block else block
+        source = str(folder / SUMMARY_FILE)
+    if raw is None:
+        return None, None
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for model in MODELS:
+        questions = _dict(raw.get(model))
+        block = {}
+        for q in sorted(questions, key=_question_order):
+            metrics = {k: n for k, v in _dict(questions[q]).items() if (n := _num(v)) is not None}
+            if metrics:
+                block[str(q)] = metrics
+        if block:
+            out[model] = block
+    return (out or None), (source if out else None)
+
+
+def _question_order(q: str) -> tuple[int, int, str]:
+    """Q1 < Q2 < ... < Q10 < anything else < overall."""
+    if q == "overall":
+        return (2, 0, q)
+    if q[:1] == "Q" and q[1:].isdigit():
+        return (0, int(q[1:]), q)
+    return (1, 0, q)
+
+
+def collect_category(
+    category: Category,
+    folder: Path,
+    *,
+    requested: bool,
+    data_root: Path | None,
+    problems: list[str],
+    finished: bool = False,
+    now: float | None = None,
+) -> CategoryResult:
+    """Read one category's folder and decide its state (never raises on bad files)."""
+    r = CategoryResult(category=category.name, folder=str(folder), state="not_started", requested=requested)
+    summary_path = folder / SUMMARY_FILE
+    try:
+        summary = read_summary(folder)
+    except (ValueError, OSError) as e:
+        problems.append(f"{summary_path}: {e}; {category.name} is skipped")
+        r.state, r.detail = "unreadable", f"{SUMMARY_FILE} cannot be read: {e}"
+        return r
+    status = None if summary is None else summary.get("status")
+    if summary is not None and status not in STATUSES:
+        msg = f"unknown status {status!r} (expected one of {', '.join(STATUSES)})"
+        problems.append(f"{summary_path}: {msg}; {category.name} is skipped")
+        r.state, r.detail = "unreadable", f"{SUMMARY_FILE}: {msg}"
+        return r
+    if summary is not None:
+        _fill_from_summary(r, summary)
+        named = summary.get("category")
+        if named is not None and named != category.name:
+            problems.append(f"{summary_path} is for category {named!r}, found in {category.name}'s folder")
+    r.eval, r.eval_source = _read_eval(folder, summary, problems)
+
+    if summary is None:
+        labels = data_root / LABELS_DIR if data_root is not None else None
+        if labels is not None and labels.is_dir() and find_sheet(data_root, category) is None:
+            r.state = "awaiting_labels"
+            r.detail = f"no label sheet in {labels}"
+            return r
+        _fill_from_checkpoint(r, folder, problems)
+        if r.last_checkpoint:
+            r.state = "incomplete"
+            r.detail = f"no summary, but checkpoints up to step {r.last_step}; rerun to resume"
+        else:
+            r.state = "not_started"
+            r.detail = f"no {SUMMARY_FILE} in {folder}" if folder.is_dir() else f"no folder {folder}"
+        return r
+
+    if status == "completed":
+        r.state = "completed"
+        r.detail = f"{r.steps} steps, {r.epochs_completed or r.epochs} epochs in {_duration(r.wall_time_s)}"
+        adapter = Path(r.adapter_path) if r.adapter_path else None
+        if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
+            r.detail += f"; adapter missing at {r.adapter_path}"
+            problems.append(f"{category.name}: completed but the adapter is missing at {r.adapter_path}")
+    elif status in ("running", "interrupted"):
+        _fill_from_checkpoint(r, folder, problems)
+        where = (
+            f"step {r.last_step} ({Path(r.last_checkpoint).name})"
+            if r.last_checkpoint and r.last_step is not None
+            else "no checkpoint yet"
+        )
+        if status == "interrupted":
+            r.state = "incomplete"
+            r.detail = f"interrupted at {where}; resumes when requeued or rerun"
+        elif finished:
+            r.state = "incomplete"
+            r.detail = (
+                f"still marked running after its task ended (killed before it could record "
+                f"its state); last {where}; rerun to resume"
+            )
+        else:
+            alive, why = task_alive(folder, now=now)
+            r.state = "running" if alive else "incomplete"
+            r.detail = f"{'running' if alive else 'stopped'} at {where}: {why}"
+    elif status in FAILED_STATES:
+        r.state = status
+        _fill_from_checkpoint(r, folder, problems)
+        first = (r.error or "").strip().splitlines()
+        r.detail = first[-1][:200] if first else "no error recorded"
+    elif status == "awaiting_labels":
+        r.state = "awaiting_labels"
+        r.detail = _str(summary.get("message")) or "no label sheet yet"
+        if data_root is not None and find_sheet(data_root, category) is not None:
+            r.detail += "; a sheet is there now: rerun to train"
+    return r
+
+
+# --------------------------------------------------------------------------------- the run
+
+
+def _category_for_folder(name: str) -> Category | None:
+    for c in CATEGORIES:
+        if c.output_dirname == name:
+            return c
+    return None
+
+
+def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path | None, str]:
+    """Categories (and data root) from the `config.yaml` each task writes next to its results."""
+    from fada_batch.config import safe_load_yaml
+
+    names: list[str] = []
+    data_roots: set[str] = set()
+    for cfg_path in sorted(output_root.glob("blip2_*/config.yaml")):
+        try:
+            raw = safe_load_yaml(cfg_path.read_text())
+            data = _dict(_dict(raw).get("data"))
+        except Exception as e:  # any YAML error: this file just does not help
+            problems.append(f"{cfg_path} cannot be read ({type(e).__name__}); ignored")
+            continue
+        for n in data.get("categories") or []:
+            with contextlib.suppress(Exception):
+                name = get_category(str(n)).name
+                if name not in names:
+                    names.append(name)
+        if isinstance(data.get("root"), str):
+            data_roots.add(data["root"])
+    found = [c.name for c in CATEGORIES if (output_root / c.output_dirname).is_dir()]
+    if names:
+        order = [c.name for c in CATEGORIES if c.name in set(names) | set(found)]
+        source = "the config.yaml files in the category folders"
+    else:
+        order = found
+        source = "the category folders found"
+    data_root = Path(next(iter(data_roots))) if len(data_roots) == 1 else None
+    return order, data_root, source
+
+
+def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
+    counts = {s: sum(1 for c in cats if c.state == s) for s in STATES}
+    by_device: dict[str, dict[str, Any]] = {}
+    for c in cats:
+        if c.train_time_s is None and c.wall_time_s is None:
+            continue
+        d = by_device.setdefault(
+            c.device_type or "unknown", {"categories": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+        )
+        d["categories"] += 1
+        d["train_time_s"] = round(d["train_time_s"] + (c.train_time_s or 0.0), 2)
+        d["wall_time_s"] = round(d["wall_time_s"] + (c.wall_time_s or 0.0), 2)
+    # Only tasks that started count towards the run's span; a task stopped without an end
+    # time ended, at the latest, when its summary was last written.
+    started = [c for c in cats if _parse_time(c.start_time)]
+    starts = [t for c in started if (t := _parse_time(c.start_time))]
+    ends = [t for c in started if (t := _parse_time(c.end_time or c.updated))]
+    still_running = any(c.state == "running" for c in cats)
+    first = min(starts) if starts else None
+    last = now if still_running else (max(ends) if ends else None)
+    run_wall = (last - first).total_seconds() if first and last and last >= first else None
+    return {
+        "categories": len(cats),
+        "requested": sum(1 for c in cats if c.requested),
+        "done": counts["completed"],
+        "failed": sum(counts[s] for s in FAILED_STATES),
+        "waiting": counts["running"]
+        + counts["incomplete"]
+        + counts["not_started"]
+        + counts["awaiting_labels"],
+        "by_state": counts,
+        "gpu_train_time_s": by_device.get("cuda", {}).get("train_time_s", 0.0),
+        "gpu_wall_time_s": by_device.get("cuda", {}).get("wall_time_s", 0.0),
+        "cpu_train_time_s": by_device.get("cpu", {}).get("train_time_s", 0.0),
+        "cpu_wall_time_s": by_device.get("cpu", {}).get("wall_time_s", 0.0),
+        "by_device": by_device,
+        "run_start": first.isoformat() if first else None,
+        "run_end": last.isoformat() if last and not still_running else None,
+        "run_wall_time_s": round(run_wall, 2) if run_wall is not None else None,
+        "still_running": still_running,
+    }
+
+
+def collect(
+    output_root: Path,
+    *,
+    categories: list[str] | None = None,
+    data_root: Path | None = None,
+    compare: Path | None = None,
+    finished: bool = False,
+) -> CollectResult:
+    """Read every category's results under `output_root`.
+
+    Args:
+        output_root: the job's `output.root` (holds `blip2_{slug}/`).
+        categories: the categories the job asked for (names or aliases). None: those named by
+            the `config.yaml` files under the root, else every category folder found.
+        data_root: the job's `data.root`; tells "awaiting labels" from "not started" for a
+            category that never ran. None: taken from the folders' config.yaml when they agree.
+        compare: another output root to compare with (its categories inferred).
+        finished: the tasks are known to be over (a collector that runs after the array):
+            a category still marked running is reported as incomplete.
+
+    Returns:
+        A CollectResult; `exit_code()` is non-zero when a requested category failed.
+
+    Raises:
+        FileNotFoundError: `output_root` (or `compare`) is not a folder.
+        UnknownCategoryError: a name in `categories` is not a category.
+    """
+    output_root = Path(output_root)
+    if not output_root.is_dir():
+        raise FileNotFoundError(
+            f"output root {output_root} is not a folder: pass the job's output.root "
+            "(--job JOB or --outputs DIR)"
+        )
+    problems: list[str] = []
+    if categories is None:
+        names, inferred_root, source = _infer_job(output_root, problems)
+        data_root = data_root if data_root is not None else inferred_root
+    else:
+        names = list(dict.fromkeys(get_category(n).name for n in categories))
+        source = "the job"
+    now = time.time()
+    results = [
+        collect_category(
+            get_category(n),
+            output_root / get_category(n).output_dirname,
+            requested=True,
+            data_root=data_root,
+            problems=problems,
+            finished=finished,
+            now=now,
+        )
+        for n in names
+    ]
+    for p in sorted(output_root.glob("blip2_*")):
+        if not p.is_dir():
+            continue
+        cat = _category_for_folder(p.name)
+        if cat is None:
+            problems.append(f"{p} does not belong to any category; ignored")
+        elif cat.name not in names:
+            problems.append(f"{p} ({cat.name}) is not one of the categories asked for; left out")
+    result = CollectResult(
+        output_root=str(output_root),
+        generated=now_iso(),
+        categories=results,
+        totals=_totals(results, datetime.fromtimestamp(now).astimezone()),
+        problems=problems,
+        categories_from=source,
+    )
+    if compare is not None:
+        other = collect(Path(compare), categories=None, finished=finished)
+        result.compare = compare_runs(result, other)
+    return result
+
+
+# ------------------------------------------------------------------------------- comparison
+
+COMPARE_FIELDS = ("final_train_loss", "final_val_loss", "train_time_s", "wall_time_s", "samples_per_s")
+
+
+def _overall(c: CategoryResult, model: str = "adapter") -> dict[str, float]:
+    return ((c.eval or {}).get(model) or {}).get("overall") or {}
+
+
+def _change(new: float | None, old: float | None) -> dict[str, float | None]:
+    if new is None or old is None:
+        return {"this": new, "other": old, "change": None, "change_pct": None}
+    pct = (new - old) / abs(old) * 100 if old else None
+    return {
+        "this": new,
+        "other": old,
+        "change": round(new - old, 6),
+        "change_pct": round(pct, 1) if pct is not None else None,
+    }
+
+
+def compare_runs(this: CollectResult, other: CollectResult) -> dict[str, Any]:
+    """Side by side: per category, this run's value, the other's and the change (this - other)."""
+    mine = {c.category: c for c in this.categories}
+    theirs = {c.category: c for c in other.categories}
+    order = [c.name for c in CATEGORIES if c.name in mine or c.name in theirs]
+    rows = []
+    for name in order:
+        a, b = mine.get(name), theirs.get(name)
+        row: dict[str, Any] = {
+            "category": name,
+            "state": a.state if a else None,
+            "other_state": b.state if b else None,
+        }
+        for f in COMPARE_FIELDS:
+            row[f] = _change(getattr(a, f) if a else None, getattr(b, f) if b else None)
+        metrics = sorted(set(_overall(a) if a else {}) | set(_overall(b) if b else {}))
+        for m in metrics:
+            if m == "n":
+                continue
+            row[f"eval_{m}"] = _change(_overall(a).get(m) if a else None, _overall(b).get(m) if b else None)
+        rows.append(row)
+    t, o = this.totals, other.totals
+    totals = {
+        k: _change(_num(t.get(k)), _num(o.get(k)))
+        for k in ("done", "failed", "gpu_train_time_s", "cpu_train_time_s", "run_wall_time_s")
+    }
+    return {
+        "other_root": other.output_root,
+        "other_generated": other.generated,
+        "rows": rows,
+        "totals": totals,
+    }

@@ -1,0 +1,335 @@
+"""The launcher: where `train` runs (SLURM array, workstation, in-process) and when `collect` runs.
+
+This is the only module that imports submitit. It never touches tensors: each array task is a
+`TrainTask` (a `submitit.helpers.Checkpointable`) that calls `train.train_category` for one
+category. On the time-limit warning signal or a preemption the task asks training to stop at
+the next optimizer step, training saves a checkpoint, and submitit requeues the task; the
+requeued task resumes from the latest checkpoint it finds in the category's output folder at
+run time (nothing about checkpoints is baked into the pickle).
+
+    fada-batch submit --job job/full.yaml [--categories A,B] [--dry-run] [--executor local]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from fada_batch.config import JobConfig, config_from_dict
+from fada_batch.fsutil import atomic_write_json
+from fada_batch.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
+from fada_batch.validate import Preflight, preflight
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_FILE = "submission.json"
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """One array task: train one category, checkpointing and requeueing on the warning signal.
+
+    Holds no model and no paths beyond the config: a requeue gets a fresh TrainTask with the
+    same (config, category) and the training finds its own latest checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._stop = False
+        self._signum: int | None = None
+
+    def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
+        from fada_batch.train import StopRequested, train_category
+
+        cfg = config_from_dict(job, source="submitted job")
+        handler = _install_stop_handler(self)
+        requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        try:
+            return train_category(
+                cfg, category, force=force, should_stop=lambda: self._stop, requeues=requeues
+            )
+        except StopRequested:
+            # The checkpoint is on disk; now let submitit's own handler pickle `checkpoint()`'s
+            # DelayedSubmission and requeue the task (or give up after max_requeues time-outs).
+            if handler is not None and self._signum is not None:
+                handler(self._signum, None)
+            raise
+
+    def checkpoint(self, job: dict[str, Any], category: str, force: bool = False) -> Any:
+        """What submitit resubmits: a fresh task, never `force` (that would discard progress)."""
+        return submitit.helpers.DelayedSubmission(TrainTask(), job, category, False)
+
+
+def _install_stop_handler(task: TrainTask) -> Any:
+    """Replace submitit's USR2 handler by one that only flags a stop; return the original.
+
+    submitit's handler would requeue and exit at once, mid-step; training instead saves a
+    checkpoint at the next optimizer step and then calls the original handler.
+    """
+    sig = signal.SIGUSR2
+    original = signal.getsignal(sig)
+    if not callable(original):  # not under submitit (debug executor): nothing to requeue
+        return None
+
+    def flag(signum: int, _frame: Any) -> None:
+        task._stop = True
+        task._signum = signum
+        print(f"[fada-batch] caught signal {signum}: checkpointing at the next step", flush=True)
+
+    try:
+        signal.signal(sig, flag)
+    except ValueError:  # not the main thread
+        return None
+    return original
+
+
+def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
+    """The collector step: write the report for the run; raise when a category failed.
+
+    Raises:
+        RuntimeError: when a requested category failed (so the dependent job shows FAILED).
+    """
+    from fada_batch.collect import collect
+
+    cfg = config_from_dict(job, source="submitted job")
+    result = collect(
+        Path(cfg.output.root), categories=categories, data_root=Path(cfg.data.root), compare=None
+    )
+    print(result.text(), flush=True)
+    if result.exit_code() != 0:
+        raise RuntimeError(f"categories failed: {', '.join(result.failed_names())}")
+    return {"report": str(Path(cfg.output.root) / "report.md")}
+
+
+@dataclass
+class Plan:
+    """What `submit` will do: which categories go, in which order, and which are left out."""
+
+    submit: list[str]
+    sizes: dict[str, int]
+    awaiting: list[str]
+    blocked: dict[str, list[str]]  # category -> problem messages
+    requested: list[str]
+    executor: str
+    log_dir: Path
+    output_root: Path
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = []
+        if self.awaiting:
+            lines.append(f"awaiting labels (skipped): {', '.join(self.awaiting)}")
+        for name, problems in self.blocked.items():
+            lines.append(f"blocked by data problems (not submitted): {name}")
+            lines.extend(f"    {p}" for p in problems[:10])
+        order = ", ".join(f"{c} ({self.sizes[c]} images)" for c in self.submit)
+        lines.append(f"{len(self.submit)} task(s), in this order: {order or '-'}")
+        lines.append(f"executor: {self.executor}; logs: {self.log_dir}; outputs: {self.output_root}")
+        if self.executor == "slurm":
+            flags = " ".join(f"{k}={v}" for k, v in self.slurm.items() if v not in (None, {}, ""))
+            lines.append(f"slurm: {flags}")
+        return "\n".join(lines)
+
+
+def make_plan(
+    cfg: JobConfig,
+    pf: Preflight,
+    *,
+    executor: str,
+    smallest_first: bool = False,
+) -> Plan:
+    """Order the ready categories by size (largest first by default: shortest array wall time)."""
+    sizes = {d.category.name: d.stats.images_usable for d in pf.results}
+    ready = [d.category.name for d in pf.ready]
+    ready.sort(key=lambda c: (sizes[c], c) if smallest_first else (-sizes[c], c))
+    return Plan(
+        submit=ready,
+        sizes=sizes,
+        awaiting=[d.category.name for d in pf.awaiting],
+        blocked={d.category.name: [p.message for p in d.errors] for d in pf.blocked},
+        requested=[d.category.name for d in pf.results],
+        executor=executor,
+        log_dir=log_dir(cfg),
+        output_root=Path(cfg.output.root),
+        slurm=slurm_parameters(cfg),
+    )
+
+
+def log_dir(cfg: JobConfig) -> Path:
+    """Logs go to shared storage next to the outputs (never /tmp: other nodes can't see it)."""
+    return Path(cfg.cluster.log_dir or Path(cfg.output.root) / "logs")
+
+
+def slurm_parameters(cfg: JobConfig) -> dict[str, Any]:
+    """submitit `update_parameters` for the training array, from the job's `cluster:` section."""
+    c = cfg.cluster
+    params: dict[str, Any] = {
+        "name": f"fada-{cfg.name}",
+        "timeout_min": c.time_min,
+        "slurm_partition": c.partition,
+        "slurm_account": c.account,
+        "slurm_qos": c.qos,
+        "slurm_constraint": c.constraint,
+        "gpus_per_node": c.gpus_per_task or None,
+        "cpus_per_task": c.cpus_per_task,
+        "mem_gb": c.mem_gb,
+        "slurm_array_parallelism": c.array_parallelism,
+        "slurm_signal_delay_s": c.signal_delay_s,
+        "slurm_additional_parameters": dict(c.extra_sbatch),
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _record_skipped(cfg: JobConfig, pf: Preflight) -> None:
+    """Write summaries for categories that will not run, so the collector names them.
+
+    Never overwrites a summary of a category that completed in an earlier run.
+    """
+    from fada_batch.categories import Category
+
+    for d in pf.awaiting + pf.blocked:
+        cat: Category = d.category
+        out = Path(cfg.output.root) / cat.output_dirname
+        try:
+            prev = read_summary(out)
+        except ValueError:
+            prev = None
+        if prev and prev.get("status") == "completed":
+            continue
+        status = "awaiting_labels" if d.status == "awaiting_labels" else "invalid_data"
+        summary: dict[str, Any] = {"category": cat.name, "status": status, "output_dir": str(out)}
+        if status == "invalid_data":
+            summary["error"] = "\n".join(p.message for p in d.errors)
+            summary["end_time"] = now_iso()
+        else:
+            summary["message"] = f"no label sheet (expected {d.expected_sheet})"
+        write_summary(out, summary)
+
+
+def _executor(cfg: JobConfig, kind: str, folder: Path) -> submitit.AutoExecutor:
+    kwargs: dict[str, Any] = {}
+    if kind == "slurm":
+        kwargs["slurm_max_num_timeout"] = cfg.cluster.max_requeues
+        if cfg.cluster.python:
+            kwargs["slurm_python"] = cfg.cluster.python
+    return submitit.AutoExecutor(folder=folder, cluster=kind, **kwargs)
+
+
+def submit(
+    cfg: JobConfig,
+    *,
+    categories: list[str] | None = None,
+    executor: str = "slurm",
+    dry_run: bool = False,
+    smallest_first: bool = False,
+    force: bool = False,
+    out=sys.stdout,
+) -> dict[str, Any]:
+    """Pre-flight, then one task per ready category and a collector after them.
+
+    `slurm`: an array job plus a collector job with `--dependency=afterany:<array>`; returns
+    at once with the IDs. `local`: the same tasks as subprocesses, one after another, then the
+    collector. `debug`: in this process. Writes `submission.json` in the output root.
+    """
+    pf = preflight(cfg, categories)
+    plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
+    print(plan.describe(), file=out, flush=True)
+    if dry_run:
+        print("dry run: nothing submitted", file=out, flush=True)
+        return {"dry_run": True, "plan": plan.submit}
+    _record_skipped(cfg, pf)
+    job = cfg.to_dict()
+    record: dict[str, Any] = {
+        "job_name": cfg.name,
+        "submitted": now_iso(),
+        "executor": executor,
+        "categories": plan.submit,
+        "awaiting_labels": plan.awaiting,
+        "blocked": plan.blocked,
+        "log_dir": str(plan.log_dir),
+        "output_root": str(plan.output_root),
+        "config_hash": cfg.config_hash(),
+    }
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    if executor == "slurm":
+        record.update(_submit_slurm(cfg, plan, job, force=force))
+    else:
+        record.update(_run_here(cfg, plan, job, executor, force=force, out=out))
+    atomic_write_json(plan.output_root / SUBMISSION_FILE, record)
+    print(f"submission record: {plan.output_root / SUBMISSION_FILE}", file=out, flush=True)
+    return record
+
+
+def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: bool) -> dict[str, Any]:
+    ex = _executor(cfg, "slurm", plan.log_dir)
+    ex.update_parameters(**plan.slurm)
+    array_id = None
+    task_ids: dict[str, str] = {}
+    if plan.submit:
+        n = len(plan.submit)
+        jobs = ex.map_array(TrainTask(), [job] * n, plan.submit, [force] * n)
+        task_ids = {c: j.job_id for c, j in zip(plan.submit, jobs, strict=True)}
+        array_id = jobs[0].job_id.split("_")[0]
+    coll = _executor(cfg, "slurm", plan.log_dir)
+    coll_params = {
+        k: v for k, v in plan.slurm.items() if k not in ("gpus_per_node", "slurm_array_parallelism")
+    }
+    coll_params.update(
+        name=f"fada-{cfg.name}-collect",
+        timeout_min=cfg.cluster.collector_time_min,
+        cpus_per_task=1,
+        mem_gb=min(cfg.cluster.mem_gb, 8),
+        slurm_additional_parameters={
+            **dict(cfg.cluster.extra_sbatch),
+            **({"dependency": f"afterany:{array_id}"} if array_id else {}),
+        },
+    )
+    coll.update_parameters(**coll_params)
+    collector = coll.submit(run_collect, job, plan.requested)
+    print(
+        f"array job {array_id} ({len(plan.submit)} tasks), collector job {collector.job_id} "
+        f"(after the array ends)\nlogs: {plan.log_dir}\noutputs: {plan.output_root}/blip2_<category>/",
+        flush=True,
+    )
+    return {"array_job_id": array_id, "tasks": task_ids, "collector_job_id": collector.job_id}
+
+
+def _run_here(
+    cfg: JobConfig, plan: Plan, job: dict[str, Any], kind: str, *, force: bool, out
+) -> dict[str, Any]:
+    """`local`/`debug`: tasks one after another (one GPU), then the collector."""
+    ex = _executor(cfg, kind, plan.log_dir)
+    if kind == "local":
+        ex.update_parameters(timeout_min=cfg.cluster.time_min, name=f"fada-{cfg.name}")
+    outcome: dict[str, str] = {}
+    for name in plan.submit:
+        t0 = time.time()
+        j = ex.submit(TrainTask(), job, name, force)
+        try:
+            s = j.result()
+            outcome[name] = s.get("status", "?")
+        except Exception as e:  # a failed category must not stop the others
+            outcome[name] = "failed"
+            first = str(e).strip().splitlines()
+            print(f"{name}: failed: {first[-1] if first else e}", file=out, flush=True)
+        print(f"{name}: {outcome[name]} in {time.time() - t0:.1f} s", file=out, flush=True)
+    from fada_batch.collect import collect
+
+    result = collect(plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), compare=None)
+    print(result.text(), file=out, flush=True)
+    return {"results": outcome, "collect_exit_code": result.exit_code()}
+
+
+def sbatch_command(cfg_path: Path, n_tasks: int) -> str:
+    """The plain-sbatch equivalent (see slurm/README.md)."""
+    return f"sbatch --array=0-{n_tasks - 1} slurm/train_array.sbatch {shlex.quote(str(cfg_path))}"
+
+
+__all__ = ["SUMMARY_FILE", "Plan", "TrainTask", "make_plan", "run_collect", "submit"]

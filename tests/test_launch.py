@@ -1,0 +1,229 @@
+"""Fan-out through submitit against a REAL local SLURM (slurm/testcluster), and on a workstation.
+
+Array + dependent collector, pre-flight skipping, a failure mid-run, requeue after a real time
+limit, --dry-run, and the plain-sbatch path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fada_batch.config import dump_yaml
+from fada_batch.launch import make_plan, submit
+from fada_batch.validate import preflight
+
+REPO = Path(__file__).resolve().parent.parent
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
+
+# small, fast tasks that fit two at a time on the 2-CPU test node
+CLUSTER = {
+    "cluster.gpus_per_task": 0,
+    "cluster.cpus_per_task": 1,
+    "cluster.mem_gb": 2,
+    "cluster.time_min": 10,
+    "cluster.signal_delay_s": 10,
+    "train.num_epochs": 1,
+    "data.num_images": 12,
+}
+
+
+def sacct(job_id: str) -> dict[str, dict[str, str]]:
+    """JobID -> {State, Start, End, ExitCode} for the job's allocations (no steps)."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job_id, "--format=JobID,State,Start,End,ExitCode"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    rows = {}
+    for line in out.strip().splitlines():
+        jid, state, start, end, code = line.split("|")
+        rows[jid] = {"State": state.split()[0], "Start": start, "End": end, "ExitCode": code}
+    return rows
+
+
+def wait_done(job_id: str, timeout_s: float = 400) -> dict[str, dict[str, str]]:
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict[str, str]] = {}
+    while time.monotonic() < deadline:
+        rows = sacct(job_id)
+        if rows and all(r["State"] in TERMINAL for r in rows.values()):
+            return rows
+        time.sleep(2)
+    pytest.fail(f"job {job_id} did not finish in {timeout_s} s: {rows}")
+
+
+def jobs_in_queue() -> int:
+    out = subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
+    return len(out.strip().splitlines())
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------- no cluster
+
+
+def test_order_largest_first_by_default_smallest_with_sort_by_size(job_factory, demo_root, tmp_path):
+    data = copy_data(demo_root, tmp_path / "data")
+    # drop half of Femur's rows so categories differ in size
+    import openpyxl
+
+    sheet = data / "Fetal Ultrasound Labeled" / "Femur_image_list.xlsx"
+    wb = openpyxl.load_workbook(sheet)
+    ws = wb.worksheets[0]
+    ws.delete_rows(2, 40)
+    wb.save(sheet)
+    cfg = job_factory({"data.num_images": None}, data_root=data)
+    pf = preflight(cfg)
+    largest = make_plan(cfg, pf, executor="slurm")
+    smallest = make_plan(cfg, pf, executor="slurm", smallest_first=True)
+    assert largest.submit[-1] == "Femur" and smallest.submit[0] == "Femur"
+    assert largest.awaiting == ["Cervix"] and "Cervix" not in largest.submit
+    assert largest.slurm["timeout_min"] == cfg.cluster.time_min
+
+
+def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, capsys):
+    cfg = job_factory(CLUSTER)
+    record = submit(cfg, executor="local")
+    out = capsys.readouterr().out
+    assert record["results"] == {"Abdomen": "completed", "Femur": "completed", "Thorax": "completed"}
+    assert record["collect_exit_code"] == 0
+    root = Path(cfg.output.root)
+    for cat in ("abdomen", "femur", "thorax"):
+        assert (root / f"blip2_{cat}" / "final_model" / "adapter_model.safetensors").is_file()
+    assert json.loads((root / "blip2_cervix" / "training_summary.json").read_text())["status"] == "awaiting_labels"
+    assert (root / "report.md").is_file() and "Cervix" in (root / "report.md").read_text()
+    assert "Cervix" in out and "Thorax" in out  # the collector's output ends the run
+    assert json.loads((root / "submission.json").read_text())["executor"] == "local"
+
+
+# ------------------------------------------------------------------------ real SLURM cluster
+
+pytestmark_slurm = pytest.mark.slurm
+
+
+@pytest.mark.slurm
+def test_dry_run_submits_nothing(slurm_conf, job_factory, capsys):
+    cfg = job_factory(CLUSTER)
+    before = jobs_in_queue()
+    record = submit(cfg, executor="slurm", dry_run=True)
+    assert record == {"dry_run": True, "plan": ["Abdomen", "Femur", "Thorax"]}
+    assert jobs_in_queue() == before
+    assert not (Path(cfg.output.root) / "submission.json").exists()
+    out = capsys.readouterr().out
+    assert "dry run: nothing submitted" in out and "awaiting labels (skipped): Cervix" in out
+
+
+@pytest.mark.slurm
+def test_submit_array_and_collector_on_slurm(slurm_conf, job_factory):
+    cfg = job_factory(CLUSTER)
+    record = submit(cfg, executor="slurm")
+    array_id, coll_id = record["array_job_id"], record["collector_job_id"]
+    assert len(record["tasks"]) == 3
+    rows = wait_done(array_id)
+    coll = wait_done(coll_id)
+    assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
+    assert coll[coll_id]["State"] == "COMPLETED", coll
+    # the collector started only after every array task ended
+    assert coll[coll_id]["Start"] >= max(r["End"] for r in rows.values())
+    root = Path(cfg.output.root)
+    for cat in ("Abdomen", "Femur", "Thorax"):
+        s = json.loads((root / f"blip2_{cat.lower()}" / "training_summary.json").read_text())
+        assert s["status"] == "completed"
+        assert s["slurm"]["array_job_id"] == array_id
+        assert (root / f"blip2_{cat.lower()}" / "final_model" / "adapter_model.safetensors").is_file()
+    report = (root / "report.md").read_text()
+    for cat in ("Abdomen", "Femur", "Thorax", "Cervix"):
+        assert cat in report
+    sub = json.loads((root / "submission.json").read_text())
+    assert sub["array_job_id"] == array_id and sub["collector_job_id"] == coll_id
+
+
+@pytest.mark.slurm
+def test_failures_do_not_stop_others_and_are_named(slurm_conf, job_factory, demo_root, tmp_path):
+    data = copy_data(demo_root, tmp_path / "data copy")
+    labels = data / "Fetal Ultrasound Labeled"
+    (labels / "Thorax_image_list.xlsx").write_bytes(b"not a spreadsheet")  # fails pre-flight
+    cfg = job_factory({**CLUSTER, "cluster.extra_sbatch": {"hold": True}}, data_root=data)
+    record = submit(cfg, executor="slurm")
+    assert sorted(record["tasks"]) == ["Abdomen", "Femur"]
+    assert "Thorax" in record["blocked"]
+    # the array is held: break Femur's sheet after submission, then release
+    (labels / "Femur_image_list.xlsx").write_bytes(b"\x00corrupted after submission")
+    subprocess.run(["scontrol", "release", record["array_job_id"]], check=True)
+    subprocess.run(["scontrol", "release", record["collector_job_id"]], check=True)
+    rows = wait_done(record["array_job_id"])
+    coll = wait_done(record["collector_job_id"])
+    states = {jid: r["State"] for jid, r in rows.items()}
+    assert states[record["tasks"]["Abdomen"]] == "COMPLETED", states
+    assert states[record["tasks"]["Femur"]] == "FAILED", states
+    assert coll[record["collector_job_id"]]["State"] == "FAILED"  # non-zero: a category failed
+    root = Path(cfg.output.root)
+    femur = json.loads((root / "blip2_femur" / "training_summary.json").read_text())
+    assert femur["status"] == "invalid_data" and "Femur_image_list.xlsx" in femur["error"]
+    thorax = json.loads((root / "blip2_thorax" / "training_summary.json").read_text())
+    assert thorax["status"] == "invalid_data" and "Thorax_image_list.xlsx" in thorax["error"]
+    report = (root / "report.md").read_text()
+    for cat in ("Abdomen", "Femur", "Thorax", "Cervix"):
+        assert cat in report
+    assert "Femur_image_list.xlsx" in report
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_factory):
+    """A 1-minute limit: the warning signal comes ~25 s in; the task checkpoints, is requeued,
+    and finishes from where it stopped, with the steps of one continuous run."""
+    cfg = job_factory(
+        {**CLUSTER, "cluster.time_min": 1, "cluster.max_requeues": 6, "train.num_epochs": 40,
+         "data.num_images": 16, "train.batch_size": 8, "train.checkpoint_every_steps": 0}
+    )
+    record = submit(cfg, executor="slurm", categories=["Femur"])
+    wait_done(record["array_job_id"], timeout_s=540)
+    s = json.loads((Path(cfg.output.root) / "blip2_femur" / "training_summary.json").read_text())
+    assert s["status"] == "completed", s.get("error")
+    assert s["requeues"] >= 1 and s["resumes"] >= 1
+    split = json.loads((Path(cfg.output.root) / "blip2_femur" / "split.json").read_text())
+    n_train = s["qa_pairs"]["train"]
+    steps_per_epoch = -(-n_train // 8)
+    assert s["steps"] == steps_per_epoch * 40 == len(s["loss_curve"])
+    assert len(split["train"]) == s["images"]["train"]
+
+
+@pytest.mark.slurm
+def test_plain_sbatch_array_trains_the_demo_categories(slurm_conf, job_factory, tmp_path):
+    cfg = job_factory(CLUSTER)
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    n = len(cfg.data.categories)
+    env = {**os.environ, "FADA_BATCH": str(Path(sys.executable).parent / "fada-batch")}
+    sub = subprocess.run(
+        ["sbatch", "--parsable", f"--array=0-{n - 1}", "--cpus-per-task=1", "--mem=2G",
+         f"--output={tmp_path}/train-%A_%a.out", str(REPO / "slurm" / "train_array.sbatch"), str(job)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+    )
+    array_id = sub.stdout.strip().split(";")[0]
+    coll = subprocess.run(
+        ["sbatch", "--parsable", f"--dependency=afterany:{array_id}", f"--output={tmp_path}/collect.out",
+         str(REPO / "slurm" / "collect.sbatch"), str(job)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+    ).stdout.strip()
+    rows = wait_done(array_id)
+    assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
+    assert wait_done(coll)[coll]["State"] == "COMPLETED"
+    root = Path(cfg.output.root)
+    statuses = {
+        c: json.loads((root / f"blip2_{c.lower()}" / "training_summary.json").read_text())["status"]
+        for c in ("Abdomen", "Femur", "Thorax", "Cervix")
+    }
+    assert statuses == {"Abdomen": "completed", "Femur": "completed", "Thorax": "completed",
+                        "Cervix": "awaiting_labels"}
+    assert "Cervix" in (tmp_path / "collect.out").read_text()
