@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,10 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint folder that looks complete cannot be loaded (corrupt or unsafe)."""
+
+
 def find_latest(output_dir: Path) -> Path | None:
     """The latest complete checkpoint in `output_dir`, found at run time (never baked in)."""
     ckpts = list_checkpoints(output_dir)
@@ -99,6 +105,10 @@ def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
     }
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); earlier ones are intact."""
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -111,15 +121,27 @@ def save_checkpoint(
     """Write `checkpoint-{state.global_step}` atomically, then prune to the last `keep`.
 
     Raises:
-        OSError: (ENOSPC, EIO, ...) the previous checkpoints are untouched.
+        CheckpointWriteError: on ENOSPC, EIO or any OS error while writing; the temporary
+            folder is removed and the previous checkpoints are untouched.
     """
     target = checkpoint_dir(output_dir, state.global_step)
-    with atomic_dir(target) as tmp:
-        save_file(trainable_state_dict(model), str(tmp / "adapter_model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    try:
+        with atomic_dir(target) as tmp:
+            save_file(trainable_state_dict(model), str(tmp / "adapter_model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    except OSError as e:
+        previous = find_latest(output_dir)
+        kept = (
+            f"the previous checkpoint {previous.name} is kept" if previous else "no earlier checkpoint exists"
+        )
+        raise CheckpointWriteError(
+            f"could not write {target.name} in {output_dir}: {e.strerror or e} "
+            f"(errno {e.errno}); {kept}. Free space or fix the file system, then run the same "
+            "command again to resume."
+        ) from e
     prune(output_dir, keep)
     return target
 
@@ -138,7 +160,14 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer)
     Raises:
         RuntimeError: the checkpoint does not fit this model (names the mismatch and the fix).
     """
-    weights = load_file(str(path / "adapter_model.safetensors"))
+    try:
+        weights = load_file(str(path / "adapter_model.safetensors"))
+        # weights_only: nothing in a checkpoint folder is ever unpickled into code objects
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        raw = json.loads((path / STATE_FILE).read_text())
+    except Exception as e:  # corrupt bytes, unsafe pickle, bad JSON: all mean "unusable"
+        raise CheckpointLoadError(f"{path} cannot be loaded ({type(e).__name__}: {e})") from e
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     extra = [n for n in weights if n not in params]
@@ -151,13 +180,17 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer)
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
-    device = next(p.device for p in params.values() if p.requires_grad)
-    opt_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt_state)
-    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-    raw = json.loads((path / STATE_FILE).read_text())
+    optimizer.load_state_dict(opt_state)  # moves state to the parameters' device
+    _set_rng_state(rng)
     known = {k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__}
     return TrainerState(**known)
+
+
+def quarantine(path: Path) -> Path:
+    """Rename an unusable checkpoint out of the way (kept for inspection, never loaded)."""
+    target = path.with_name(f"{path.name}.unusable-{int(time.time())}")
+    os.replace(path, target)
+    return target
 
 
 def read_state(path: Path) -> TrainerState:

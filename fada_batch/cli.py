@@ -100,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "collect", help="report on a run: report.md/.html, results.csv, collected.json in the output root"
     )
     _add_job_args(p, required=False)
-    p.add_argument(
-        "--outputs", metavar="DIR", help="output root to read (default: the job's output.root)"
-    )
+    p.add_argument("--outputs", metavar="DIR", help="output root to read (default: the job's output.root)")
     p.add_argument("--compare", metavar="OTHER", help="another run's output root to compare with")
     p.add_argument(
         "--finished",
@@ -110,6 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tasks are over (the collector after the array): report 'running' as incomplete",
     )
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser(
+        "evaluate", help="answer held-out images with adapter and base model; eval/metrics.json"
+    )
+    _add_job_args(p)
+    p.add_argument("--category", help="one category (default: every one with a trained final_model)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ask", help="ask a trained adapter about a scan or a folder of scans")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a category's final_model/ folder")
+    p.add_argument("--image", required=True, metavar="FILE_OR_DIR", help="an image, or a folder of images")
+    p.add_argument(
+        "--question",
+        action="append",
+        default=[],
+        help="question text, or Q1..Q8; repeatable (default: the 8 questions the adapter was trained on)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--base-model", help="base model id or folder (default: the adapter's own)")
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="accept a --base-model other than the adapter's (the same model staged elsewhere)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("make-tiny-model", help="save a small pretrained BLIP-2 for tests and the demo")
     p.add_argument("dir", help="output folder")
@@ -120,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="data root to create (holds 'Fetal Ultrasound/' ...)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser(
+        "stage-model",
+        help="download a model + processor for offline compute nodes, verify it, print model.name_or_path",
+    )
+    p.add_argument(
+        "--model", required=True, help="hub id (e.g. Salesforce/blip2-opt-2.7b) or a local model folder"
+    )
+    p.add_argument("--to", required=True, help="folder to create, e.g. /shared/models/blip2-opt-2.7b")
+    p.add_argument(
+        "--revision", help="hub branch, tag or commit (default: main; the commit staged is recorded)"
+    )
+    p.add_argument("--force", action="store_true", help="replace the folder at --to if it exists")
+    p.add_argument(
+        "--full-load",
+        action="store_true",
+        help="also load every weight on the CPU in bf16 (~2 bytes of RAM per parameter: ~8 GB for blip2-opt-2.7b)",
+    )
+    p.set_defaults(func=cmd_stage_model)
 
     p = sub.add_parser("show-config", help="print the resolved job config (after overrides)")
     _add_job_args(p)
@@ -265,6 +310,86 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if pf.blocked else EXIT_OK
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from fada_batch.collect import collect
+    from fada_batch.report import text_table, write_report
+
+    if not args.job and not args.outputs:
+        print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
+        return EXIT_USAGE
+    cats, data_root, root = None, None, Path(args.outputs) if args.outputs else None
+    if args.job:
+        cfg = _load(args)
+        cats, data_root = _job_categories(cfg), Path(cfg.data.root)
+        root = root or Path(cfg.output.root)
+    try:
+        result = collect(
+            root,
+            categories=cats,
+            data_root=data_root,
+            compare=Path(args.compare) if args.compare else None,
+            finished=args.finished,
+        )
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    collected = result.to_dict()
+    print(text_table(collected))
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    paths = write_report(collected, root)
+    print("written:\n" + "\n".join(f"  {p}" for p in paths.values()))
+    return result.exit_code()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fada_batch.evaluate import (
+        AdapterError,
+        EvaluationError,
+        evaluate_category,
+        format_metrics,
+        trained_categories,
+    )
+    from fada_batch.images import ImageError
+
+    cfg = _load(args)
+    cats = [args.category] if args.category else trained_categories(cfg)
+    if not cats:
+        print(f"error: no trained category (final_model/) under {cfg.output.root}", file=sys.stderr)
+        return EXIT_FAILED
+    failed = 0
+    for cat in cats:
+        try:
+            metrics = evaluate_category(cfg, cat)
+        except (EvaluationError, AdapterError, ImageError) as e:
+            print(f"error: {cat}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(format_metrics(cat, metrics), flush=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from fada_batch.ask import Asker, AskError, format_answers, image_files
+    from fada_batch.evaluate import AdapterError, GenerationSettings
+
+    try:
+        images = image_files(Path(args.image))
+        asker = Asker(
+            Path(args.adapter),
+            base_model=args.base_model,
+            allow_base_mismatch=args.allow_base_mismatch,
+            device=args.device,
+            settings=GenerationSettings(max_new_tokens=args.max_new_tokens),
+        )
+        rows = asker.ask(images, args.question or None, with_base=args.with_base)
+    except (AskError, AdapterError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_answers(rows))
+    return EXIT_OK
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from fada_batch.tiny import make_tiny_model
 
@@ -288,6 +413,16 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_stage_model(args: argparse.Namespace) -> int:
+    from fada_batch.stage import format_report, stage_model
+
+    result = stage_model(
+        args.model, Path(args.to), revision=args.revision, force=args.force, full_load=args.full_load
+    )
+    print(format_report(result))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -304,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from fada_batch.categories import UnknownCategoryError
+    from fada_batch.checkpoint import CheckpointWriteError
     from fada_batch.config import ConfigError
-    from fada_batch.fsutil import LockedError
+    from fada_batch.fsutil import LockedError, NotWritableError
     from fada_batch.model import ModelLoadError
     from fada_batch.train import DataError
 
@@ -314,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UnknownCategoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (DataError, ModelLoadError, LockedError) as e:
+    except (DataError, ModelLoadError, LockedError, NotWritableError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:

@@ -200,3 +200,27 @@ def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[
 def touch(path: Path) -> None:
     with contextlib.suppress(OSError):
         os.utime(path)
+
+
+class NotWritableError(RuntimeError):
+    """A folder that must receive results cannot be written."""
+
+
+def ensure_writable(folder: Path, *, what: str = "output folder", key: str = "output.root") -> Path:
+    """Create `folder` if needed and prove it writable with a probe file.
+
+    Raises:
+        NotWritableError: naming the folder, the OS reason and the config key to change.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe{TMP_MARK}", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NotWritableError(
+            f"the {what} {folder} is not writable: {e.strerror or e}. Point {key} at a folder "
+            "you can write (on shared storage for SLURM jobs), or fix its permissions."
+        ) from e
+    return folder

@@ -25,7 +25,7 @@ from typing import Any
 import submitit
 
 from fada_batch.config import JobConfig, config_from_dict
-from fada_batch.fsutil import atomic_write_json
+from fada_batch.fsutil import atomic_write_json, ensure_writable
 from fada_batch.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
 from fada_batch.validate import Preflight, preflight
 
@@ -238,6 +238,7 @@ def submit(
     at once with the IDs. `local`: the same tasks as subprocesses, one after another, then the
     collector. `debug`: in this process. Writes `submission.json` in the output root.
     """
+    ensure_writable(Path(cfg.output.root))
     pf = preflight(cfg, categories)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
     print(plan.describe(), file=out, flush=True)

@@ -27,7 +27,13 @@ from fada_batch import checkpoint as ckpt
 from fada_batch.categories import Category, get_category
 from fada_batch.collate import Encoded, Encoder, Sample, collate, masked_lm_loss_sum
 from fada_batch.config import JobConfig, dump_yaml
-from fada_batch.fsutil import atomic_dir, atomic_write_text, category_lock, remove_stale_tmp
+from fada_batch.fsutil import (
+    atomic_dir,
+    atomic_write_text,
+    category_lock,
+    ensure_writable,
+    remove_stale_tmp,
+)
 from fada_batch.model import (
     LoadedModel,
     apply_lora,
@@ -432,8 +438,7 @@ def train_category(
         LockedError: another live task trains this category into the same folder.
     """
     category = get_category(category_name)
-    out_dir = category_output_dir(cfg, category)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable(category_output_dir(cfg, category))
     summary = _base_summary(cfg, category, out_dir)
 
     from fada_batch.categories import find_sheet
@@ -576,8 +581,15 @@ def _run_training(
     warmup = int(tc.warmup_ratio * total_steps)
 
     state = ckpt.TrainerState(config_hash=cfg.config_hash(), micro_batch_size=micro, grad_accum_steps=accum)
+    while latest is not None:
+        try:
+            state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
+            break
+        except ckpt.CheckpointLoadError as e:
+            moved = ckpt.quarantine(latest)
+            log.warning("%s: %s; moved it to %s and trying the previous one", category.name, e, moved.name)
+            latest = ckpt.find_latest(out_dir)
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
         state.resumes += 1
         micro = state.micro_batch_size or micro  # keep an earlier out-of-memory back-off
         if state.config_hash != cfg.config_hash():
@@ -713,6 +725,10 @@ def _run_training(
     progress.close()
 
     final = save_final_model(out_dir, loaded, cfg, category, cs.questions, eos)
+    if cfg.eval.after_training:  # answers from the model in memory: no second load
+        from fada_batch.evaluate import evaluate_after_training
+
+        summary["eval"] = evaluate_after_training(loaded, cs, out_dir, eos_token_id=eos, cfg=cfg)
     wall = time.time() - t_start
     adapter_bytes = (final / "adapter_model.safetensors").stat().st_size
     summary.update(

@@ -1,0 +1,230 @@
+"""No lost or half-written work: kills at random instants, duplicate tasks, full disks,
+unsafe or corrupt checkpoints, unwritable outputs, missing models, and the pre-flight CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fada_batch.checkpoint as ckpt_mod
+from fada_batch.checkpoint import CheckpointWriteError, list_checkpoints
+from fada_batch.cli import main as cli_main
+from fada_batch.config import dump_yaml
+from fada_batch.fsutil import LockedError, NotWritableError, category_lock
+from fada_batch.model import ModelLoadError, load_base_model
+from fada_batch.train import FINAL_MARKER, FINAL_MODEL, train_category
+
+QUICK = {"train.num_epochs": 2, "data.num_images": 12, "train.checkpoint_every_steps": 1}
+
+
+def _train_cmd(job: Path, category: str) -> list[str]:
+    return [sys.executable, "-m", "fada_batch", "train", "--job", str(job), "--category", category]
+
+
+def test_sigkill_at_random_instants_then_resume_equals_uninterrupted(job_factory, tmp_path):
+    """SIGKILL the training process at seeded random instants of its whole life (start-up,
+    steps, checkpoint writes, the final save), resume each time: the run completes with the
+    same adapter as an uninterrupted run, and no kill leaves a folder that cannot resume."""
+    overrides = {"train.num_epochs": 3, "data.num_images": 20, "train.checkpoint_every_steps": 1,
+                 "train.batch_size": 8, "lora.dropout": 0.1}
+    ref_cfg = job_factory(overrides, out=tmp_path / "reference")
+    ref = train_category(ref_cfg, "Femur")
+    ref_adapter = load_file(str(Path(ref["adapter_path"]) / "adapter_model.safetensors"))
+
+    cfg = job_factory(overrides, out=tmp_path / "killed run")
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    out = Path(cfg.output.root) / "blip2_femur"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(20261127)
+    kills, finished = 0, False
+    for _attempt in range(8):
+        proc = subprocess.Popen(_train_cmd(job, "Femur"), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 8.0))
+            finished = proc.returncode == 0
+            assert finished, f"training exited {proc.returncode}"
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        # after every kill: no half checkpoint is ever taken for a complete one
+        for _step, path in list_checkpoints(out):
+            json.loads((path / "trainer_state.json").read_text())
+            load_file(str(path / "adapter_model.safetensors"))
+        if (out / FINAL_MODEL).exists():
+            assert (out / FINAL_MODEL / FINAL_MARKER).is_file()
+    assert kills >= 3, "the seeded instants should interrupt several runs"
+    if not finished:
+        done = subprocess.run(_train_cmd(job, "Femur"), env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == ref["steps"]
+    got = load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
+    assert got.keys() == ref_adapter.keys()
+    for k in ref_adapter:
+        assert torch.allclose(got[k], ref_adapter[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_second_task_on_same_category_is_refused(job_factory):
+    cfg = job_factory(QUICK)
+    folder = Path(cfg.output.root) / "blip2_femur"
+    with category_lock(folder), pytest.raises(LockedError) as e:
+        train_category(cfg, "Femur")
+    msg = str(e.value)
+    assert "is being trained by another task" in msg and f"pid {os.getpid()}" in msg
+    assert "another output.root" in msg
+    assert not (folder / "final_model").exists()  # nothing written by the refused task
+
+
+def test_stale_lock_of_a_dead_task_does_not_block(job_factory):
+    cfg = job_factory(QUICK)
+    folder = Path(cfg.output.root) / "blip2_femur"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    assert train_category(cfg, "Femur")["status"] == "completed"
+    assert not (folder / ".lock").exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_disk_error_while_checkpointing_keeps_previous_and_fails(job_factory, monkeypatch, capsys, code):
+    cfg = job_factory(QUICK)
+    real = ckpt_mod.save_file
+    calls = {"n": 0}
+
+    def failing(tensors, filename, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(code, os.strerror(code), filename)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", failing)
+    with pytest.raises(CheckpointWriteError) as e:
+        train_category(cfg, "Femur")
+    out = Path(cfg.output.root) / "blip2_femur"
+    assert os.strerror(code) in str(e.value)
+    assert "checkpoint-2 is kept" in str(e.value) and "run the same command again" in str(e.value)
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "failed" and os.strerror(code) in summary["error"]
+    # the CLI reports it and exits non-zero
+    job = Path(cfg.output.root) / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    calls["n"] = 0
+    assert cli_main(["train", "--job", str(job), "--category", "Femur"]) == 1
+    assert "could not write checkpoint-" in capsys.readouterr().err
+    # with the disk fixed, the same command resumes and completes
+    monkeypatch.setattr(ckpt_mod, "save_file", real)
+    assert train_category(cfg, "Femur")["status"] == "completed"
+
+
+def test_unsafe_checkpoint_is_never_unpickled_and_is_skipped(job_factory, tmp_path):
+    cfg = job_factory({**QUICK, "train.keep_checkpoints": 3})
+    first = train_category(cfg, "Femur")
+    out = Path(cfg.output.root) / "blip2_femur"
+    latest = list_checkpoints(out)[-1][1]
+    payload = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {payload}",))
+
+    (latest / "optimizer.pt").write_bytes(pickle.dumps(Evil()))
+    shutil.rmtree(out / FINAL_MODEL)
+    (out / "training_summary.json").unlink()
+    again = train_category(cfg, "Femur")
+    assert not payload.exists(), "a pickle from the output folder was executed"
+    assert again["status"] == "completed" and again["steps"] == first["steps"]
+    assert list(out.glob(f"{latest.name}.unusable-*")), "the unsafe checkpoint is set aside"
+
+
+def test_final_model_without_marker_is_not_taken_as_complete(job_factory):
+    cfg = job_factory(QUICK)
+    train_category(cfg, "Femur")
+    out = Path(cfg.output.root) / "blip2_femur"
+    (out / FINAL_MODEL / FINAL_MARKER).unlink()  # as if killed mid-copy by another tool
+    again = train_category(cfg, "Femur")
+    assert again["status"] == "completed" and (out / FINAL_MODEL / FINAL_MARKER).is_file()
+
+
+def test_unwritable_output_root_is_a_clear_error(job_factory, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    cfg = job_factory(QUICK, out=blocker / "outputs")
+    with pytest.raises(NotWritableError) as e:
+        train_category(cfg, "Femur")
+    assert str(blocker / "outputs") in str(e.value) and "output.root" in str(e.value)
+
+
+def test_missing_and_incomplete_model_folder(tmp_path, monkeypatch, tiny_model_dir):
+    incomplete = tmp_path / "model"
+    incomplete.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", incomplete / "config.json")
+    with pytest.raises(ModelLoadError) as e:
+        load_base_model(str(incomplete), device="cpu")
+    assert "is incomplete" in str(e.value) and "model weights" in str(e.value)
+    assert "stage-model" in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_base_model("nobody/no-such-blip2", device="cpu")
+    assert "HF_HUB_OFFLINE=1" in str(e.value) and "fada-batch stage-model" in str(e.value)
+
+
+def test_validate_cli_reports_every_problem_and_exit_status(job_factory, demo_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    cfg = job_factory(data_root=data)
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    assert cli_main(["validate", "--job", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "3 ready, 1 awaiting labels, 0 blocked" in out
+    (data / "Fetal Ultrasound Labeled" / "Thorax_image_list.xlsx").write_bytes(b"garbage")
+    next((data / "Fetal Ultrasound" / "Femur").glob("*.png")).unlink()
+    assert cli_main(["validate", "--job", str(job), "--json"]) == 1
+    report = {d["category"]: d for d in json.loads(capsys.readouterr().out)}
+    assert report["Thorax"]["status"] == "error"
+    assert report["Femur"]["status"] == "ok"  # a missing image is a warning: row skipped
+    codes = {p["code"] for p in report["Femur"]["problems"]}
+    assert "image_missing" in codes
+    assert cli_main(["validate", "--job", str(job), "--categories", "Abdomen,Femur"]) == 0
+
+
+def test_duplicate_submission_two_processes_one_trains(job_factory, tmp_path):
+    """Two real processes start the same category at once: one trains, the other is refused
+    with the lock message, and the result is complete and uncorrupted."""
+    cfg = job_factory({**QUICK, "train.num_epochs": 3})
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    procs = [subprocess.Popen(_train_cmd(job, "Femur"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    errors = " ".join(err for _out, err in results)
+    if codes == [0, 0]:  # the second started after the first finished: it skipped
+        assert "already completed" in errors
+    else:
+        assert codes == [0, 1], errors
+        assert "is being trained by another task" in errors
+    out = Path(cfg.output.root) / "blip2_femur"
+    assert json.loads((out / "training_summary.json").read_text())["status"] == "completed"
+    load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
