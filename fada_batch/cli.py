@@ -166,6 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_stage_model)
 
+    p = sub.add_parser(
+        "bench",
+        help="measure training speed and memory; estimate each category's wall time and sbatch --time",
+    )
+    _add_job_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run the seed's recipe (8-bit, batch 1, padding 256/128, vision per sample, "
+        "Trainer + gradient checkpointing) on the same samples and print the ratio",
+    )
+    p.add_argument(
+        "--baseline-quantization",
+        choices=("8bit", "none"),
+        default="8bit",
+        help="the seed's weights (default 8bit, its setting)",
+    )
+    p.add_argument("--category", help="bench on this category's real data (default: synthetic inputs)")
+    p.add_argument(
+        "--images",
+        type=int,
+        help="estimate for categories of N images x 8 questions (default: the data's counts)",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--make-bench-model",
+        action="store_true",
+        help="first save the random-weight CPU benchmark model at model.name_or_path if absent",
+    )
+    p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("show-config", help="print the resolved job config (after overrides)")
     _add_job_args(p)
     p.set_defaults(func=cmd_show_config)
@@ -348,11 +381,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         EvaluationError,
         evaluate_category,
         format_metrics,
+        settings_from,
         trained_categories,
     )
     from fada_batch.images import ImageError
 
     cfg = _load(args)
+    try:
+        settings_from(cfg.eval).check()
+    except ValueError as e:
+        print(f"error: eval: {e}", file=sys.stderr)
+        return EXIT_USAGE
     cats = [args.category] if args.category else trained_categories(cfg)
     if not cats:
         print(f"error: no trained category (final_model/) under {cfg.output.root}", file=sys.stderr)
@@ -403,6 +442,32 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
     info = make_demo_data(Path(args.dir), seed=args.seed)
     print(f"demo data written to {args.dir}: {info}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fada_batch.bench import format_report, make_bench_model, run_bench
+
+    cfg = _load(args)
+    if args.make_bench_model:
+        make_bench_model(Path(cfg.model.name_or_path))
+    try:
+        result = run_bench(
+            cfg,
+            steps=args.steps,
+            baseline=args.baseline,
+            baseline_quantization=args.baseline_quantization,
+            category=args.category,
+            images=args.images,
+            threads=args.threads,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_report(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.json}")
     return EXIT_OK
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.fsutil import pid_alive
+from fada_batch.report import fmt_duration
 from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
 
 SCHEMA_VERSION = 1
@@ -135,6 +136,22 @@ class CollectResult:
         """EXIT_FAILED when a category that was asked for failed, else EXIT_OK."""
         return exit_code(self)
 
+    def failed_names(self) -> list[str]:
+        """The requested categories that failed (failed or invalid_data)."""
+        return [c.category for c in self.categories if c.requested and c.failed]
+
+    def text(self) -> str:
+        """A short plain-text table for a terminal or a job log."""
+        from fada_batch.report import text_table
+
+        return text_table(self.to_dict())
+
+    def write_report(self, out_dir: Path | None = None) -> dict[str, Path]:
+        """Write report.md/.html, results.csv and collected.json (default: the output root)."""
+        from fada_batch.report import write_report
+
+        return write_report(self.to_dict(), Path(out_dir or self.output_root))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
@@ -224,23 +241,36 @@ def _tail(text: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHAR
     return kept if len(kept) <= chars else "…" + kept[-chars:]
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = round(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+def _error_line(error: str | None, limit: int = 300) -> str:
+    """One line for the table: the error's last line (a traceback ends with the exception)."""
+    lines = [ln.strip().removeprefix("- ") for ln in (error or "").splitlines() if ln.strip()]
+    if not lines:
+        return "no error recorded"
+    return lines[-1] if len(lines[-1]) <= limit else lines[-1][: limit - 1] + "…"
 
 
 # ------------------------------------------------------------------------------- one category
 
 
-def steps_per_epoch(qa_train: int | None, batch_size: int | None, accum: int | None) -> int | None:
-    """Optimizer steps in one epoch, as `train._run_training` counts them."""
-    if not qa_train or not batch_size or not accum or batch_size < 1 or accum < 1:
+def _summary_steps_per_epoch(s: dict[str, Any], qa_train: int | None) -> int | None:
+    """Optimizer steps per epoch of a finished run: recorded, or QA pairs / samples per step."""
+    if (spe := _int(s.get("steps_per_epoch"))) and spe > 0:
+        return spe
+    per_step = _int(s.get("effective_batch_size"))
+    if per_step is None and (bs := _int(s.get("batch_size"))) and (acc := _int(s.get("grad_accum_steps"))):
+        per_step = bs * acc
+    if not qa_train or not per_step or per_step < 1:
         return None
-    return math.ceil(math.ceil(qa_train / batch_size) / accum)
+    return math.ceil(qa_train / per_step)
+
+
+def _state_steps_per_epoch(state: Any) -> int | None:
+    """Optimizer steps per epoch from a checkpoint: the steps of its finished epochs."""
+    epoch, step = _int(getattr(state, "epoch", None)), _int(getattr(state, "global_step", None))
+    in_epoch = _int(getattr(state, "step_in_epoch", 0)) or 0
+    if not epoch or epoch < 1 or step is None or (step - in_epoch) % epoch:
+        return None
+    return (step - in_epoch) // epoch or None
 
 
 def _val_at_steps(val_loss: list[list[float]], spe: int | None, last_step: int | None) -> list[list[float]]:
@@ -292,9 +322,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.updated = _str(s.get("updated"))
     r.last_step = r.steps
     r.last_checkpoint = _str(s.get("last_checkpoint")) or _str(s.get("checkpoint"))
-    spe = steps_per_epoch(
-        (r.qa_pairs or {}).get("train"), _int(s.get("batch_size")), _int(s.get("grad_accum_steps"))
-    )
+    spe = _summary_steps_per_epoch(s, (r.qa_pairs or {}).get("train"))
     r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.steps)
 
 
@@ -325,20 +353,7 @@ def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) 
         r.final_train_loss = epochs[-1][1]
     if r.final_val_loss is None and r.val_loss:
         r.final_val_loss = r.val_loss[-1][1]
-    spe = steps_per_epoch(
-        (r.qa_pairs or {}).get("train"), _int(state.micro_batch_size), _int(state.grad_accum_steps)
-    )
-    r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.last_step)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    r.val_loss_steps = _val_at_steps(r.val_loss, _state_steps_per_epoch(state), r.last_step)
 
 
 def _last_activity(folder: Path) -> float | None:
@@ -373,14 +388,14 @@ def task_alive(folder: Path, *, now: float | None = None) -> tuple[bool, str]:
     host, pid, job = holder.get("host"), _int(holder.get("pid")), _str(holder.get("slurm_job_id"))
     who = f"pid {pid} on {host}" + (f", SLURM job {job}" if job else "")
     if host == socket.gethostname() and pid is not None:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             return True, f"{who} is alive"
         return False, f"the task that held the lock ({who}) is gone"
     last = _last_activity(folder)
     if last is None or now - last > STALE_AFTER_S:
         idle = "ever" if last is None else f"{(now - last) / 3600:.1f} h"
         return False, f"nothing written for {idle} by the lock holder ({who})"
-    return True, f"{who}, last write {_duration(now - last)} ago"
+    return True, f"{who}, last write {fmt_duration(now - last)} ago"
 
 
 def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]) -> tuple[Any, str | None]:
@@ -402,8 +417,7 @@ def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]
             problems.append(f"{path} does not hold a JSON object; its metrics are left out")
             raw = None
     if raw is None and summary is not None and isinstance(summary.get("eval"), dict):
-        block = summary["eval"]
-        raw = {"adapter": block} if "adapter" not in block else block
+        raw = _summary_eval(summary["eval"])
         source = str(folder / SUMMARY_FILE)
     if raw is None:
         return None, None
@@ -418,6 +432,26 @@ def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]
         if block:
             out[model] = block
     return (out or None), (source if out else None)
+
+
+def _summary_eval(block: dict[str, Any]) -> dict[str, Any]:
+    """The summary's `eval` block in metrics.json's shape.
+
+    Accepts metrics.json's own shape, `{"overall": ...}` (the adapter's), and the one
+    `train` writes: `overall`, `base_overall`, `majority_overall` and
+    `per_question: {"Q1": {"adapter": ..., "base": ..., "majority": ...}}`.
+    """
+    if any(m in block for m in MODELS):
+        return block
+    out: dict[str, dict[str, Any]] = {m: {} for m in MODELS}
+    for q, per_model in _dict(block.get("per_question")).items():
+        for m in MODELS:
+            if isinstance(_dict(per_model).get(m), dict):
+                out[m][q] = per_model[m]
+    for m, key in (("adapter", "overall"), ("base", "base_overall"), ("majority", "majority_overall")):
+        if isinstance(block.get(key), dict):
+            out[m]["overall"] = block[key]
+    return out
 
 
 def _question_order(q: str) -> tuple[int, int, str]:
@@ -445,7 +479,8 @@ def collect_category(
     try:
         summary = read_summary(folder)
     except (ValueError, OSError) as e:
-        problems.append(f"{summary_path}: {e}; {category.name} is skipped")
+        named = str(e) if str(summary_path) in str(e) else f"{summary_path}: {e}"
+        problems.append(f"{named}; {category.name} is skipped")
         r.state, r.detail = "unreadable", f"{SUMMARY_FILE} cannot be read: {e}"
         return r
     status = None if summary is None else summary.get("status")
@@ -478,7 +513,11 @@ def collect_category(
 
     if status == "completed":
         r.state = "completed"
-        r.detail = f"{r.steps} steps, {r.epochs_completed or r.epochs} epochs in {_duration(r.wall_time_s)}"
+        epochs = r.epochs_completed or r.epochs
+        done = [f"{r.steps} steps" if r.steps is not None else "", f"{epochs} epochs" if epochs else ""]
+        r.detail = ", ".join(x for x in done if x) or "completed"
+        if r.wall_time_s is not None:
+            r.detail += f" in {fmt_duration(r.wall_time_s)}"
         adapter = Path(r.adapter_path) if r.adapter_path else None
         if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
             r.detail += f"; adapter missing at {r.adapter_path}"
@@ -506,8 +545,7 @@ def collect_category(
     elif status in FAILED_STATES:
         r.state = status
         _fill_from_checkpoint(r, folder, problems)
-        first = (r.error or "").strip().splitlines()
-        r.detail = first[-1][:200] if first else "no error recorded"
+        r.detail = _error_line(r.error)
     elif status == "awaiting_labels":
         r.state = "awaiting_labels"
         r.detail = _str(summary.get("message")) or "no label sheet yet"
@@ -539,7 +577,8 @@ def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path 
         except Exception as e:  # any YAML error: this file just does not help
             problems.append(f"{cfg_path} cannot be read ({type(e).__name__}); ignored")
             continue
-        for n in data.get("categories") or []:
+        listed = data.get("categories")
+        for n in listed if isinstance(listed, list) else []:
             with contextlib.suppress(Exception):
                 name = get_category(str(n)).name
                 if name not in names:
@@ -564,11 +603,13 @@ def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
         if c.train_time_s is None and c.wall_time_s is None:
             continue
         d = by_device.setdefault(
-            c.device_type or "unknown", {"categories": 0, "train_time_s": 0.0, "wall_time_s": 0.0}
+            c.device_type or "unknown", {"categories": 0, "train_time_s": None, "wall_time_s": None}
         )
         d["categories"] += 1
-        d["train_time_s"] = round(d["train_time_s"] + (c.train_time_s or 0.0), 2)
-        d["wall_time_s"] = round(d["wall_time_s"] + (c.wall_time_s or 0.0), 2)
+        for key in ("train_time_s", "wall_time_s"):
+            value = getattr(c, key)
+            if value is not None:
+                d[key] = round((d[key] or 0.0) + value, 2)
     # Only tasks that started count towards the run's span; a task stopped without an end
     # time ended, at the latest, when its summary was last written.
     started = [c for c in cats if _parse_time(c.start_time)]
@@ -588,10 +629,10 @@ def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
         + counts["not_started"]
         + counts["awaiting_labels"],
         "by_state": counts,
-        "gpu_train_time_s": by_device.get("cuda", {}).get("train_time_s", 0.0),
-        "gpu_wall_time_s": by_device.get("cuda", {}).get("wall_time_s", 0.0),
-        "cpu_train_time_s": by_device.get("cpu", {}).get("train_time_s", 0.0),
-        "cpu_wall_time_s": by_device.get("cpu", {}).get("wall_time_s", 0.0),
+        "gpu_train_time_s": by_device.get("cuda", {}).get("train_time_s") or 0.0,
+        "gpu_wall_time_s": by_device.get("cuda", {}).get("wall_time_s") or 0.0,
+        "cpu_train_time_s": by_device.get("cpu", {}).get("train_time_s") or 0.0,
+        "cpu_wall_time_s": by_device.get("cpu", {}).get("wall_time_s") or 0.0,
         "by_device": by_device,
         "run_start": first.isoformat() if first else None,
         "run_end": last.isoformat() if last and not still_running else None,
@@ -624,16 +665,21 @@ def collect(
         A CollectResult; `exit_code()` is non-zero when a requested category failed.
 
     Raises:
-        FileNotFoundError: `output_root` (or `compare`) is not a folder.
+        FileNotFoundError: `output_root` (or `compare`) is not a folder (a missing root is
+            allowed when `categories` is given: every category is then not started).
         UnknownCategoryError: a name in `categories` is not a category.
     """
     output_root = Path(output_root)
-    if not output_root.is_dir():
-        raise FileNotFoundError(
-            f"output root {output_root} is not a folder: pass the job's output.root "
-            "(--job JOB or --outputs DIR)"
-        )
     problems: list[str] = []
+    if not output_root.is_dir():
+        # With the job's categories, a root that no task has created yet is a run where
+        # nothing started; without them there is nothing to go on.
+        if categories is None or output_root.exists():
+            raise FileNotFoundError(
+                f"output root {output_root} is not a folder: pass the job's output.root "
+                "(--job JOB or --outputs DIR)"
+            )
+        problems.append(f"output root {output_root} does not exist yet: no task has started")
     if categories is None:
         names, inferred_root, source = _infer_job(output_root, problems)
         data_root = data_root if data_root is not None else inferred_root

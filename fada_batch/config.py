@@ -46,7 +46,9 @@ class ModelConfig:
     """The base model and how it is loaded."""
 
     name_or_path: str = "Salesforce/blip2-opt-2.7b"  # hub id or a local folder
-    quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes weights
+    # auto: bf16/fp32 (none) when the model fits the GPU with room, else 8bit, else 4bit
+    # (fada_batch.model.pick_quantization); none/8bit/4bit force one.
+    quantization: Literal["auto", "none", "8bit", "4bit"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
         "auto"  # auto: bf16 on GPUs that have it, else fp32
     )
@@ -89,6 +91,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on held-out images (`fada-batch evaluate`, or at the end of training)."""
+
+    after_training: bool = False  # evaluate right after training; the summary carries the metrics
+    split: Literal["test", "val"] = "test"  # held-out part of split.json to answer
+    batch_size: int = 16  # prompts per generate() call (left-padded)
+    max_new_tokens: int = 32  # answer length limit
+    num_beams: int = 1  # 1 = greedy decoding
+
+
+@dataclass
 class OutputConfig:
     """Where results land: `{root}/blip2_{category}/`."""
 
@@ -125,6 +138,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

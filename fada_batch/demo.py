@@ -146,7 +146,8 @@ def render_scan(
 
     A fan-shaped sector opens from the top centre; tissue carries multiplicative speckle;
     one bright structure (its shape set by the category) lies in the left or right half.
-    A noisy scan has coarse, strong speckle and additive noise; a clean one fine, weak speckle.
+    A noisy scan has coarse, strong speckle, additive noise and haze; a clean one fine, weak
+    speckle.
     The grain of the speckle scales with `size`, so it survives resizing to the model's input.
 
     Args:
@@ -175,8 +176,11 @@ def render_scan(
     image = np.maximum(tissue, structure)
 
     if noisy:
+        # Poor scans: coarse strong speckle, electronic noise, and haze (clutter that fills in
+        # dark regions and lowers contrast, as in scans through a thick abdominal wall).
         speckle = _speckle(rng, size, grain=max(1, size // 32), strength=0.75)
-        image = image * speckle + rng.normal(0.0, 0.08, image.shape)
+        haze = 0.12 + 0.04 * _smooth_noise(rng, size, grain=max(1, size // 8))
+        image = image * speckle + haze + rng.normal(0.0, 0.08, image.shape)
     else:
         image = image * _speckle(rng, size, grain=1, strength=0.15)
     image = np.clip(image, 0.0, 1.0) * fan
@@ -207,9 +211,7 @@ def make_demo_data(
         ValueError: when `images_per_category` < 2.
     """
     if images_per_category < 2:
-        raise ValueError(
-            f"images_per_category must be at least 2 (one per side), got {images_per_category}"
-        )
+        raise ValueError(f"images_per_category must be at least 2 (one per side), got {images_per_category}")
     root = Path(root)
     labels_dir = root / LABELS_DIR
     labels_dir.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,8 @@ class LockedError(RuntimeError):
     """Another live process holds the category's lock."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -169,7 +170,7 @@ def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[
             pid = holder.get("pid")
             stale = (
                 not holder
-                or (same_host and isinstance(pid, int) and not _pid_alive(pid))
+                or (same_host and isinstance(pid, int) and not pid_alive(pid))
                 or (not same_host and age > stale_after_s)
             )
             if stale:

@@ -99,10 +99,16 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
     from fada_batch.collect import collect
 
     cfg = config_from_dict(job, source="submitted job")
+    # runs after the array ended (afterany): anything still marked running is incomplete
     result = collect(
-        Path(cfg.output.root), categories=categories, data_root=Path(cfg.data.root), compare=None
+        Path(cfg.output.root),
+        categories=categories,
+        data_root=Path(cfg.data.root),
+        finished=True,
     )
+    written = result.write_report()
     print(result.text(), flush=True)
+    print(f"report: {written.get('md')}", flush=True)
     if result.exit_code() != 0:
         raise RuntimeError(f"categories failed: {', '.join(result.failed_names())}")
     return {"report": str(Path(cfg.output.root) / "report.md")}
@@ -230,7 +236,7 @@ def submit(
     dry_run: bool = False,
     smallest_first: bool = False,
     force: bool = False,
-    out=sys.stdout,
+    out: Any = None,
 ) -> dict[str, Any]:
     """Pre-flight, then one task per ready category and a collector after them.
 
@@ -238,6 +244,7 @@ def submit(
     at once with the IDs. `local`: the same tasks as subprocesses, one after another, then the
     collector. `debug`: in this process. Writes `submission.json` in the output root.
     """
+    out = out or sys.stdout
     ensure_writable(Path(cfg.output.root))
     pf = preflight(cfg, categories)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
@@ -323,8 +330,12 @@ def _run_here(
         print(f"{name}: {outcome[name]} in {time.time() - t0:.1f} s", file=out, flush=True)
     from fada_batch.collect import collect
 
-    result = collect(plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), compare=None)
+    result = collect(
+        plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), finished=True
+    )
+    written = result.write_report()
     print(result.text(), file=out, flush=True)
+    print(f"report: {written.get('md')}", file=out, flush=True)
     return {"results": outcome, "collect_exit_code": result.exit_code()}
 
 

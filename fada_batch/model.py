@@ -35,6 +35,9 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str
     name_or_path: str
+    # Set when `quantization: auto` chose 4-bit: the GPU is small, so activations must shrink too.
+    gradient_checkpointing: bool = False
+    quantization_reason: str = ""  # why `auto` chose what it chose (empty when configured)
 
 
 def pick_device(device: str) -> torch.device:
@@ -130,10 +133,100 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     )
 
 
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class QuantizationChoice:
+    """What `model.quantization: auto` resolved to, and why."""
+
+    quantization: str  # none, 8bit or 4bit
+    gradient_checkpointing: bool  # advised on top of the config's own setting
+    reason: str
+
+
+def weight_bytes(config: Any, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of the model's weights under none / 8bit / 4bit, counted from its config.
+
+    The model is built on the meta device (no memory, no download). Only the language model's
+    Linear layers are quantised (see `quantization_config`); the Q-Former and query tokens stay
+    fp32 (`_keep_in_fp32_modules`), the rest is in `dtype`. nf4 with double quantisation stores
+    half a byte per weight plus ~1% in scales.
+    """
+    from transformers import Blip2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    elt = torch.empty((), dtype=dtype).element_size()
+    lm_linear = sum(
+        m.weight.numel()
+        for name, m in model.language_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name  # the head is tied to embeddings
+    )
+    fp32 = sum(p.numel() for p in model.qformer.parameters()) + model.query_tokens.numel()
+    total = sum(p.numel() for p in model.parameters())
+    base = (total - lm_linear - fp32) * elt + fp32 * 4
+    return {"none": base + lm_linear * elt, "8bit": base + lm_linear, "4bit": base + int(lm_linear * 0.505)}
+
+
+def training_bytes(weights: int) -> int:
+    """GPU memory to train LoRA on weights of `weights` bytes: +20% (LoRA weights, AdamW state,
+    gradients, allocator slack) and 3 GiB (activations of 16 rows of ~100 tokens, fp32 logits
+    over OPT's 50k vocabulary for the loss, the CUDA context)."""
+    return int(weights * 1.2) + 3 * GiB
+
+
+def pick_quantization(
+    *, device_type: str, weights: dict[str, int], free_bytes: int, total_bytes: int, room: float = 0.6
+) -> QuantizationChoice:
+    """The rule behind `model.quantization: auto` (pure: memory figures are passed in).
+
+    On a GPU: `none` (bf16) when training it needs at most `room` of the card and no more than
+    is free; else `8bit` under the same test; else `4bit` with gradient checkpointing (the card
+    is small, so activations must shrink too). 16-bit is the fast path (LLM.int8 runs 2-3x
+    slower at this size), so quantisation is only for cards where 16-bit does not fit.
+    Off the GPU: `none` (bitsandbytes on CPU is slower than fp32, and memory is not the limit).
+    """
+    if device_type != "cuda":
+        return QuantizationChoice("none", False, f"on {device_type}: no quantisation")
+    budget = min(free_bytes, room * total_bytes)
+    gib = {q: training_bytes(b) / GiB for q, b in weights.items()}
+    where = f"{free_bytes / GiB:.1f} of {total_bytes / GiB:.1f} GiB free, budget {budget / GiB:.1f} GiB"
+    for q in ("none", "8bit"):
+        if training_bytes(weights[q]) <= budget:
+            return QuantizationChoice(q, False, f"training needs ~{gib[q]:.1f} GiB in {q}; {where}")
+    fits = "" if training_bytes(weights["4bit"]) <= budget else " (may still not fit: expect OOM back-off)"
+    return QuantizationChoice(
+        "4bit",
+        True,
+        f"8bit needs ~{gib['8bit']:.1f} GiB, 4bit ~{gib['4bit']:.1f} GiB{fits}; {where}; "
+        "gradient checkpointing on to cut activations on this small card",
+    )
+
+
+def resolve_quantization(name_or_path: str, device: torch.device, dtype: torch.dtype) -> QuantizationChoice:
+    """`pick_quantization` for this model on this device (reads only the model's config)."""
+    if device.type != "cuda":
+        return pick_quantization(device_type=device.type, weights={}, free_bytes=0, total_bytes=0)
+    from transformers import Blip2Config
+
+    try:
+        config = Blip2Config.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_error_text(name_or_path, "config", e)) from e
+    free, total = torch.cuda.mem_get_info(device)
+    return pick_quantization(
+        device_type="cuda", weights=weight_bytes(config, dtype), free_bytes=free, total_bytes=total
+    )
+
+
 def load_base_model(
     name_or_path: str, *, device: str = "auto", dtype: str = "auto", quantization: str = "none"
 ) -> LoadedModel:
     """Load a BLIP-2 model and its processor by hub id or local path.
+
+    `quantization` is none, 8bit, 4bit, or auto (`pick_quantization` decides from the model's
+    size and the GPU's memory; the choice and why are kept on the returned LoadedModel).
 
     Raises:
         ModelLoadError: missing or incomplete model (what is missing and how to stage it).
@@ -150,6 +243,11 @@ def load_base_model(
                 + _stage_hint(name_or_path)
             )
     processor = load_processor(name_or_path)
+    choice = None
+    if quantization == "auto":
+        choice = resolve_quantization(name_or_path, dev, torch_dtype)
+        quantization = choice.quantization
+        log.info("model.quantization=auto -> %s: %s", quantization, choice.reason)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     qconf = quantization_config(quantization, torch_dtype)
     if qconf is not None:
@@ -164,7 +262,11 @@ def load_base_model(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model, processor, dev, torch_dtype, quantization, name_or_path)
+    loaded = LoadedModel(model, processor, dev, torch_dtype, quantization, name_or_path)
+    if choice is not None:
+        loaded.gradient_checkpointing = choice.gradient_checkpointing
+        loaded.quantization_reason = choice.reason
+    return loaded
 
 
 def apply_lora(
@@ -181,6 +283,7 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = loaded.model
+    gradient_checkpointing = gradient_checkpointing or loaded.gradient_checkpointing
     if loaded.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:

@@ -58,6 +58,8 @@ STATE_COLOURS = {
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     s = round(seconds)
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
@@ -99,7 +101,7 @@ def fmt_change(c: dict[str, Any] | None, digits: int = 4, *, duration: bool = Fa
             fmt_duration(abs(change)) if duration else f"{abs(change):.{digits}f}"
         )
         if pct is not None:
-            delta += f" ({pct:+.1f}%)"
+            delta += f" ({'+' if pct >= 0 else '−'}{abs(pct):.1f}%)"
     return show(this), show(other), delta
 
 
@@ -148,17 +150,18 @@ def _time_lines(t: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) lines for the run's time totals: GPU and CPU kept apart."""
     lines = []
     by = t.get("by_device") or {}
-    for dev, label in (("cuda", "GPU time"), ("cpu", "CPU time (no GPU)"), ("unknown", "device unknown")):
+    for dev, label in (
+        ("cuda", "GPU time"),
+        ("cpu", "CPU time (no GPU)"),
+        ("unknown", "Unfinished tasks (device not recorded yet)"),
+    ):
         d = by.get(dev)
         if d:
-            lines.append(
-                (
-                    label,
-                    f"{fmt_duration(d.get('train_time_s'))} in the training loop, "
-                    f"{fmt_duration(d.get('wall_time_s'))} task wall time "
-                    f"({d.get('categories')} categories)",
-                )
-            )
+            parts = [f"{fmt_duration(d.get('train_time_s'))} in the training loop"]
+            if d.get("wall_time_s") is not None:
+                parts.append(f"{fmt_duration(d['wall_time_s'])} task wall time")
+            n = d.get("categories")
+            lines.append((label, ", ".join(parts) + f" ({n} {'category' if n == 1 else 'categories'})"))
     if not lines:
         lines.append(("GPU time", "none recorded yet"))
     wall = fmt_duration(t.get("run_wall_time_s"))
@@ -194,7 +197,8 @@ def plot_losses(cats: list[dict[str, Any]]) -> bytes | None:
     for ax, c in zip(axes.flat, with_curves, strict=False):
         if c.get("loss_curve"):
             xs, ys = zip(*c["loss_curve"], strict=True)
-            ax.plot(xs, ys, color="#0969da", linewidth=1.2, label="training")
+            marker = "o" if len(xs) < 30 else None  # a curve of one or two steps stays visible
+            ax.plot(xs, ys, color="#0969da", linewidth=1.2, marker=marker, markersize=3, label="training")
         if c.get("val_loss_steps"):
             xs, ys = zip(*c["val_loss_steps"], strict=True)
             ax.plot(xs, ys, color="#d1242f", marker="o", linewidth=1.5, label="validation (epoch end)")
@@ -217,9 +221,8 @@ def plot_eval_heatmaps(cats: list[dict[str, Any]]) -> bytes | None:
         return None
     qs = _questions(rows)
     names = [c["category"] for c in rows]
-    fig = Figure(
-        figsize=(max(7.0, 0.75 * len(qs) + 2.5) * 2, 1.0 + 0.5 * len(rows) * 2 + 1.5), layout="constrained"
-    )
+    panel_w, panel_h = 0.6 * len(qs) + 1.8, 0.45 * len(rows) + 1.1  # inches per metric panel
+    fig = Figure(figsize=(2 * panel_w + 1.0, 2 * panel_h), layout="constrained")
     axes = fig.subplots(2, 2, squeeze=False)
     image = None
     for ax, metric in zip(axes.flat, METRICS, strict=True):
@@ -237,7 +240,7 @@ def plot_eval_heatmaps(cats: list[dict[str, Any]]) -> bytes | None:
                         f"{v:.2f}",
                         ha="center",
                         va="center",
-                        fontsize=7,
+                        fontsize=8,
                         color="black" if v > 0.6 else "white",
                     )
     if image is not None:
@@ -341,10 +344,10 @@ def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _fence(text: str) -> list[str]:
-    """A fenced code block whose fence is longer than any backtick run in `text`."""
+    """A fenced code block (one line per item) whose fence outruns any backticks in `text`."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    return [fence, text, fence, ""]
+    return [fence, *text.splitlines(), fence, ""]
 
 
 def _attention(cats: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -418,8 +421,8 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
             out.append(
                 f"- **{c['category']}**: {STATE_LABELS.get(c.get('state'), c.get('state'))}: {c.get('detail', '')}"
             )
-            if c.get("error_tail"):
-                out += ["", *("  " + line for line in _fence(c["error_tail"])[:-1]), ""]
+            if c.get("error_tail"):  # a code block inside the list item
+                out += ["", *(f"  {line}" for line in _fence(c["error_tail"])[:-1]), ""]
         out.append("")
     evaluated = [c for c in cats if c.get("eval")]
     if evaluated:
@@ -493,7 +496,8 @@ h3{font-size:15px;margin:16px 0 6px}.meta{color:#57606a;margin:0 0 16px}code{fon
 .card .n{font-size:24px;font-weight:600}.card .l{color:#57606a;font-size:12px}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;white-space:nowrap}
-td.wrap{white-space:normal;min-width:220px;max-width:420px}th{background:#f6f8fa}
+td.wrap{white-space:normal;min-width:200px;max-width:320px}th{background:#f6f8fa}
+thead th{white-space:normal;vertical-align:bottom}td.path{white-space:normal;word-break:break-all;min-width:160px;max-width:260px;font-size:11px}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
 pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px;overflow-x:auto;font-size:12px;white-space:pre-wrap}
@@ -560,12 +564,12 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     parts.append("</ul></section>")
 
     head = ["Category", "Status", "Detail", "Images tr/val/test", "QA pairs tr/val/test", "Epochs",
-            "Steps", "Wall time", "Train time", "Samples/s", "Peak memory", "Final train loss",
-            "Final val loss", "Token F1", "Exact match", "Requeues", "SLURM job", "Adapter"]  # fmt: skip
+            "Steps", "Wall time", "Train time", "Samples /s", "Peak memory", "Final train loss",
+            "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter"]  # fmt: skip
     rows = []
     for c in cats:
         adapter = (
-            f"<code>{_e(c['adapter_path'])}</code> ({_e(fmt_bytes(c.get('adapter_bytes')))})"
+            f"{_e(c['adapter_path'])} ({_e(fmt_bytes(c.get('adapter_bytes')))})"
             if c.get("adapter_path")
             else "–"
         )
@@ -587,7 +591,7 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
             + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
             + _td(c.get("requeues"), "num")
             + _td(_slurm(c))
-            + f"<td>{adapter}</td></tr>"
+            + f'<td class="path">{adapter}</td></tr>'
         )
     parts.append('<section id="categories"><h2>Categories</h2>')
     parts.append(_html_table(head, rows, table_id="results"))
@@ -599,8 +603,10 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
         for c in attention:
             parts.append(
                 f'<div class="attention" data-category="{_e(c["category"])}"><h3>{_e(c["category"])} '
-                f"{_badge(c.get('state'))}</h3><p>{_e(c.get('detail', ''))}</p>"
+                f"{_badge(c.get('state'))}</h3>"
             )
+            if not (c.get("error_tail") and c.get("detail", "") in c["error_tail"]):
+                parts.append(f"<p>{_e(c.get('detail', ''))}</p>")
             if c.get("error_tail"):
                 parts.append(f"<pre>{_e(c['error_tail'])}</pre>")
             parts.append("</div>")

@@ -58,7 +58,7 @@ from fada_batch.demo import SIDES, all_answers, describe, render_scan
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump whenever the recipe changes what gets built
+RECIPE_VERSION = 2  # bump whenever the recipe changes what gets built
 MARKER_NAME = "fada_tiny_model.json"  # written last: its presence marks a complete model
 PROMPT_TEMPLATE = "Question: {question} Answer:"
 
@@ -83,7 +83,7 @@ class TinyRecipe:
     """Architecture and pretraining settings of the tiny model (all recorded in the marker)."""
 
     image_size: int = 64  # model input, pixels per side
-    patch_size: int = 32  # 2 x 2 patches: big patches keep left/right linearly readable
+    patch_size: int = 64  # one patch for the whole image: keeps left/right readable
     vision_hidden: int = 64
     vision_layers: int = 2
     qformer_hidden: int = 64
@@ -106,9 +106,7 @@ class TinyRecipe:
 DEFAULT_RECIPE = TinyRecipe()
 
 
-def make_tiny_model(
-    out_dir: Path, *, seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE
-) -> Path:
+def make_tiny_model(out_dir: Path, *, seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> Path:
     """Build, pretrain and save a tiny BLIP-2 with its processor; reuse it when already built.
 
     Returns at once when `out_dir` already holds a complete model of the same recipe and seed.
@@ -191,6 +189,10 @@ def build_pretrained(
     # from N(0, 0.02).
     with torch.no_grad():
         model.query_tokens.normal_(0.0, 0.02)
+    # OPT's convention (`</s>` is BOS and EOS); generation stops at `</s>`.
+    model.generation_config.bos_token_id = BOS_EOS_ID
+    model.generation_config.eos_token_id = BOS_EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
     stats = pretrain(model, processor, recipe, rng)
     model.eval()
     return model, processor, stats
@@ -229,9 +231,7 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 1024) -> GPT2Toke
     )
 
 
-def build_processor(
-    tokenizer: GPT2Tokenizer, *, image_size: int, num_query_tokens: int
-) -> Blip2Processor:
+def build_processor(tokenizer: GPT2Tokenizer, *, image_size: int, num_query_tokens: int) -> Blip2Processor:
     """The BLIP-2 processor; note that creating it adds the `<image>` token to `tokenizer`."""
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return Blip2Processor(

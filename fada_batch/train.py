@@ -33,6 +33,7 @@ from fada_batch.fsutil import (
     category_lock,
     ensure_writable,
     remove_stale_tmp,
+    touch,
 )
 from fada_batch.model import (
     LoadedModel,
@@ -492,7 +493,14 @@ def _train_locked(
         shutil.rmtree(out_dir / FINAL_MODEL, ignore_errors=True)
         (out_dir / "split.json").unlink(missing_ok=True)
     latest = ckpt.find_latest(out_dir)
-    summary.update(status="running", start_time=now_iso(), requeues=requeues)
+    first_start = now_iso()
+    if latest is not None:  # a resumed or requeued run: keep the first attempt's start
+        try:
+            prev = read_summary(out_dir) or {}
+        except ValueError:
+            prev = {}
+        first_start = prev.get("first_start_time") or prev.get("start_time") or first_start
+    summary.update(status="running", start_time=now_iso(), first_start_time=first_start, requeues=requeues)
     try:
         cs = prepare_data(cfg, category, out_dir, resuming=latest is not None)
     except DataError as e:
@@ -602,6 +610,13 @@ def _run_training(
             )
             state.config_hash = cfg.config_hash()
     trainable, total_params = trainable_parameters(model)
+    summary.update(
+        device=device_info(device),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        last_step=state.global_step,
+    )
+    write_summary(out_dir, summary)  # the collector sees where a running task runs
     progress = Progress(
         label=category.name,
         total_steps=total_steps,
@@ -626,6 +641,7 @@ def _run_training(
         torch.cuda.reset_peak_memory_stats(device)
 
     def checkpoint_now() -> Path:
+        touch(out_dir / ".lock")  # a live task keeps its lock fresh (see fsutil.category_lock)
         return ckpt.save_checkpoint(
             out_dir,
             model=model,
@@ -740,6 +756,7 @@ def _run_training(
         epochs=tc.num_epochs,
         epochs_completed=state.epoch,
         steps=state.global_step,
+        steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         batch_size=tc.batch_size,
         grad_accum_steps=accum,

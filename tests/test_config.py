@@ -90,7 +90,7 @@ def test_wrong_types_and_values_are_all_reported():
     assert "4 problem(s)" in msg
     assert "train.num_epochs: expected an integer, got 'three'" in msg
     assert "train.batch_size: expected an integer" in msg
-    assert "'16bit' is not one of 'none', '8bit', '4bit'" in msg
+    assert "'16bit' is not one of 'auto', 'none', '8bit', '4bit'" in msg
 
 
 def test_cross_field_rules():

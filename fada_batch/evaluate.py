@@ -1,0 +1,662 @@
+"""Evaluation on held-out images: answers from the adapter, the base model alone and the
+majority answer, scored per question.
+
+    metrics = evaluate_category(cfg, "Femur")    # -> blip2_femur/eval/{predictions.csv,metrics.json}
+
+The held-out images are the `eval.split` part ("test" by default) of the category's
+`split.json`, so evaluation never sees a training image. Base model and adapter load once: the
+base model's answers come from the same PeftModel with the adapter switched off
+(`disable_adapter()`). The majority baseline answers every question with its most frequent
+training answer (`metrics.majority_answers`).
+
+Generation (see shared/BLIP2-NOTES.md): each row is `[<image> * N] <bos> prompt`
+(`collate.Encoder.prompt_ids`), LEFT-padded so that every row's last token is its own last
+prompt token (with right padding, batched rows came back empty); the frozen image features go
+where the `<image>` tokens are (as `model.lm_logits` does); the language model's `generate`
+returns prompt + new tokens, so the prompt's width is cut off; decoding stops at the EOS the
+adapter was trained with ("\\n" for blip2-opt-2.7b), recorded in `final_model/fada_batch.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fada_batch.collate import Encoder, Sample
+from fada_batch.metrics import aggregate, majority_answers, question_label
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+PREDICTIONS_FILE = "predictions.csv"
+METRICS_FILE = "metrics.json"
+MODELS = ("adapter", "base", "majority")  # the blocks of metrics.json, in this order
+PREDICTION_COLUMNS = (
+    "image",
+    "question",
+    "question_text",
+    "reference",
+    "adapter_prediction",
+    "base_prediction",
+    "majority_prediction",
+)
+
+
+class AdapterError(RuntimeError):
+    """A missing, incomplete or mismatched adapter folder; the message says how to fix it."""
+
+
+class EvaluationError(RuntimeError):
+    """The category cannot be evaluated (not trained, no split, no held-out answers)."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are generated (greedy by default)."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1  # 1 = greedy
+    batch_size: int = 16  # prompts per generate() call
+
+    def check(self) -> None:
+        bad = [
+            f"{k} must be >= 1, got {v}"
+            for k, v in (
+                ("max_new_tokens", self.max_new_tokens),
+                ("num_beams", self.num_beams),
+                ("batch_size", self.batch_size),
+            )
+            if v < 1
+        ]
+        if bad:
+            raise ValueError("generation settings: " + "; ".join(bad))
+
+
+DEFAULT_SETTINGS = GenerationSettings()
+
+
+# ------------------------------------------------------------------------------ the adapter
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a `final_model/` folder says about itself."""
+
+    path: Path
+    base_model: str | None  # adapter_config.json's base_model_name_or_path
+    questions: list[str] | None  # from fada_batch.json (None for a bare peft adapter)
+    prompt_template: str | None
+    eos_token_id: int | None
+    category: str | None
+
+
+def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
+    """Read `adapter_config.json` (required) and `fada_batch.json` (when present).
+
+    Raises:
+        AdapterError: the folder or its adapter_config.json is missing or unreadable.
+    """
+    adapter_dir = Path(adapter_dir).expanduser()
+    example = "e.g. outputs/blip2_femur/final_model"
+    if not adapter_dir.is_dir():
+        raise AdapterError(
+            f"adapter folder {adapter_dir} does not exist. Pass the final_model/ folder of a "
+            f"trained category ({example}); `fada-batch collect` lists the trained ones."
+        )
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        hint = f"pass the final_model/ folder of a trained category ({example})"
+        if (adapter_dir / "final_model" / "adapter_config.json").is_file():
+            hint = f"did you mean {adapter_dir / 'final_model'}?"
+        elif (adapter_dir.parent / "training_summary.json").is_file():
+            hint = (
+                f"training has not finished writing it: see {adapter_dir.parent / 'training_summary.json'} "
+                "and rerun `fada-batch train` for that category"
+            )
+        raise AdapterError(
+            f"{adapter_dir} holds no adapter_config.json, so it is not a LoRA adapter: {hint}."
+        )
+    for weights in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / weights).is_file():
+            break
+    else:
+        raise AdapterError(
+            f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors: the adapter "
+            "was not saved completely. Retrain the category (`fada-batch train ... --force`)."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(
+            f"cannot read {config_path}: {e}. Retrain the category or restore the file."
+        ) from e
+    marker: dict[str, Any] = {}
+    marker_path = adapter_dir / "fada_batch.json"
+    if marker_path.is_file():
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"cannot read {marker_path}: {e}. Retrain the category.") from e
+    eos = marker.get("eos_token_id")
+    return AdapterInfo(
+        path=adapter_dir,
+        base_model=config.get("base_model_name_or_path") or marker.get("base_model"),
+        questions=list(marker["questions"]) if marker.get("questions") else None,
+        prompt_template=marker.get("prompt_template"),
+        eos_token_id=int(eos) if eos is not None else None,
+        category=marker.get("category"),
+    )
+
+
+def _identity(name: str) -> tuple[str | None, set[str]]:
+    """(resolved local folder or None, hub-style names it stands for), all lower-case.
+
+    A local folder stands for the hub id in its HF-cache name (`models--Org--name/...`) and
+    for its own folder name, so a staged `/shared/models/blip2-opt-2.7b` matches the hub id
+    `Salesforce/blip2-opt-2.7b`.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        names = {resolved.name.lower()}
+        for part in resolved.parts:
+            if part.startswith("models--"):
+                org_name = part.removeprefix("models--").split("--")
+                names |= {"/".join(org_name).lower(), org_name[-1].lower()}
+        return str(resolved), names
+    return None, {name.lower(), name.rstrip("/").rsplit("/", 1)[-1].lower()}
+
+
+def same_base_model(a: str, b: str) -> bool:
+    """Whether two model names/paths name the same base model (local paths normalised).
+
+    Two local folders match only when they are the same folder; a local folder and a hub id
+    match when the folder is that hub id's download or is named like its repository.
+    """
+    if a == b:
+        return True
+    local_a, names_a = _identity(a)
+    local_b, names_b = _identity(b)
+    if local_a and local_b:
+        return local_a == local_b
+    if local_a or local_b:
+        return bool(names_a & names_b)
+    return a.lower() == b.lower()
+
+
+def check_base_model(
+    info: AdapterInfo, base_model: str, *, allow_mismatch: bool = False, fix: str | None = None
+) -> None:
+    """Refuse to put an adapter on a base model other than the one it was trained on.
+
+    Args:
+        fix: how the caller's user picks the right base model (a CLI flag or a config key).
+
+    Raises:
+        AdapterError: naming both models and the way out.
+    """
+    if info.base_model is None or same_base_model(info.base_model, base_model):
+        return
+    message = (
+        f"the adapter in {info.path} was trained on the base model {info.base_model!r} "
+        f"(adapter_config.json: base_model_name_or_path), but {base_model!r} is being loaded"
+    )
+    if allow_mismatch:
+        log.warning("%s; going on as asked.", message)
+        return
+    fix = fix or f"load {info.base_model!r} instead"
+    raise AdapterError(f"{message}. An adapter only works on the base model it was trained on: {fix}.")
+
+
+def load_adapter(loaded: Any, adapter_dir: Path) -> Any:
+    """Put the trained adapter on `loaded.model` (a plain base model); returns the PeftModel.
+
+    Raises:
+        AdapterError: the adapter's weights do not fit this base model.
+    """
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AdapterError(
+            f"cannot load the adapter in {adapter_dir} onto {loaded.name_or_path}: "
+            f"{str(e).splitlines()[0][:300]}. It was most likely trained on another base model: "
+            "load the base model named in its adapter_config.json."
+        ) from e
+    model.eval()
+    loaded.model = model
+    return model
+
+
+# ------------------------------------------------------------------------------- generation
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id rows to the longest one.
+
+    Returns:
+        input_ids (B, T) and attention_mask (B, T), 0 on the padding at the left.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def decode_answer(tokenizer: Any, new_ids: list[int], eos_token_id: int) -> str:
+    """The text of the generated ids up to (not including) the first EOS, stripped."""
+    if eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(eos_token_id)]
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def _generate_batch(
+    model: Any,
+    encoder: Encoder,
+    prompts: list[str],
+    features: torch.Tensor,
+    *,
+    eos_token_id: int,
+    settings: GenerationSettings,
+) -> list[str]:
+    from fada_batch.model import base_of
+
+    base = base_of(model)
+    device = features.device
+    input_ids, attention_mask = left_pad([encoder.prompt_ids(p) for p in prompts], encoder.pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    embeds = base.get_input_embeddings()(input_ids)  # (B, T, H)
+    image_mask = (input_ids == encoder.image_token_id).unsqueeze(-1)  # (B, T, 1)
+    embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
+    out = base.language_model.generate(
+        input_ids=input_ids,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        max_new_tokens=settings.max_new_tokens,
+        num_beams=settings.num_beams,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=encoder.pad_token_id,
+    )  # (B, T + new): generate() returns the prompt, then the new tokens
+    new = out[:, input_ids.shape[1] :].tolist()
+    return [decode_answer(encoder.tokenizer, ids, eos_token_id) for ids in new]
+
+
+def generate_answers(
+    model: Any,
+    encoder: Encoder,
+    prompts: list[str],
+    features: list[torch.Tensor],
+    *,
+    eos_token_id: int,
+    settings: GenerationSettings = DEFAULT_SETTINGS,
+) -> list[str]:
+    """Answer each prompt about its image, in left-padded batches; results in input order.
+
+    Args:
+        prompts: formatted prompts ("Question: ... Answer:").
+        features: one (num_query_tokens, text_hidden) tensor per prompt (`model.image_features`).
+        eos_token_id: where an answer ends.
+
+    Rows are batched by prompt length (less padding); a CUDA out-of-memory halves the batch.
+    """
+    assert len(prompts) == len(features), (len(prompts), len(features))
+    settings.check()
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoder.prompt_ids(prompts[i])), i))
+    answers: list[str] = [""] * len(prompts)
+    batch = settings.batch_size
+    start = 0
+    was_training = model.training
+    model.eval()
+    try:
+        while start < len(order):
+            idx = order[start : start + batch]
+            try:
+                got = _generate_batch(
+                    model,
+                    encoder,
+                    [prompts[i] for i in idx],
+                    torch.stack([features[i] for i in idx]),  # (B, Q, H)
+                    eos_token_id=eos_token_id,
+                    settings=settings,
+                )
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("out of memory while generating: batch halved to %d", batch)
+                continue
+            for i, a in zip(idx, got, strict=True):
+                answers[i] = a
+            start += len(idx)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def make_encoder(loaded: Any, eos_token_id: int) -> Encoder:
+    from fada_batch.model import base_of
+
+    config = base_of(loaded.model).config
+    return Encoder(
+        loaded.processor,
+        num_query_tokens=config.num_query_tokens,
+        image_token_id=config.image_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def adapter_touches_vision(model: Any) -> bool:
+    """True when adapter weights sit outside the language model (then image features differ)."""
+    return any(
+        ("lora_" in name or "modules_to_save" in name) and ".language_model." not in f".{name}"
+        for name, _ in model.named_parameters()
+    )
+
+
+def _features(
+    loaded: Any, image_paths: dict[str, Path], names: list[str], max_pixels: int
+) -> dict[str, torch.Tensor]:
+    """(Q, H) frozen features per image name, computed once in batches."""
+    from fada_batch.train import FeatureSource
+
+    source = FeatureSource(loaded, image_paths, cache=True, max_pixels=max_pixels)
+    source.warm(names)
+    return dict(source.cache)
+
+
+def answer_both(
+    loaded: Any,
+    encoder: Encoder,
+    items: list[tuple[str, str]],
+    image_paths: dict[str, Path],
+    *,
+    eos_token_id: int,
+    settings: GenerationSettings,
+    max_pixels: int,
+    with_base: bool = True,
+) -> tuple[list[str], list[str] | None]:
+    """Answers of the adapter and (with_base) of the base model alone to (image name, prompt) items."""
+    model = loaded.model
+    names = list(dict.fromkeys(name for name, _ in items))
+    prompts = [p for _, p in items]
+    feats = _features(loaded, image_paths, names, max_pixels)
+    adapter = generate_answers(
+        model, encoder, prompts, [feats[n] for n, _ in items], eos_token_id=eos_token_id, settings=settings
+    )
+    if not with_base:
+        return adapter, None
+    with model.disable_adapter():
+        if adapter_touches_vision(model):
+            feats = _features(loaded, image_paths, names, max_pixels)
+        base = generate_answers(
+            model,
+            encoder,
+            prompts,
+            [feats[n] for n, _ in items],
+            eos_token_id=eos_token_id,
+            settings=settings,
+        )
+    return adapter, base
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def settings_from(eval_cfg: Any) -> GenerationSettings:
+    """The generation part of the config's `eval:` section."""
+    return GenerationSettings(
+        max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, batch_size=eval_cfg.batch_size
+    )
+
+
+def evaluate_loaded(
+    loaded: Any,
+    samples: Any,
+    out_dir: Path,
+    *,
+    eos_token_id: int,
+    prompt_template: str,
+    split: str = "test",
+    settings: GenerationSettings = DEFAULT_SETTINGS,
+    max_pixels: int = 100_000_000,
+) -> dict[str, Any]:
+    """Evaluate an adapter that is already loaded (a PeftModel in `loaded.model`).
+
+    Writes `out_dir/eval/predictions.csv` and `out_dir/eval/metrics.json` (atomically).
+
+    Args:
+        loaded: `model.LoadedModel` whose model is a PeftModel with the trained adapter.
+        samples: `train.CategorySamples` (train answers for the majority baseline, the
+            held-out samples, image paths, question texts).
+        prompt_template: the template the adapter was trained with.
+        split: "test" or "val": which held-out part of split.json.
+
+    Returns:
+        the metrics.json content: {"adapter", "base", "majority"} blocks from
+        `metrics.aggregate` ("Q1".."Q8" and "overall"), "settings", "n_images", "n_pairs".
+
+    Raises:
+        EvaluationError: no held-out question/answer pairs in that split.
+    """
+    held_out: list[Sample] = {"test": samples.test, "val": samples.val}[split]
+    if not held_out:
+        raise EvaluationError(
+            f"no {split} question/answer pairs to evaluate on in {out_dir / 'split.json'}: the "
+            f"{split} part is empty. Raise data.{split}_fraction (and retrain) or set eval.split."
+        )
+    questions = samples.questions
+    majority = majority_answers((s.question_index, s.answer) for s in samples.train)
+    encoder = make_encoder(loaded, eos_token_id)
+    items = [(s.image, prompt_template.format(question=questions[s.question_index])) for s in held_out]
+    t0 = time.time()
+    adapter, base = answer_both(
+        loaded,
+        encoder,
+        items,
+        samples.image_paths,
+        eos_token_id=eos_token_id,
+        settings=settings,
+        max_pixels=max_pixels,
+    )
+    assert base is not None
+    seconds = time.time() - t0
+    rows = [
+        {
+            "image": s.image,
+            "question": question_label(s.question_index),
+            "question_text": questions[s.question_index],
+            "reference": s.answer,
+            "adapter_prediction": a,
+            "base_prediction": b,
+            "majority_prediction": majority.get(s.question_index, ""),
+        }
+        for s, a, b in zip(held_out, adapter, base, strict=True)
+    ]
+    metrics: dict[str, Any] = {}
+    for model in MODELS:
+        metrics[model] = aggregate(
+            {"question": s.question_index, "reference": s.answer, "prediction": r[f"{model}_prediction"]}
+            for s, r in zip(held_out, rows, strict=True)
+        )
+    metrics.update(
+        settings={**asdict(settings), "do_sample": False, "split": split, "eos_token_id": eos_token_id},
+        n_images=len({s.image for s in held_out}),
+        n_pairs=len(held_out),
+        majority_answers={question_label(q): a for q, a in majority.items()},
+        generation_s=round(seconds, 2),
+    )
+    write_eval(out_dir, rows, metrics)
+    return metrics
+
+
+def write_eval(out_dir: Path, rows: list[dict[str, str]], metrics: dict[str, Any]) -> Path:
+    """Write eval/predictions.csv and eval/metrics.json atomically; returns the eval folder."""
+    from fada_batch.fsutil import atomic_write_json, atomic_write_text
+
+    folder = Path(out_dir) / EVAL_DIR
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(PREDICTION_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / PREDICTIONS_FILE, buf.getvalue())
+    atomic_write_json(folder / METRICS_FILE, metrics)  # last: its presence = evaluation done
+    return folder
+
+
+def summary_block(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The `eval` entry of training_summary.json: overall scores and the per-question table."""
+    return {
+        "overall": metrics["adapter"]["overall"],
+        "base_overall": metrics["base"]["overall"],
+        "majority_overall": metrics["majority"]["overall"],
+        "per_question": {
+            q: {m: metrics[m][q] for m in MODELS if q in metrics[m]}
+            for q in metrics["adapter"]
+            if q != "overall"
+        },
+        "n_images": metrics["n_images"],
+        "n_pairs": metrics["n_pairs"],
+        "split": metrics["settings"]["split"],
+    }
+
+
+def evaluate_after_training(
+    loaded: Any, samples: Any, out_dir: Path, *, eos_token_id: int, cfg: Any
+) -> dict[str, Any]:
+    """Training's last step: evaluate the adapter in memory; returns the summary's `eval` entry.
+
+    A failure here is logged and reported in the entry (`{"error": ...}`), not raised: the
+    adapter is already saved, and `fada-batch evaluate` can run the evaluation again.
+    """
+    try:
+        metrics = evaluate_loaded(
+            loaded,
+            samples,
+            out_dir,
+            eos_token_id=eos_token_id,
+            prompt_template=cfg.data.prompt_template,
+            split=cfg.eval.split,
+            settings=settings_from(cfg.eval),
+            max_pixels=cfg.data.max_image_pixels,
+        )
+    except EvaluationError as e:  # e.g. an empty test split: nothing to evaluate, no traceback
+        log.warning("no evaluation after training: %s", e)
+        return {"error": str(e)}
+    except Exception as e:
+        log.exception("evaluation after training failed; rerun it with `fada-batch evaluate`")
+        return {"error": f"{type(e).__name__}: {e}"[-2000:]}
+    return summary_block(metrics)
+
+
+def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
+    """Evaluate a trained category's `final_model/` on its held-out images.
+
+    Loads the base model (cfg.model) and the adapter once, answers every held-out question
+    with the adapter and with the base model alone, scores both and the majority baseline,
+    and writes `{output.root}/blip2_{slug}/eval/predictions.csv` and `eval/metrics.json`.
+
+    Returns:
+        the metrics.json content (see `evaluate_loaded`).
+
+    Raises:
+        EvaluationError: the category is not trained or has no split.json.
+        AdapterError: the adapter is incomplete or belongs to another base model.
+        ModelLoadError: the base model cannot be loaded (e.g. offline and not cached).
+        DataError: the data no longer matches split.json.
+    """
+    from fada_batch.categories import get_category
+    from fada_batch.model import eos_token_id, load_base_model
+    from fada_batch.split import SPLIT_FILE
+    from fada_batch.train import FINAL_MODEL, category_output_dir, final_model_complete, prepare_data
+
+    category = get_category(category_name)
+    out_dir = category_output_dir(cfg, category)
+    if not final_model_complete(out_dir):
+        raise EvaluationError(
+            f"{category.name} has no complete trained adapter in {out_dir / FINAL_MODEL}: train it "
+            f"first (`fada-batch train --job JOB --category {category.name}`)."
+        )
+    if not (out_dir / SPLIT_FILE).is_file():
+        raise EvaluationError(
+            f"{out_dir / SPLIT_FILE} is missing, so the held-out images are unknown; evaluating on "
+            f"others could include training images. Retrain {category.name} with --force."
+        )
+    info = read_adapter_info(out_dir / FINAL_MODEL)
+    mc = cfg.model
+    check_base_model(
+        info,
+        mc.name_or_path,
+        fix=f"set model.name_or_path back to it (-p model.name_or_path={info.base_model})",
+    )
+    settings = settings_from(cfg.eval)
+    settings.check()
+    # resuming=True: refuse (rather than rewrite) a split.json that no longer matches the data
+    samples = prepare_data(cfg, category, out_dir, resuming=True)
+    if info.questions and list(info.questions) != list(samples.questions):
+        log.warning("%s: the sheet's questions differ from those the adapter was trained with", category.name)
+    loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization)
+    load_adapter(loaded, info.path)
+    eos = info.eos_token_id if info.eos_token_id is not None else eos_token_id(loaded.model, loaded.processor)
+    metrics = evaluate_loaded(
+        loaded,
+        samples,
+        out_dir,
+        eos_token_id=eos,
+        prompt_template=info.prompt_template or cfg.data.prompt_template,
+        split=cfg.eval.split,
+        settings=settings,
+        max_pixels=cfg.data.max_image_pixels,
+    )
+    log.info(
+        "%s: exact match adapter %.3f, base %.3f, majority %.3f on %d %s pairs; %s",
+        category.name,
+        metrics["adapter"]["overall"]["exact_match"],
+        metrics["base"]["overall"]["exact_match"],
+        metrics["majority"]["overall"]["exact_match"],
+        metrics["n_pairs"],
+        cfg.eval.split,
+        out_dir / EVAL_DIR,
+    )
+    return metrics
+
+
+def trained_categories(cfg: Any) -> list[str]:
+    """Categories with a complete final_model/ under the output root (job's categories first)."""
+    from fada_batch.categories import CATEGORY_NAMES, get_category
+    from fada_batch.train import category_output_dir, final_model_complete
+
+    names = [get_category(c).name for c in cfg.data.categories]
+    names += [n for n in CATEGORY_NAMES if n not in names]
+    return [n for n in names if final_model_complete(category_output_dir(cfg, get_category(n)))]
+
+
+def format_metrics(category: str, metrics: dict[str, Any]) -> str:
+    """A plain-text table: exact match per question for adapter, base and majority, and F1."""
+    head = (
+        f"{category}: {metrics['n_pairs']} question/answer pairs on {metrics['n_images']} held-out "
+        f"images ({metrics['settings']['split']})"
+    )
+    lines = [head, f"  {'':8} {'adapter EM':>10} {'base EM':>8} {'majority EM':>11} {'adapter F1':>10}"]
+    for q in metrics["adapter"]:
+        a, b, m = (metrics[k].get(q, {}) for k in MODELS)
+        lines.append(
+            f"  {q:8} {a.get('exact_match', float('nan')):10.3f} {b.get('exact_match', float('nan')):8.3f} "
+            f"{m.get('exact_match', float('nan')):11.3f} {a.get('token_f1', float('nan')):10.3f}"
+        )
+    return "\n".join(lines)

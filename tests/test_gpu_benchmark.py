@@ -1,0 +1,75 @@
+"""scripts/gpu_benchmark.py: a scaled-down run on the CPU (so the script cannot rot), the full
+architecture's parameter counts, and the real run on a GPU (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_benchmark.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared CPU: no thread oversubscription
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_full_config_is_blip2_opt_27b():
+    gb = load_script()
+    config = gb.build_config(gb.FULL)
+    counts = gb.parameter_counts(config)
+    model = gb.build_model(config, torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 3_744_679_936  # blip2-opt-2.7b: 3.74B
+    assert counts["vision"] == 985_952_256 and counts["lm"] > 2.6e9
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1 == 257
+
+
+def test_tiny_run_on_cpu_writes_figures(tmp_path):
+    out = tmp_path / "gpu bench.json"
+    proc = run_script("--scale", "tiny", "--device", "cpu", "--out", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    print(proc.stdout)
+    ours, seed = result["ours"], result["seed"]
+    assert ours["batch"] == 16 and seed["batch"] == 1
+    assert ours["samples"] == 3 * 16 and seed["samples"] == 6
+    assert seed["quantization"] == "none" and seed["gradient_checkpointing"]  # no bitsandbytes CUDA here
+    assert ours["samples_per_s"] > 0 and seed["samples_per_s"] > 0 and ours["feature_cache_s"] > 0
+    assert result["ratio"] == pytest.approx(ours["samples_per_s"] / seed["samples_per_s"], rel=0.01)
+    assert ours["mfu"] is None and result["peak_bf16_tflops"] is None  # no GPU peak to divide by
+    assert seed["tokens_per_s"] > seed["real_tokens_per_s"]  # the seed's padding to 256
+    assert "4*N_lm*T" in result["mfu_formula"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_full_run_on_gpu(tmp_path):
+    out = tmp_path / "gpu_benchmark.json"
+    proc = run_script("--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    print(json.dumps(result, indent=2))
+    assert result["scale"] == "full" and result["ours"]["peak_memory_gb"] > 7
+    assert result["ratio"] > 0 and result["seed"]["quantization"] in ("8bit", "none")
