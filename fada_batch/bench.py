@@ -4,8 +4,8 @@
     print(format_report(result))
 
 `bench_ours` trains the production path for a fixed number of optimizer steps: the
-frozen-feature cache (`train.FeatureSource`), length-grouped steps (`train.epoch_steps`),
-dynamic padding (`collate`), the token-mean loss over each step (`train._accumulate`) and
+frozen-feature cache (`features.FeatureSource`), length-grouped steps (`train.epoch_steps`),
+dynamic padding (`collate`), the token-mean loss over each step (`train.accumulate_step`) and
 AdamW. It reports samples/s, tokens/s and peak memory; the feature cache is timed apart,
 because it runs once per image and is reused by 8 questions in every epoch.
 
@@ -288,7 +288,8 @@ def bench_ours(
     The samples' images go through the feature cache first (timed apart, per image). On CUDA
     out of memory the micro-batch is halved and the step retried, as in training.
     """
-    from fada_batch.train import FeatureSource, _accumulate, epoch_steps, set_train_mode
+    from fada_batch.features import FeatureSource
+    from fada_batch.train import accumulate_step, epoch_steps, set_train_mode
 
     tc = cfg.train
     model, device = loaded.model, loaded.device
@@ -323,7 +324,7 @@ def bench_ours(
                 t_start, c_start = time.perf_counter(), time.process_time()
             while True:
                 try:
-                    _accumulate(model, features, inputs.samples, inputs.encoded, encoder, device, step, micro)
+                    accumulate_step(model, features, inputs.samples, inputs.encoded, encoder, device, step, micro)
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,15 @@
 """`fada-batch`: the command line. Parses arguments and calls the library; no logic of its own.
 
-fada-batch train --job job/validation.yaml --category Abdomen -p num_epochs=3
-fada-batch demo                      # tiny model + demo data + train, on a CPU
-fada-batch validate --job job/full.yaml
-fada-batch make-tiny-model DIR
-fada-batch make-demo-data DIR
+    fada-batch train --job job/validation.yaml --category Abdomen -p num_epochs=3
+    fada-batch submit --job job/full.yaml [--dry-run] [--executor slurm|local|debug]
+    fada-batch collect --job job/full.yaml [--compare OTHER]
+    fada-batch validate --job job/full.yaml [--json]
+    fada-batch evaluate --job job/full.yaml [--category Femur]
+    fada-batch ask --adapter outputs/blip2_femur/final_model --image scan.png
+    fada-batch bench --job job/full.yaml [--baseline]
+    fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to /shared/models/blip2-opt-2.7b
+    fada-batch demo                      # tiny model + demo data + the demo job, on a CPU
+    fada-batch make-tiny-model DIR | make-demo-data DIR | show-config --job J
 """
 
 from __future__ import annotations

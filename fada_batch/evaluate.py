@@ -373,7 +373,7 @@ def _features(
     loaded: Any, image_paths: dict[str, Path], names: list[str], max_pixels: int
 ) -> dict[str, torch.Tensor]:
     """(Q, H) frozen features per image name, computed once in batches."""
-    from fada_batch.train import FeatureSource
+    from fada_batch.features import FeatureSource
 
     source = FeatureSource(loaded, image_paths, cache=True, max_pixels=max_pixels)
     source.warm(names)

@@ -67,9 +67,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under `root` (before it is renamed into place)."""
+    """fsync every file and folder under `root` (before it is renamed into place).
+
+    Also gives every file the umask's permissions: some writers (safetensors, mkstemp) make
+    0600 files, which colleagues and the collector could not read on shared storage.
+    """
+    mask = _umask()
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
+            with contextlib.suppress(OSError):
+                os.chmod(Path(dirpath) / name, 0o666 & ~mask)
             with contextlib.suppress(OSError):
                 fd = os.open(Path(dirpath) / name, os.O_RDONLY)
                 try:
@@ -91,7 +98,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{target.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o777 & ~_umask())
     try:
         yield tmp
         fsync_tree(tmp)

@@ -27,6 +27,7 @@ from fada_batch import checkpoint as ckpt
 from fada_batch.categories import Category, get_category
 from fada_batch.collate import Encoded, Encoder, Sample, collate, masked_lm_loss_sum
 from fada_batch.config import JobConfig, dump_yaml
+from fada_batch.features import FeatureSource
 from fada_batch.fsutil import (
     atomic_dir,
     atomic_write_text,
@@ -39,7 +40,6 @@ from fada_batch.model import (
     LoadedModel,
     apply_lora,
     eos_token_id,
-    image_features,
     lm_logits,
     load_base_model,
     trainable_parameters,
@@ -168,71 +168,6 @@ def prepare_data(cfg: JobConfig, category: Category, out_dir: Path, *, resuming:
     )
 
 
-# ------------------------------------------------------------------------------- features
-
-
-def pixel_values_for(
-    processor: Any, paths: list[Path], *, device: torch.device, dtype: torch.dtype, max_pixels: int
-) -> torch.Tensor:
-    """(B, 3, H, W) pixel values of the images at `paths`, via the model's image processor."""
-    from fada_batch.images import load_image_rgb
-
-    images = [load_image_rgb(p, max_pixels=max_pixels) for p in paths]
-    pv = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return pv.to(device=device, dtype=dtype)
-
-
-class FeatureSource:
-    """Frozen image features by image name: computed once and kept (cache on) or per batch.
-
-    Both modes go through the same `image_features` call in eval mode, so cached and
-    uncached training see identical inputs; the cache only removes repeated work (the vision
-    tower and Q-Former ran for every question of every image in every epoch in the seed).
-    """
-
-    def __init__(
-        self, loaded: LoadedModel, image_paths: dict[str, Path], *, cache: bool, max_pixels: int
-    ) -> None:
-        self.loaded = loaded
-        self.paths = image_paths
-        self.cache_on = cache
-        self.max_pixels = max_pixels
-        self.cache: dict[str, torch.Tensor] = {}
-        self.vision_dtype = next(loaded.model.parameters()).dtype
-        base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
-        self.vision_dtype = base.vision_model.embeddings.patch_embedding.weight.dtype
-
-    def _compute(self, names: list[str]) -> torch.Tensor:
-        pv = pixel_values_for(
-            self.loaded.processor,
-            [self.paths[n] for n in names],
-            device=self.loaded.device,
-            dtype=self.vision_dtype,
-            max_pixels=self.max_pixels,
-        )
-        return image_features(self.loaded.model, pv)  # (B, Q, H)
-
-    def warm(self, names: list[str], batch: int = 16) -> None:
-        """Fill the cache for `names` (no-op when the cache is off)."""
-        if not self.cache_on:
-            return
-        todo = [n for n in dict.fromkeys(names) if n not in self.cache]
-        for i in range(0, len(todo), batch):
-            chunk = todo[i : i + batch]
-            feats = self._compute(chunk)
-            for n, f in zip(chunk, feats, strict=True):
-                self.cache[n] = f
-
-    def get(self, names: list[str]) -> torch.Tensor:
-        """(B, Q, H) features for the images of a batch (rows in `names` order)."""
-        if not self.cache_on:
-            uniq = list(dict.fromkeys(names))
-            feats = dict(zip(uniq, self._compute(uniq), strict=True))
-            return torch.stack([feats[n] for n in names])
-        self.warm(names)
-        return torch.stack([self.cache[n] for n in names])
-
-
 # --------------------------------------------------------------------------------- training
 
 
@@ -297,7 +232,7 @@ def batch_loss_sum(
     return masked_lm_loss_sum(logits, batch["labels"])
 
 
-def _accumulate(
+def accumulate_step(
     model: Any,
     features: FeatureSource,
     samples: list[Sample],
@@ -675,7 +610,7 @@ def _run_training(
                 g["lr"] = lr
             while True:
                 try:
-                    step_loss = _accumulate(
+                    step_loss = accumulate_step(
                         model, features, cs.train, train_enc, encoder, device, step, micro
                     )
                     break

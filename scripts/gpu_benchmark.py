@@ -13,7 +13,7 @@ template), answers of 10-30 tokens, then EOS.
 
 OURS: the production step (`fada_batch.train`): frozen features computed once per image
 (vision -> Q-Former -> projection, `image_features`) for 32 images x 8 questions,
-length-grouped steps of 16 dynamically padded rows, token-mean loss (`_accumulate`), AdamW,
+length-grouped steps of 16 dynamically padded rows, token-mean loss (`accumulate_step`), AdamW,
 LoRA r=8 on q_proj/v_proj, bf16 weights.
 
 SEED: 8-bit weights (bitsandbytes LLM.int8; bf16 where bitsandbytes cannot run 8-bit on this
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a pl
 from fada_batch.bench import parameter_counts, time_trainer
 from fada_batch.collate import Encoded, Sample
 from fada_batch.model import LoadedModel, apply_lora, image_features, quantization_config
-from fada_batch.train import _accumulate, epoch_steps, set_train_mode
+from fada_batch.train import accumulate_step, epoch_steps, set_train_mode
 
 # Salesforce/blip2-opt-2.7b's config.json, the values that set the architecture.
 FULL = {
@@ -277,7 +277,7 @@ def run_ours(
         if i == args.warmup:
             sync(device)
             t_start = time.perf_counter()
-        _accumulate(model, features, samples, encoded, encoder, device, step, args.batch)
+        accumulate_step(model, features, samples, encoded, encoder, device, step, args.batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One BLAS/OpenMP thread per process: tests start several processes at once (SLURM tasks,
+# kill/resume runs) and oversubscribed cores made tiny-model steps 20-40x slower here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _cache_root() -> Path:

@@ -1,6 +1,6 @@
 """One category end to end on the tiny model and demo data: the production path on a CPU.
 
-from_pretrained -> LoRA -> train -> checkpoints -> save -> reload, resume after SIGKILL,
+from_pretrained -> LoRA -> train -> checkpoints -> save -> reload (resume after SIGKILL: test_reliability),
 skip/force, awaiting labels, cached vs uncached features.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def test_output_tree(femur_run):
     assert 1 <= len(ckpts) <= 2  # keep_checkpoints default 2
     assert ckpts[-1][0] == json.loads((out / "training_summary.json").read_text())["steps"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no temp leftovers
+    # readable by the group on shared storage (safetensors alone writes 0600 files)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (fm / "adapter_model.safetensors", ckpts[-1][1] / "optimizer.pt", out / "training_summary.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
 
 
 def test_summary_content(femur_run):
