@@ -179,7 +179,7 @@ def render_scan(
         # Poor scans: coarse strong speckle, electronic noise, and haze (clutter that fills in
         # dark regions and lowers contrast, as in scans through a thick abdominal wall).
         speckle = _speckle(rng, size, grain=max(1, size // 32), strength=0.75)
-        haze = 0.12 + 0.04 * _smooth_noise(rng, size, grain=max(1, size // 8))
+        haze = 0.25 + 0.05 * _smooth_noise(rng, size, grain=max(1, size // 8))
         image = image * speckle + haze + rng.normal(0.0, 0.08, image.shape)
     else:
         image = image * _speckle(rng, size, grain=1, strength=0.15)

@@ -17,12 +17,22 @@ Why this recipe (measured; see shared/BLIP2-NOTES.md):
   the image path collapses) and the Q-Former's query tokens need a random start (they start
   at zero, so all queries are identical).
 - Left/right needs big patches: at patch 8 a linear probe on the features could not tell the
-  sides apart; one patch covering half the image or more can.
+  sides apart; at patch 16 and 32 pretraining learned side for some seeds only (probe 0.75 at
+  patch 32, seed 1); with one 64-pixel patch for the whole image it scored 1.0 on seeds 0-2.
+- Captioning learns the strongest image cue first and then got stuck there: with faint
+  noise, captions' side words were right by step 200 and their texture words still at chance
+  after 2,000 steps (texture alone was learned by step 200-400). The demo's poor scans
+  therefore also carry haze (`render_scan`); both are then learned by step ~200.
 - The captions describe side and noise in words other than the VQA answers, and every step
   also trains the language model on text-only "Question: ... Answer: ..." lines with the
   answers drawn at random: without those lines LoRA could not steer the language model into
   the answer words at all.
 - All dropouts are 0 in the saved config: at this size they swamp the image signal.
+
+Measured (seeds 0-2, 2 CPU cores shared with other jobs): build ~30 s; ridge probe on the
+frozen `image_features` of held-out scans 1.0 for side and 1.0 for noise; LoRA-only on 40
+demo images (r=8, alpha 16, dropout 0, final LayerNorm trained, AdamW lr 1e-2, batch 16, 20
+epochs, ~8 s) answered held-out Q2 and Q6 100% (majority 35-47%).
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ from fada_batch.demo import SIDES, all_answers, describe, render_scan
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # bump whenever the recipe changes what gets built
+RECIPE_VERSION = 3  # bump whenever the recipe changes what gets built
 MARKER_NAME = "fada_tiny_model.json"  # written last: its presence marks a complete model
 PROMPT_TEMPLATE = "Question: {question} Answer:"
 
@@ -95,7 +105,7 @@ class TinyRecipe:
     tokenizer_vocab: int = 1024  # upper bound; the small corpus saturates below it
     render_sizes: tuple[int, ...] = (96, 128, 160)  # scans are rendered at these, then resized
     pool_size: int = 1536  # distinct captioned scans rendered for pretraining
-    steps: int = 700
+    steps: int = 500
     batch_size: int = 32  # captioned scans per step
     text_batch_size: int = 16  # text-only question/answer lines per step
     lr: float = 2e-3
@@ -494,4 +504,9 @@ def _move_into_place(tmp: Path, out_dir: Path, *, seed: int, recipe: TinyRecipe)
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         out_dir.rename(old)
         shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        # A concurrent build renamed its folder into place between our check and our rename.
+        if not is_complete(out_dir, seed=seed, recipe=recipe):
+            raise

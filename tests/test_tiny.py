@@ -190,6 +190,22 @@ def test_frozen_image_features_carry_side_and_noise(
     train_x, test_x = features(train_images), features(test_images)
     side_acc = _probe_accuracy(train_x, train_side, test_x, test_side)
     noise_acc = _probe_accuracy(train_x, train_noise, test_x, test_noise)
-    # Measured at seed 0: see the module docstring of fada_batch.tiny; 0.5 is chance.
-    assert side_acc >= 0.85, side_acc
-    assert noise_acc >= 0.8, noise_acc
+    # Measured 1.0 and 1.0 on seeds 0-2 (see fada_batch.tiny's docstring); 0.5 is chance.
+    assert side_acc >= 0.9, side_acc
+    assert noise_acc >= 0.9, noise_acc
+
+
+def test_pretraining_taught_captions_of_what_is_drawn(
+    loaded: tuple[Blip2ForConditionalGeneration, Blip2Processor],
+) -> None:
+    """The language model reads both cues, not only the features: a base that learned one cue
+    could leave the other in the features yet never use it (seen while tuning the recipe)."""
+    model, processor = loaded
+    images, side, noisy = _scans(300, 40)
+    batch = processor(images=images, text=[""] * len(images), return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    captions = processor.tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+    side_ok = [("nine o clock" in c) == (s == 0) for c, s in zip(captions, side.tolist(), strict=True)]
+    noise_ok = [("grainy" in c) == bool(z) for c, z in zip(captions, noisy.tolist(), strict=True)]
+    assert sum(side_ok) >= 0.9 * len(captions), captions
+    assert sum(noise_ok) >= 0.9 * len(captions), captions
