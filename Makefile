@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 # would pull a multi-GB CUDA build).
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$$(sed -n 's/^torch==//p' requirements.lock)"
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
