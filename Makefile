@@ -27,12 +27,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slurm and not slow"
 
 lint: setup
-	$(BIN)/ruff check fada_batch tests
-	$(BIN)/ruff format --check fada_batch tests
+	$(BIN)/ruff check fada_batch tests scripts
+	$(BIN)/ruff format --check fada_batch tests scripts
 
 format: setup
-	$(BIN)/ruff format fada_batch tests
-	$(BIN)/ruff check --fix fada_batch tests
+	$(BIN)/ruff format fada_batch tests scripts
+	$(BIN)/ruff check --fix fada_batch tests scripts
 
 clean:
 	rm -rf outputs/demo data/demo models/tiny-blip2 .pytest_cache

@@ -324,7 +324,9 @@ def bench_ours(
                 t_start, c_start = time.perf_counter(), time.process_time()
             while True:
                 try:
-                    accumulate_step(model, features, inputs.samples, inputs.encoded, encoder, device, step, micro)
+                    accumulate_step(
+                        model, features, inputs.samples, inputs.encoded, encoder, device, step, micro
+                    )
                     break
                 except torch.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)
@@ -374,7 +376,12 @@ def _chunks(step: list[int], n: int) -> list[list[int]]:
 
 
 def _checkpointing_on(model: Any) -> bool:
-    return bool(getattr(base_of(model).language_model, "is_gradient_checkpointing", False))
+    lm = base_of(model).language_model
+    # transformers 5.x renamed the flag and warns on the old name; older versions have only that
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(lm), name) or name in vars(lm):
+            return bool(getattr(lm, name))
+    return False
 
 
 class SeedDataset:
@@ -439,7 +446,12 @@ def time_trainer(
     output_dir: Path,
 ) -> StepTiming:
     """Train with HF `Trainer` at batch 1 with gradient checkpointing (the seed's loop), one
-    step per item of `dataset`, and time the steps after the first `warmup`."""
+    step per item of `dataset`, and time the steps after the first `warmup` (at least 1: the
+    timing runs from the end of the last warm-up step)."""
+    if warmup < 1 or len(dataset) <= warmup:
+        raise ValueError(
+            f"time_trainer needs warmup >= 1 and more items than that (got {warmup}, {len(dataset)})"
+        )
     from transformers import (
         PrinterCallback,
         Trainer,
@@ -456,13 +468,18 @@ def time_trainer(
             ends.append((time.perf_counter(), time.process_time()))
 
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # the seed's `gradient_checkpointing=True`, under the name this transformers prefers
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    )
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=1,
         gradient_accumulation_steps=1,
         max_steps=len(dataset),
         learning_rate=learning_rate,
-        gradient_checkpointing=True,
+        **{checkpointing: True},
         bf16=bf16,
         use_cpu=device.type == "cpu",
         remove_unused_columns=False,

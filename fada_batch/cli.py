@@ -1,15 +1,15 @@
 """`fada-batch`: the command line. Parses arguments and calls the library; no logic of its own.
 
-    fada-batch train --job job/validation.yaml --category Abdomen -p num_epochs=3
-    fada-batch submit --job job/full.yaml [--dry-run] [--executor slurm|local|debug]
-    fada-batch collect --job job/full.yaml [--compare OTHER]
-    fada-batch validate --job job/full.yaml [--json]
-    fada-batch evaluate --job job/full.yaml [--category Femur]
-    fada-batch ask --adapter outputs/blip2_femur/final_model --image scan.png
-    fada-batch bench --job job/full.yaml [--baseline]
-    fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to /shared/models/blip2-opt-2.7b
-    fada-batch demo                      # tiny model + demo data + the demo job, on a CPU
-    fada-batch make-tiny-model DIR | make-demo-data DIR | show-config --job J
+fada-batch train --job job/validation.yaml --category Abdomen -p num_epochs=3
+fada-batch submit --job job/full.yaml [--dry-run] [--executor slurm|local|debug]
+fada-batch collect --job job/full.yaml [--compare OTHER]
+fada-batch validate --job job/full.yaml [--json]
+fada-batch evaluate --job job/full.yaml [--category Femur]
+fada-batch ask --adapter outputs/blip2_femur/final_model --image scan.png
+fada-batch bench --job job/full.yaml [--baseline]
+fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to /shared/models/blip2-opt-2.7b
+fada-batch demo                      # tiny model + demo data + the demo job, on a CPU
+fada-batch make-tiny-model DIR | make-demo-data DIR | show-config --job J
 """
 
 from __future__ import annotations
@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="make the tiny model and demo data if absent, then train them")
     _add_job_args(p, required=False)
-    p.add_argument(
-        "--executor", choices=("local", "debug"), default="local", help="how to run the tasks"
-    )
+    p.add_argument("--executor", choices=("local", "debug"), default="local", help="how to run the tasks")
     p.set_defaults(func=cmd_demo, job="job/demo.yaml")
 
     p = sub.add_parser("validate", help="pre-flight check of every category's sheet and images")
@@ -389,6 +387,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings_from,
         trained_categories,
     )
+    from fada_batch.fsutil import LockedError
     from fada_batch.images import ImageError
 
     cfg = _load(args)
@@ -405,7 +404,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for cat in cats:
         try:
             metrics = evaluate_category(cfg, cat)
-        except (EvaluationError, AdapterError, ImageError) as e:
+        except (EvaluationError, AdapterError, ImageError, LockedError) as e:
             print(f"error: {cat}: {e}", file=sys.stderr)
             failed += 1
             continue
@@ -502,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:
-        for noisy in ("transformers", "peft", "accelerate", "urllib3", "httpx"):
+        for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "urllib3", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.command is None:

@@ -85,7 +85,7 @@ class CategoryResult:
     epochs: int | None = None
     epochs_completed: int | None = None
     steps: int | None = None
-    wall_time_s: float | None = None  # the last attempt, model load to save
+    wall_time_s: float | None = None  # model load to save, all attempts together (requeues, resumes)
     train_time_s: float | None = None  # time in the training loop, all attempts together
     samples_per_s: float | None = None
     peak_memory_gb: float | None = None
@@ -294,7 +294,9 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.epochs_completed = _int(s.get("epochs_completed"))
     r.steps = _int(s.get("steps"))
     r.total_steps = _int(s.get("total_steps"))
-    r.wall_time_s = _num(s.get("wall_time_s"))
+    r.wall_time_s = _num(s.get("total_wall_time_s"))  # older summaries: the last attempt only
+    if r.wall_time_s is None:
+        r.wall_time_s = _num(s.get("wall_time_s"))
     r.train_time_s = _num(s.get("train_time_s"))
     r.samples_per_s = _num(s.get("samples_per_s"))
     mem = _dict(s.get("peak_memory"))
@@ -317,7 +319,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.adapter_bytes = _int(s.get("adapter_bytes"))
     r.error = _str(s.get("error"))
     r.error_tail = _tail(r.error) if r.error else None
-    r.start_time = _str(s.get("start_time"))
+    r.start_time = _str(s.get("first_start_time")) or _str(s.get("start_time"))  # the first attempt's
     r.end_time = _str(s.get("end_time"))
     r.updated = _str(s.get("updated"))
     r.last_step = r.steps

@@ -120,7 +120,9 @@ class ClusterConfig:
     mem_gb: int = 64
     time_min: int = 240  # per array task
     constraint: str | None = None
-    extra_sbatch: dict[str, str | int | bool] = field(default_factory=dict)  # other sbatch flags (true = bare flag)
+    extra_sbatch: dict[str, str | int | bool] = field(
+        default_factory=dict
+    )  # other sbatch flags (true = bare flag)
     array_parallelism: int = 16  # max array tasks running at once
     python: str | None = None  # e.g. "apptainer exec --nv --bind /shared fada-batch.sif python"
     max_requeues: int = 3  # time-outs/preemptions before a task gives up

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from fada_batch.collate import Encoder, Sample
+from fada_batch.fsutil import category_lock
 from fada_batch.metrics import aggregate, majority_answers, question_label
 
 log = logging.getLogger(__name__)
@@ -581,9 +582,8 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
         DataError: the data no longer matches split.json.
     """
     from fada_batch.categories import get_category
-    from fada_batch.model import eos_token_id, load_base_model
     from fada_batch.split import SPLIT_FILE
-    from fada_batch.train import FINAL_MODEL, category_output_dir, final_model_complete, prepare_data
+    from fada_batch.train import FINAL_MODEL, category_output_dir, final_model_complete
 
     category = get_category(category_name)
     out_dir = category_output_dir(cfg, category)
@@ -606,6 +606,20 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
     )
     settings = settings_from(cfg.eval)
     settings.check()
+    # not while a task trains (or --force retrains) this category, nor beside another evaluation
+    with category_lock(out_dir, purpose="evaluated"):
+        return _evaluate_locked(cfg, category, out_dir, info, settings)
+
+
+def _evaluate_locked(
+    cfg: Any, category: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
+) -> dict[str, Any]:
+    from fada_batch.model import eos_token_id, load_base_model
+    from fada_batch.train import final_model_complete, prepare_data
+
+    mc = cfg.model
+    if not final_model_complete(out_dir):  # removed by a --force retraining since the check
+        raise EvaluationError(f"{category.name}: {out_dir} no longer holds a complete trained adapter")
     # resuming=True: refuse (rather than rewrite) a split.json that no longer matches the data
     samples = prepare_data(cfg, category, out_dir, resuming=True)
     if info.questions and list(info.questions) != list(samples.questions):

@@ -147,8 +147,11 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[Path]:
-    """Hold `folder/.lock` while training into `folder` (keeps duplicate submissions apart).
+def category_lock(
+    folder: Path, *, stale_after_s: float = 6 * 3600, purpose: str = "trained"
+) -> Iterator[Path]:
+    """Hold `folder/.lock` while training (or evaluating, `purpose="evaluated"`) into `folder`:
+    keeps duplicate submissions, and an evaluation and a retraining, apart.
 
     The lock file records host, pid, SLURM job id and time. A lock is stale (and taken over)
     when its process is gone on this host, or, for another host, when it has not been
@@ -164,6 +167,7 @@ def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[
         "pid": os.getpid(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "since": time.time(),
+        "purpose": purpose,
     }
     for _attempt in range(3):
         try:
@@ -185,7 +189,8 @@ def category_lock(folder: Path, *, stale_after_s: float = 6 * 3600) -> Iterator[
                     lock.unlink()
                 continue
             raise LockedError(
-                f"{folder} is being trained by another task (host {holder.get('host')}, "
+                f"{folder} is being {holder.get('purpose', 'trained')} by another task "
+                f"(host {holder.get('host')}, "
                 f"pid {pid}, SLURM job {holder.get('slurm_job_id')}, lock {lock}). "
                 "Two tasks must not write the same category at once: wait for it to finish, "
                 "cancel it, or use another output.root. If that task is dead on another host, "

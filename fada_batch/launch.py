@@ -309,13 +309,27 @@ def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: boo
     return {"array_job_id": array_id, "tasks": task_ids, "collector_job_id": collector.job_id}
 
 
+def _same_gpus_line() -> str:
+    """A shell line that gives a local task this process's GPUs.
+
+    submitit's local executor sets CUDA_VISIBLE_DEVICES to the GPUs it is asked for, none by
+    default: a workstation's tasks would not see its GPU. Asking for N GPUs would not do either
+    (it numbers them 0..N-1, whatever this process was given), so the task gets this process's
+    own setting back, or none when it has none.
+    """
+    v = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "unset CUDA_VISIBLE_DEVICES" if v is None else f"export CUDA_VISIBLE_DEVICES={shlex.quote(v)}"
+
+
 def _run_here(
     cfg: JobConfig, plan: Plan, job: dict[str, Any], kind: str, *, force: bool, out
 ) -> dict[str, Any]:
     """`local`/`debug`: tasks one after another (one GPU), then the collector."""
     ex = _executor(cfg, kind, plan.log_dir)
     if kind == "local":
-        ex.update_parameters(timeout_min=cfg.cluster.time_min, name=f"fada-{cfg.name}")
+        ex.update_parameters(
+            timeout_min=cfg.cluster.time_min, name=f"fada-{cfg.name}", local_setup=[_same_gpus_line()]
+        )
     outcome: dict[str, str] = {}
     for name in plan.submit:
         t0 = time.time()

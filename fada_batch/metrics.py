@@ -157,9 +157,7 @@ def rouge_l(pred: str, ref: str, *, beta: float = 1.0) -> float:
     0.5454545454545454
     """
     if beta <= 0:
-        raise ValueError(
-            f"rouge_l beta must be positive, got {beta!r}; beta = 1 weighs P and R equally."
-        )
+        raise ValueError(f"rouge_l beta must be positive, got {beta!r}; beta = 1 weighs P and R equally.")
     pred_tokens, ref_tokens = tokenize(pred), tokenize(ref)
     if not pred_tokens or not ref_tokens:
         return 1.0 if pred_tokens == ref_tokens else 0.0
@@ -296,9 +294,7 @@ def aggregate(rows: Iterable[Mapping[str, object] | EvalRow]) -> dict[str, dict[
             if value is _MISSING
         ]
         if missing:
-            problems.append(
-                f"row {i}: missing {', '.join(missing)}; each row needs {', '.join(_ROW_FIELDS)}"
-            )
+            problems.append(f"row {i}: missing {', '.join(missing)}; each row needs {', '.join(_ROW_FIELDS)}")
             continue
         try:
             index = _question_index(question)
@@ -316,9 +312,7 @@ def aggregate(rows: Iterable[Mapping[str, object] | EvalRow]) -> dict[str, dict[
         per_question[index].append(score_pair(prediction, reference))  # type: ignore[arg-type]
 
     if problems:
-        raise ValueError(
-            f"cannot aggregate {len(problems)} of {n_rows} rows:\n  " + "\n  ".join(problems)
-        )
+        raise ValueError(f"cannot aggregate {len(problems)} of {n_rows} rows:\n  " + "\n  ".join(problems))
     if n_rows == 0:
         raise ValueError("cannot aggregate an empty set of rows: there is nothing to average.")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,9 +288,11 @@ def apply_lora(
     if loaded.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        lm = model.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -298,7 +301,9 @@ def apply_lora(
         modules_to_save=list(modules_to_save) or None,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' renamed flag: noise, not news
+        warnings.filterwarnings("ignore", r".*is_gradient_checkpointing.* is deprecated", FutureWarning)
+        peft_model = get_peft_model(model, config)
     loaded.model = peft_model
     return peft_model
 

@@ -55,7 +55,11 @@ def slurm_ids() -> dict[str, str | None]:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"type": device.type, "host": socket.gethostname()}
+    info: dict[str, Any] = {
+        "type": device.type,
+        "host": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
     if device.type == "cuda":
         idx = device.index or 0
         info["name"] = torch.cuda.get_device_name(idx)

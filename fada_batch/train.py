@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -428,14 +429,21 @@ def _train_locked(
         shutil.rmtree(out_dir / FINAL_MODEL, ignore_errors=True)
         (out_dir / "split.json").unlink(missing_ok=True)
     latest = ckpt.find_latest(out_dir)
-    first_start = now_iso()
-    if latest is not None:  # a resumed or requeued run: keep the first attempt's start
+    first_start, earlier_wall = now_iso(), 0.0
+    if latest is not None:  # a resumed or requeued run: keep the first attempt's start and time
         try:
             prev = read_summary(out_dir) or {}
         except ValueError:
             prev = {}
         first_start = prev.get("first_start_time") or prev.get("start_time") or first_start
-    summary.update(status="running", start_time=now_iso(), first_start_time=first_start, requeues=requeues)
+        earlier_wall = _earlier_wall_time(prev)
+    summary.update(
+        status="running",
+        start_time=now_iso(),
+        first_start_time=first_start,
+        requeues=requeues,
+        earlier_attempts_wall_time_s=round(earlier_wall, 2),
+    )
     try:
         cs = prepare_data(cfg, category, out_dir, resuming=latest is not None)
     except DataError as e:
@@ -465,6 +473,7 @@ def _train_locked(
         )
     except StopRequested as e:
         summary.update(status="interrupted", end_time=now_iso(), checkpoint=str(e.checkpoint))
+        summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
     except BaseException as e:
@@ -473,8 +482,35 @@ def _train_locked(
             end_time=now_iso(),
             error=f"{type(e).__name__}: {e}"[-4000:],
         )
+        summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _earlier_wall_time(prev: dict[str, Any]) -> float:
+    """Wall time of the attempts before this one, from the last summary they left."""
+    total = _number(prev.get("total_wall_time_s"))
+    if prev.get("status") != "running" and total is not None:  # it ended and said so
+        return total
+    # it died without a word: its time up to its last summary write (its last checkpoint)
+    earlier = _number(prev.get("earlier_attempts_wall_time_s")) or 0.0
+    try:
+        start = datetime.fromisoformat(prev["start_time"])
+        last = datetime.fromisoformat(prev["updated"])
+    except (KeyError, TypeError, ValueError):
+        return earlier
+    return earlier + max(0.0, (last - start).total_seconds())
+
+
+def _wall_times(t_start: float, earlier_wall: float) -> dict[str, float]:
+    """This attempt's wall time and the total over every attempt that led here (requeues,
+    resumes after a crash): what the category has cost, start to end."""
+    wall = time.time() - t_start
+    return {"wall_time_s": round(wall, 2), "total_wall_time_s": round(earlier_wall + wall, 2)}
 
 
 def _run_training(
@@ -577,7 +613,7 @@ def _run_training(
 
     def checkpoint_now() -> Path:
         touch(out_dir / ".lock")  # a live task keeps its lock fresh (see fsutil.category_lock)
-        return ckpt.save_checkpoint(
+        path = ckpt.save_checkpoint(
             out_dir,
             model=model,
             optimizer=optimizer,
@@ -585,6 +621,10 @@ def _run_training(
             config_yaml=config_yaml,
             keep=tc.keep_checkpoints,
         )
+        # the summary's `updated` time now marks this checkpoint: if this attempt dies without
+        # a word (SIGKILL, a node lost), the next one counts its time up to here
+        write_summary(out_dir, summary)
+        return path
 
     set_train_mode(model)
     t_loop = time.time()
@@ -680,12 +720,13 @@ def _run_training(
         from fada_batch.evaluate import evaluate_after_training
 
         summary["eval"] = evaluate_after_training(loaded, cs, out_dir, eos_token_id=eos, cfg=cfg)
-    wall = time.time() - t_start
+    walls = _wall_times(t_start, float(summary.get("earlier_attempts_wall_time_s") or 0.0))
+    wall = walls["wall_time_s"]
     adapter_bytes = (final / "adapter_model.safetensors").stat().st_size
     summary.update(
         status="completed",
         end_time=now_iso(),
-        wall_time_s=round(wall, 2),
+        **walls,
         train_time_s=round(state.train_time_s, 2),
         feature_cache_s=round(feature_s, 2),
         epochs=tc.num_epochs,

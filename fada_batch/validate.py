@@ -37,9 +37,7 @@ class Preflight:
         return [d.to_dict() for d in self.results]
 
 
-def preflight(
-    cfg: JobConfig, categories: list[str] | None = None, *, check_images: bool = True
-) -> Preflight:
+def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_images: bool = True) -> Preflight:
     """Load every requested category's data (sheets parsed, images checked), never raising
     for bad data: problems are collected per category.
 

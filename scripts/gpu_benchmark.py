@@ -144,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: 8bit when bitsandbytes runs it on this GPU, else none (always none on CPU)",
     )
     args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the seed's timing starts at the end of a warm-up step)")
     tiny = args.scale == "tiny"
     args.steps = args.steps or (3 if tiny else 30)
     args.seed_steps = args.seed_steps or (6 if tiny else 40)
@@ -296,7 +298,7 @@ def run_ours(
         "steps": args.steps,
         "samples": n,
         "seconds": round(seconds, 3),
-        "samples_per_s": round(n / seconds, 2),
+        "samples_per_s": round(n / seconds, 4),
         "tokens_per_s": round(padded / seconds, 1),
         "real_tokens_per_s": round(real / seconds, 1),
         "feature_cache_s": round(feature_s, 3),
@@ -413,7 +415,7 @@ def run_seed(
         "steps": timed,
         "samples": timed,
         "seconds": round(seconds, 3),
-        "samples_per_s": round(timed / seconds, 2),
+        "samples_per_s": round(timed / seconds, 4),
         "tokens_per_s": round(timed * SEED_PROMPT_LEN / seconds, 1),
         "real_tokens_per_s": round(real / seconds, 1),
         "peak_memory_gb": peak_gb(device),
@@ -422,6 +424,13 @@ def run_seed(
         "gradient_checkpointing": True,
         "notes": notes,
     }
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write `data` whole or not at all (a temporary file renamed over `path`)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def free_memory() -> None:
@@ -472,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         ours, peft_model = run_ours(model, config, args, device, dtype, flops)
         print(f"ours: {ours['samples_per_s']} samples/s, peak {ours['peak_memory_gb']} GB", flush=True)
+        ours["mfu"] = round(ours["model_tflops_per_s"] / peak, 4) if peak else None
+        # ours alone first: a run cut short in the seed's part still leaves these figures
+        write_json(args.out, {**result, "ours": ours, "seed": None, "partial": True})
         base = peft_model.unload()  # the same base weights, without our adapter, for the seed
         del model, peft_model
         free_memory()
@@ -485,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     for r in (ours, seed):
         r["mfu"] = round(r["model_tflops_per_s"] / peak, 4) if peak else None
-    result.update(ours=ours, seed=seed, ratio=round(ours["samples_per_s"] / seed["samples_per_s"], 2))
+    # from the unrounded rates: a slow seed's rounded rate would distort the ratio
+    ratio = (ours["samples"] / ours["seconds"]) / (seed["samples"] / seed["seconds"])
+    result.update(ours=ours, seed=seed, ratio=round(ratio, 2))
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(
         f"{name}: ours {ours['samples_per_s']} samples/s (MFU {ours['mfu']}), seed {seed['samples_per_s']} "
         f"samples/s ({quant}, MFU {seed['mfu']}); ratio {result['ratio']}x; wall {result['wall_s']} s; "

@@ -15,8 +15,20 @@ COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_every_issue_command_exists():
-    for name in ("train", "submit", "collect", "validate", "evaluate", "ask", "bench",
-                 "stage-model", "demo", "make-tiny-model", "make-demo-data", "show-config"):
+    for name in (
+        "train",
+        "submit",
+        "collect",
+        "validate",
+        "evaluate",
+        "ask",
+        "bench",
+        "stage-model",
+        "demo",
+        "make-tiny-model",
+        "make-demo-data",
+        "show-config",
+    ):
         assert name in COMMANDS
 
 
@@ -30,11 +42,13 @@ def test_help_on_every_subcommand(command, capsys):
 
 
 def test_version_and_python_m():
-    out = subprocess.run([sys.executable, "-m", "fada_batch", "--version"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fada_batch", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == f"fada-batch {__version__}"
-    console = subprocess.run([str(Path(sys.executable).parent / "fada-batch"), "--help"],
-                             capture_output=True, text=True)
+    console = subprocess.run(
+        [str(Path(sys.executable).parent / "fada-batch"), "--help"], capture_output=True, text=True
+    )
     assert console.returncode == 0 and "train" in console.stdout
 
 

@@ -261,6 +261,22 @@ def test_evaluate_errors(margin_runs, tmp_path, tiny_model_dir, capsys):
         evaluate_category(config_from_dict({**cfg.to_dict(), "eval": {"batch_size": 0}}), "Femur")
 
 
+def test_evaluation_and_training_of_one_category_exclude_each_other(margin_runs):
+    """An evaluation must not read an adapter that a --force retraining is deleting, nor a
+    retraining start under an evaluation: both take the category's lock, and say who holds it."""
+    from fada_batch.fsutil import LockedError, category_lock
+
+    cfg, _summary, out = margin_runs[0]
+    before = _metrics(out)
+    with category_lock(out), pytest.raises(LockedError, match="is being trained by another task"):
+        evaluate_category(cfg, "Femur")
+    with category_lock(out, purpose="evaluated"), pytest.raises(LockedError) as e:
+        train_category(cfg, "Femur", force=True)
+    assert "is being evaluated by another task" in str(e.value)
+    assert (out / "final_model" / "adapter_model.safetensors").is_file()  # nothing removed
+    assert _metrics(out) == before and not (out / ".lock").exists()
+
+
 def test_adapter_info_and_base_model_names(margin_runs, tmp_path, tiny_model_dir):
     _cfg, _summary, out = margin_runs[0]
     info = read_adapter_info(out / FINAL_MODEL)

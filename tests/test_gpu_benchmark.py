@@ -73,3 +73,36 @@ def test_full_run_on_gpu(tmp_path):
     print(json.dumps(result, indent=2))
     assert result["scale"] == "full" and result["ours"]["peak_memory_gb"] > 7
     assert result["ratio"] > 0 and result["seed"]["quantization"] in ("8bit", "none")
+
+
+def test_gpu_checks_script_runs_scaled_down_on_cpu(tmp_path, tiny_model_dir, demo_root):
+    """scripts/gpu_checks.sh (the one command a lent GPU machine runs) with DEVICE=cpu: the
+    benchmark at tiny scale and a short demo through the CLI, figures and logs in $OUT."""
+    out = tmp_path / "gpu out"
+    repo = SCRIPT.parent.parent
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "DEVICE": "cpu",
+        "PY": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "FADA_GPU_CHECKS_OUTPUTS": str(tmp_path / "outputs"),
+        "FADA_GPU_CHECKS_MODEL": str(tiny_model_dir),
+        "FADA_GPU_CHECKS_DATA": str(demo_root),
+    }
+    proc = subprocess.run(
+        ["bash", str(repo / "scripts" / "gpu_checks.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    checks = (out / "checks.txt").read_text()
+    assert proc.returncode == 0, checks + proc.stderr[-2000:]
+    assert "ok: gpu_benchmark" in checks and "ok: demo auto" in checks and "done, status 0" in checks
+    assert json.loads((out / "gpu_benchmark.json").read_text())["ratio"] > 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["category"] == "Femur"
+    assert "torch" in (out / "env.txt").read_text()
+    assert not (repo / "outputs" / "gpu-demo-auto").exists()  # kept out of the checkout

@@ -39,7 +39,10 @@ def sacct(job_id: str) -> dict[str, dict[str, str]]:
     """JobID -> {State, Start, End, ExitCode} for the job's allocations (no steps)."""
     out = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-j", job_id, "--format=JobID,State,Start,End,ExitCode"],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     rows = {}
     for line in out.strip().splitlines():
@@ -92,7 +95,9 @@ def test_order_largest_first_by_default_smallest_with_sort_by_size(job_factory, 
     assert largest.slurm["timeout_min"] == cfg.cluster.time_min
 
 
-def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, capsys):
+def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, capsys, monkeypatch):
+    # submitit's local executor would hand its tasks CUDA_VISIBLE_DEVICES="" (no GPU)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
     cfg = job_factory(CLUSTER)
     record = submit(cfg, executor="local")
     out = capsys.readouterr().out
@@ -101,10 +106,24 @@ def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, c
     root = Path(cfg.output.root)
     for cat in ("abdomen", "femur", "thorax"):
         assert (root / f"blip2_{cat}" / "final_model" / "adapter_model.safetensors").is_file()
-    assert json.loads((root / "blip2_cervix" / "training_summary.json").read_text())["status"] == "awaiting_labels"
+    assert (
+        json.loads((root / "blip2_cervix" / "training_summary.json").read_text())["status"]
+        == "awaiting_labels"
+    )
     assert (root / "report.md").is_file() and "Cervix" in (root / "report.md").read_text()
     assert "Cervix" in out and "Thorax" in out  # the collector's output ends the run
     assert json.loads((root / "submission.json").read_text())["executor"] == "local"
+    summary = json.loads((root / "blip2_femur" / "training_summary.json").read_text())
+    assert summary["device"]["cuda_visible_devices"] == "1,0"  # the workstation's GPUs, as given
+
+
+def test_local_tasks_get_this_process_gpus(monkeypatch):
+    from fada_batch.launch import _same_gpus_line
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _same_gpus_line() == "unset CUDA_VISIBLE_DEVICES"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a; x")
+    assert _same_gpus_line() == "export CUDA_VISIBLE_DEVICES='GPU-8f2a; x'"
 
 
 # ------------------------------------------------------------------------ real SLURM cluster
@@ -184,8 +203,15 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
     """A 1-minute limit: the warning signal comes ~25 s in; the task checkpoints, is requeued,
     and finishes from where it stopped, with the steps of one continuous run."""
     cfg = job_factory(
-        {**CLUSTER, "cluster.time_min": 1, "cluster.max_requeues": 20, "train.num_epochs": 200,
-         "data.num_images": 60, "train.batch_size": 8, "train.checkpoint_every_steps": 0}
+        {
+            **CLUSTER,
+            "cluster.time_min": 1,
+            "cluster.max_requeues": 20,
+            "train.num_epochs": 200,
+            "data.num_images": 60,
+            "train.batch_size": 8,
+            "train.checkpoint_every_steps": 0,
+        }
     )
     record = submit(cfg, executor="slurm", categories=["Femur"])
     wait_done(record["array_job_id"], timeout_s=900)
@@ -207,15 +233,37 @@ def test_plain_sbatch_array_trains_the_demo_categories(slurm_conf, job_factory, 
     n = len(cfg.data.categories)
     env = {**os.environ, "FADA_BATCH": str(Path(sys.executable).parent / "fada-batch")}
     sub = subprocess.run(
-        ["sbatch", "--parsable", f"--array=0-{n - 1}", "--cpus-per-task=1", "--mem=2G",
-         f"--output={tmp_path}/train-%A_%a.out", str(REPO / "slurm" / "train_array.sbatch"), str(job)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            f"--array=0-{n - 1}",
+            "--cpus-per-task=1",
+            "--mem=2G",
+            f"--output={tmp_path}/train-%A_%a.out",
+            str(REPO / "slurm" / "train_array.sbatch"),
+            str(job),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
     )
     array_id = sub.stdout.strip().split(";")[0]
     coll = subprocess.run(
-        ["sbatch", "--parsable", f"--dependency=afterany:{array_id}", f"--output={tmp_path}/collect.out",
-         str(REPO / "slurm" / "collect.sbatch"), str(job)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            f"--dependency=afterany:{array_id}",
+            f"--output={tmp_path}/collect.out",
+            str(REPO / "slurm" / "collect.sbatch"),
+            str(job),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
     ).stdout.strip()
     rows = wait_done(array_id, expected=n)
     assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
@@ -225,6 +273,10 @@ def test_plain_sbatch_array_trains_the_demo_categories(slurm_conf, job_factory, 
         c: json.loads((root / f"blip2_{c.lower()}" / "training_summary.json").read_text())["status"]
         for c in ("Abdomen", "Femur", "Thorax", "Cervix")
     }
-    assert statuses == {"Abdomen": "completed", "Femur": "completed", "Thorax": "completed",
-                        "Cervix": "awaiting_labels"}
+    assert statuses == {
+        "Abdomen": "completed",
+        "Femur": "completed",
+        "Thorax": "completed",
+        "Cervix": "awaiting_labels",
+    }
     assert "Cervix" in (tmp_path / "collect.out").read_text()

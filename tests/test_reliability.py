@@ -38,8 +38,13 @@ def test_sigkill_at_random_instants_then_resume_equals_uninterrupted(job_factory
     """SIGKILL the training process at seeded random instants of its whole life (start-up,
     steps, checkpoint writes, the final save), resume each time: the run completes with the
     same adapter as an uninterrupted run, and no kill leaves a folder that cannot resume."""
-    overrides = {"train.num_epochs": 3, "data.num_images": 20, "train.checkpoint_every_steps": 1,
-                 "train.batch_size": 8, "lora.dropout": 0.1}
+    overrides = {
+        "train.num_epochs": 3,
+        "data.num_images": 20,
+        "train.checkpoint_every_steps": 1,
+        "train.batch_size": 8,
+        "lora.dropout": 0.1,
+    }
     ref_cfg = job_factory(overrides, out=tmp_path / "reference")
     ref = train_category(ref_cfg, "Femur")
     ref_adapter = load_file(str(Path(ref["adapter_path"]) / "adapter_model.safetensors"))
@@ -52,8 +57,9 @@ def test_sigkill_at_random_instants_then_resume_equals_uninterrupted(job_factory
     rng = random.Random(20261127)
     kills, finished = 0, False
     for _attempt in range(8):
-        proc = subprocess.Popen(_train_cmd(job, "Femur"), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _train_cmd(job, "Femur"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             proc.wait(timeout=rng.uniform(2.0, 8.0))
             finished = proc.returncode == 0
@@ -215,8 +221,10 @@ def test_duplicate_submission_two_processes_one_trains(job_factory, tmp_path):
     cfg = job_factory({**QUICK, "train.num_epochs": 3})
     job = tmp_path / "job.yaml"
     job.write_text(dump_yaml(cfg))
-    procs = [subprocess.Popen(_train_cmd(job, "Femur"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(_train_cmd(job, "Femur"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     errors = " ".join(err for _out, err in results)

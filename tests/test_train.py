@@ -42,8 +42,14 @@ def test_output_tree(femur_run):
     for f in ("training_summary.json", "split.json", "config.yaml"):
         assert (out / f).is_file(), f
     fm = out / FINAL_MODEL
-    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-              "tokenizer_config.json", "processor_config.json", "fada_batch.json"):
+    for f in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "fada_batch.json",
+    ):
         assert (fm / f).is_file(), f
     ckpts = list_checkpoints(out)
     assert 1 <= len(ckpts) <= 2  # keep_checkpoints default 2
@@ -60,9 +66,28 @@ def test_summary_content(femur_run):
     cfg, summary, out = femur_run
     on_disk = json.loads((out / "training_summary.json").read_text())
     assert on_disk["status"] == "completed" == summary["status"]
-    for key in ("category", "start_time", "end_time", "wall_time_s", "images", "qa_pairs", "epochs",
-                "steps", "batch_size", "learning_rate", "loss_curve", "val_loss", "samples_per_s",
-                "peak_memory", "device", "versions", "config_hash", "seed", "adapter_path", "slurm"):
+    for key in (
+        "category",
+        "start_time",
+        "end_time",
+        "wall_time_s",
+        "images",
+        "qa_pairs",
+        "epochs",
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "loss_curve",
+        "val_loss",
+        "samples_per_s",
+        "peak_memory",
+        "device",
+        "versions",
+        "config_hash",
+        "seed",
+        "adapter_path",
+        "slurm",
+    ):
         assert key in on_disk, key
     assert on_disk["category"] == "Femur"
     split = json.loads((out / "split.json").read_text())
@@ -96,8 +121,14 @@ def test_saved_adapter_reloads_with_same_logits(femur_run, tiny_model_dir):
     cfg, _summary, out = femur_run
     lc = cfg.lora
     trained = load_base_model(str(tiny_model_dir), device="cpu")
-    apply_lora(trained, r=lc.r, alpha=lc.alpha, dropout=lc.dropout,
-               target_modules=lc.target_modules, modules_to_save=lc.modules_to_save)
+    apply_lora(
+        trained,
+        r=lc.r,
+        alpha=lc.alpha,
+        dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        modules_to_save=lc.modules_to_save,
+    )
     weights = load_file(str(list_checkpoints(out)[-1][1] / "adapter_model.safetensors"))
     params = dict(trained.model.named_parameters())
     with torch.no_grad():
@@ -112,7 +143,9 @@ def test_saved_adapter_reloads_with_same_logits(femur_run, tiny_model_dir):
     from PIL import Image
 
     image = Image.open(next((Path(cfg.data.root) / "Fetal Ultrasound" / "Femur").glob("*.png")))
-    inputs = processor(images=image.convert("RGB"), text="Question: Image Quality? Answer:", return_tensors="pt")
+    inputs = processor(
+        images=image.convert("RGB"), text="Question: Image Quality? Answer:", return_tensors="pt"
+    )
     plain = Blip2ForConditionalGeneration.from_pretrained(str(tiny_model_dir)).eval()
     with torch.no_grad():
         a = trained.model(**inputs).logits
@@ -140,6 +173,57 @@ def test_force_retrains_from_scratch(job_factory):
     assert forced["start_time"] >= first["end_time"]
 
 
+def test_bf16_training_the_gpu_precision_path(job_factory):
+    """bf16 weights, as `dtype: auto` picks on a GPU, run here on the CPU: training, the saved
+    adapter, and evaluation of it loaded apart from training."""
+    from fada_batch.evaluate import evaluate_category
+
+    cfg = job_factory({**SMALL, "model.dtype": "bfloat16", "eval.after_training": False})
+    summary = train_category(cfg, "Femur")
+    assert summary["status"] == "completed" and summary["dtype"] == "bfloat16"
+    epochs = [loss for _e, loss in summary["epoch_train_loss"]]
+    assert epochs[-1] < epochs[0] * 0.8, epochs
+    out = Path(cfg.output.root) / "blip2_femur"
+    weights = load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
+    # peft keeps the adapter's own weights in fp32 over bf16 base weights: small updates survive
+    assert {t.dtype for n, t in weights.items() if "lora_" in n} == {torch.float32}
+    metrics = evaluate_category(cfg, "Femur")
+    assert metrics["adapter"]["overall"]["n"] > 0
+
+
+def test_wall_time_adds_up_over_attempts(job_factory):
+    """A category stopped for a requeue, then resumed: the summary gives each attempt's wall
+    time and their total (what the category cost), also across a summary left by a dead task."""
+    from fada_batch.train import StopRequested, _earlier_wall_time
+
+    cfg = job_factory(SMALL)
+    polls = iter(range(1000))
+    with pytest.raises(StopRequested):
+        train_category(cfg, "Femur", should_stop=lambda: next(polls) >= 3)
+    path = Path(cfg.output.root) / "blip2_femur" / "training_summary.json"
+    first = json.loads(path.read_text())
+    assert first["status"] == "interrupted" and first["total_wall_time_s"] == first["wall_time_s"] > 0
+    done = train_category(cfg, "Femur")
+    assert (
+        done["status"] == "completed" and done["earlier_attempts_wall_time_s"] == first["total_wall_time_s"]
+    )
+    assert done["total_wall_time_s"] == pytest.approx(
+        first["total_wall_time_s"] + done["wall_time_s"], abs=0.02
+    )
+    assert done["first_start_time"] == first["start_time"]
+    # an attempt that died without a word counts up to its last summary write (a checkpoint)
+    dead = {
+        "status": "running",
+        "earlier_attempts_wall_time_s": 50.0,
+        "total_wall_time_s": 50.0,
+        "start_time": "2026-01-01T10:00:00+00:00",
+        "updated": "2026-01-01T10:02:00+00:00",
+    }
+    assert _earlier_wall_time(dead) == 170.0
+    assert _earlier_wall_time({**dead, "status": "interrupted"}) == 50.0  # it said what it took
+    assert _earlier_wall_time({"status": "running", "start_time": "garbage"}) == 0.0
+
+
 def test_awaiting_labels_is_not_an_error(job_factory):
     cfg = job_factory()
     summary = train_category(cfg, "Cervix")
@@ -162,8 +246,14 @@ def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
     cs = prepare_data(cfg, get_category("Abdomen"), out, resuming=False)
     torch.manual_seed(0)
     loaded = load_base_model(cfg.model.name_or_path, device="cpu")
-    model = apply_lora(loaded, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"],
-                       modules_to_save=cfg.lora.modules_to_save)
+    model = apply_lora(
+        loaded,
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=cfg.lora.modules_to_save,
+    )
     # perturb LoRA B (zero at init) so gradients reach A too
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -171,8 +261,12 @@ def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
                 p.normal_(0, 0.05)
     set_train_mode(model)
     bc = model.get_base_model().config
-    enc = Encoder(loaded.processor, num_query_tokens=bc.num_query_tokens, image_token_id=bc.image_token_id,
-                  eos_token_id=eos_token_id(model, loaded.processor))
+    enc = Encoder(
+        loaded.processor,
+        num_query_tokens=bc.num_query_tokens,
+        image_token_id=bc.image_token_id,
+        eos_token_id=eos_token_id(model, loaded.processor),
+    )
     samples = cs.train[:12]
     encoded = [enc.encode(s) for s in samples]
     results = []
