@@ -44,7 +44,7 @@ import torch
 from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_category
 from fada_batch.collate import Encoded, Encoder, Sample
 from fada_batch.config import JobConfig
-from fada_batch.model import LoadedModel, apply_lora, base_of, eos_token_id, load_base_model
+from fada_batch.model import LoadedModel, apply_lora_section, base_of, eos_token_id, load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +251,7 @@ def load_for_bench(
     mc, lc = cfg.model, cfg.lora
     torch.manual_seed(cfg.train.seed)
     loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=quantization)
-    apply_lora(
-        loaded,
-        r=lc.r,
-        alpha=lc.alpha,
-        dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        modules_to_save=lc.modules_to_save,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    apply_lora_section(loaded, lc, gradient_checkpointing=gradient_checkpointing)
     _sync(loaded.device)
     return loaded, time.perf_counter() - t0
 

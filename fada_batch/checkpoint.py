@@ -93,7 +93,8 @@ def _rng_state() -> dict[str, torch.Tensor]:
 def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available():
-        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        keys = [k for k in state if k.startswith("cuda") and k[4:].isdigit()]
+        cuda = [state[k] for k in sorted(keys, key=lambda k: int(k[4:]))]  # cuda10 after cuda9
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
 

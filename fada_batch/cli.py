@@ -224,9 +224,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
     limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task
     requeues itself with `scontrol requeue` (up to cluster.max_requeues) and resumes there."""
+    from fada_batch.launch import match_threads_to_allocation
     from fada_batch.train import StopRequested, train_category
 
     cfg = _load(args)
+    match_threads_to_allocation()
     if args.task_index is not None:
         cats = _job_categories(cfg)
         if not 0 <= args.task_index < len(cats):

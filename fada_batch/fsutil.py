@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,82 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+EMPTY_LOCK_GRACE_S = 60.0  # a lock file without content younger than this is being written
+
+
+def _publish_lock(lock: Path, content: dict[str, Any]) -> bool:
+    """Create `lock` holding `content`, atomically and only if it does not exist.
+
+    The content is written to a private file first and hard-linked into place, so no reader
+    ever sees a lock without its holder (with create-then-write, a contender reading in
+    between took the empty file for stale and removed a live lock). Where the file system
+    has no hard links, an exclusive create followed by the write.
+    """
+    private = lock.with_name(f"{lock.name}.new-{uuid.uuid4().hex[:12]}")
+    private.write_text(json.dumps(content))
+    try:
+        os.link(private, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some FUSE and object-store mounts)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            private.unlink()
+
+
+@dataclass(frozen=True)
+class _LockFile:
+    holder: dict[str, Any]  # {} when unreadable or empty
+    raw: bytes  # the content as read: holder + `since` make it unique to one taking
+    inode: tuple[int, int]
+    mtime: float
+
+
+def _read_lock(lock: Path) -> _LockFile | None:
+    """The lock file as it is now (None when there is none)."""
+    try:
+        with open(lock, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(raw or b"{}")
+    except ValueError:
+        holder = {}
+    return _LockFile(holder if isinstance(holder, dict) else {}, raw, (st.st_dev, st.st_ino), st.st_mtime)
+
+
+def _remove_if_same(lock: Path, seen: _LockFile) -> None:
+    """Remove `lock` only if it is still the stale file `seen`.
+
+    It is first renamed aside (atomic); if what was moved is a lock that a contender took
+    meanwhile (other content, or another inode), it is linked back, so a live lock is never
+    lost. Content counts too because a new file may get the inode number of a removed one.
+    """
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:12]}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    try:
+        moved = _read_lock(aside)
+        if moved is not None and (moved.raw, moved.inode) != (seen.raw, seen.inode):
+            with contextlib.suppress(OSError):
+                os.link(aside, lock)
+    finally:
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+
 @contextlib.contextmanager
 def category_lock(
     folder: Path, *, stale_after_s: float = 6 * 3600, purpose: str = "trained"
@@ -153,9 +230,11 @@ def category_lock(
     """Hold `folder/.lock` while training (or evaluating, `purpose="evaluated"`) into `folder`:
     keeps duplicate submissions, and an evaluation and a retraining, apart.
 
-    The lock file records host, pid, SLURM job id and time. A lock is stale (and taken over)
-    when its process is gone on this host, or, for another host, when it has not been
-    refreshed for `stale_after_s` seconds (the holder touches it at every checkpoint).
+    The lock file records host, pid, SLURM job id, time and purpose, and appears whole (see
+    `_publish_lock`). A lock is stale (and taken over) when its process is gone on this host,
+    or, for another host, when it has not been refreshed for `stale_after_s` seconds (the
+    holder touches it at every checkpoint); a lock without a readable holder is stale once it
+    is older than EMPTY_LOCK_GRACE_S.
 
     Raises:
         LockedError: naming the holder and how to proceed.
@@ -169,44 +248,43 @@ def category_lock(
         "since": time.time(),
         "purpose": purpose,
     }
-    for _attempt in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder: dict[str, Any] = {}
-            with contextlib.suppress(OSError, ValueError):
-                holder = json.loads(lock.read_text() or "{}")
-            age = time.time() - lock.stat().st_mtime if lock.exists() else 0.0
-            same_host = holder.get("host") == me["host"]
-            pid = holder.get("pid")
-            stale = (
-                not holder
-                or (same_host and isinstance(pid, int) and not pid_alive(pid))
-                or (not same_host and age > stale_after_s)
-            )
-            if stale:
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            raise LockedError(
-                f"{folder} is being {holder.get('purpose', 'trained')} by another task "
-                f"(host {holder.get('host')}, "
-                f"pid {pid}, SLURM job {holder.get('slurm_job_id')}, lock {lock}). "
-                "Two tasks must not write the same category at once: wait for it to finish, "
-                "cancel it, or use another output.root. If that task is dead on another host, "
-                f"delete {lock}."
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    for _attempt in range(5):
+        if _publish_lock(lock, me):
+            break
+        found = _read_lock(lock)
+        if found is None:  # released in between: try again
+            continue
+        holder = found.holder
+        age = time.time() - found.mtime
+        same_host = holder.get("host") == me["host"]
+        pid = holder.get("pid")
+        stale = (
+            (not holder and age > EMPTY_LOCK_GRACE_S)
+            or (same_host and isinstance(pid, int) and not pid_alive(pid))
+            or (bool(holder) and not same_host and age > stale_after_s)
+        )
+        if stale:
+            _remove_if_same(lock, found)
+            continue
+        raise LockedError(
+            f"{folder} is being {holder.get('purpose', 'trained')} by another task "
+            f"(host {holder.get('host', '?')}, pid {pid}, SLURM job {holder.get('slurm_job_id')}, "
+            f"lock {lock}). Two tasks must not write the same category at once: wait for it to "
+            f"finish, cancel it, or use another output.root. If that task is dead on another "
+            f"host, delete {lock}."
+        )
     else:
         raise LockedError(f"could not take the lock {lock} after removing a stale one; retry")
     try:
         yield lock
     finally:
-        with contextlib.suppress(OSError):
-            held = json.loads(lock.read_text() or "{}")
-            if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
+        found = _read_lock(lock)
+        if (
+            found is not None
+            and found.holder.get("pid") == me["pid"]
+            and found.holder.get("host") == me["host"]
+        ):
+            with contextlib.suppress(OSError):
                 lock.unlink()
 
 
@@ -230,7 +308,9 @@ def ensure_writable(folder: Path, *, what: str = "output folder", key: str = "ou
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".write-probe{TMP_MARK}", dir=folder)
         os.close(fd)
-        os.unlink(probe)
+        # a task that holds this folder's lock may already have swept it away as a stale temp
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
     except OSError as e:
         raise NotWritableError(
             f"the {what} {folder} is not writable: {e.strerror or e}. Point {key} at a folder "

@@ -308,6 +308,19 @@ def apply_lora(
     return peft_model
 
 
+def apply_lora_section(loaded: LoadedModel, lora: Any, *, gradient_checkpointing: bool = False) -> Any:
+    """`apply_lora` with the job's `lora:` section (r, alpha, dropout, target and saved modules)."""
+    return apply_lora(
+        loaded,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
 def base_of(model: Any) -> Any:
     """The `Blip2ForConditionalGeneration` inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -39,7 +39,7 @@ from fada_batch.fsutil import (
 )
 from fada_batch.model import (
     LoadedModel,
-    apply_lora,
+    apply_lora_section,
     eos_token_id,
     lm_logits,
     load_base_model,
@@ -386,19 +386,12 @@ def train_category(
         log.info("%s: awaiting labels (no sheet); nothing to train", category.name)
         return summary
 
-    try:
-        previous = read_summary(out_dir)
-    except ValueError:
-        previous = None
-    if not force and previous and previous.get("status") == "completed" and final_model_complete(out_dir):
-        log.info(
-            "%s: already completed (%s); skipping. Use --force to train it again.",
-            category.name,
-            out_dir / FINAL_MODEL,
-        )
+    if not force and (previous := _completed(out_dir, category)) is not None:
         return previous
-
     with category_lock(out_dir):
+        # another task may have completed it while this one waited for the lock
+        if not force and (previous := _completed(out_dir, category)) is not None:
+            return previous
         return _train_locked(
             cfg,
             category,
@@ -409,6 +402,22 @@ def train_category(
             requeues=requeues,
             progress_stream=progress_stream,
         )
+
+
+def _completed(out_dir: Path, category: Category) -> dict[str, Any] | None:
+    """The summary of a completed category with a complete adapter, else None."""
+    try:
+        previous = read_summary(out_dir)
+    except ValueError:
+        return None
+    if previous and previous.get("status") == "completed" and final_model_complete(out_dir):
+        log.info(
+            "%s: already completed (%s); skipping. Use --force to train it again.",
+            category.name,
+            out_dir / FINAL_MODEL,
+        )
+        return previous
+    return None
 
 
 def _train_locked(
@@ -526,18 +535,10 @@ def _run_training(
     should_stop: Callable[[], bool] | None,
     progress_stream: Any,
 ) -> dict[str, Any]:
-    tc, mc, lc = cfg.train, cfg.model, cfg.lora
+    tc, mc = cfg.train, cfg.model
     torch.manual_seed(tc.seed)  # LoRA init; dropout RNG continues from here (or the checkpoint)
     loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization)
-    model = apply_lora(
-        loaded,
-        r=lc.r,
-        alpha=lc.alpha,
-        dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        modules_to_save=lc.modules_to_save,
-        gradient_checkpointing=mc.gradient_checkpointing,
-    )
+    model = apply_lora_section(loaded, cfg.lora, gradient_checkpointing=mc.gradient_checkpointing)
     device = loaded.device
     base_config = model.get_base_model().config
     eos = eos_token_id(model, loaded.processor)

@@ -117,6 +117,26 @@ def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, c
     assert summary["device"]["cuda_visible_devices"] == "1,0"  # the workstation's GPUs, as given
 
 
+def test_threads_follow_the_slurm_allocation_unless_told(monkeypatch):
+    import torch
+
+    from fada_batch.launch import match_threads_to_allocation
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+        assert match_threads_to_allocation() == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's word wins
+        torch.set_num_threads(before)
+        assert match_threads_to_allocation() is None and torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")  # not under SLURM: torch's own choice
+        assert match_threads_to_allocation() is None and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_local_tasks_get_this_process_gpus(monkeypatch):
     from fada_batch.launch import _same_gpus_line
 

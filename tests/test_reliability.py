@@ -4,6 +4,7 @@ unsafe or corrupt checkpoints, unwritable outputs, missing models, and the pre-f
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,74 @@ def test_stale_lock_of_a_dead_task_does_not_block(job_factory):
     (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
     assert train_category(cfg, "Femur")["status"] == "completed"
     assert not (folder / ".lock").exists()
+
+
+def test_lock_races(tmp_path):
+    """The lock's two races: a lock file seen before its holder is written in it (an empty
+    file is live while young), and two tasks taking over one stale lock (the second must not
+    remove the lock the first has just taken)."""
+    from fada_batch import fsutil
+
+    folder = tmp_path / "blip2_femur"
+    folder.mkdir()
+    lock = folder / ".lock"
+    lock.write_text("")  # a holder between create and write (an older fada-batch, or no links)
+    with pytest.raises(LockedError, match="is being trained by another task"), category_lock(folder):
+        pass
+    old = time.time() - fsutil.EMPTY_LOCK_GRACE_S - 5
+    os.utime(lock, (old, old))  # ... and one that died there
+    with category_lock(folder):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    stale = fsutil._read_lock(lock)
+    lock.unlink()  # the first contender took it over ...
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "purpose": "trained"}))
+    fsutil._remove_if_same(lock, stale)  # ... and the second, judging the old one, must keep it
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing left aside
+
+
+_CONTENDER = """
+import json, sys, time
+from pathlib import Path
+from fada_batch.fsutil import LockedError, category_lock
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # all contenders at one instant
+try:
+    with category_lock(folder):
+        t0 = time.time(); time.sleep(0.3); t1 = time.time()
+        print(json.dumps([t0, t1]))
+except LockedError:
+    print("null")
+"""
+
+
+def test_contenders_for_a_stale_lock_hold_it_one_at_a_time(tmp_path):
+    """Six real processes start at one instant on a folder whose lock a dead task left: the
+    stale lock is taken over, and no two of them ever hold the lock at the same time."""
+    folder = tmp_path / "blip2_femur"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    start = time.time() + 3.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(folder), str(start)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    spans = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    held = sorted(s for s in spans if s)
+    assert held, "nobody took over the stale lock"
+    for (_a0, a1), (b0, _b1) in itertools.pairwise(held):
+        assert b0 >= a1, f"two holders at once: {held}"
+    assert not (folder / ".lock").exists()
+    assert sorted(p.name for p in folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
@@ -215,6 +285,46 @@ def test_validate_cli_reports_every_problem_and_exit_status(job_factory, demo_ro
     assert cli_main(["validate", "--job", str(job), "--categories", "Abdomen,Femur"]) == 0
 
 
+def test_write_probe_swept_by_the_lock_holder_is_not_an_error(tmp_path, monkeypatch):
+    """A task holding a category's lock sweeps temp files (a killed writer's) at its start; a
+    second task's write probe in that instant must not read as "not writable"."""
+    import tempfile
+
+    from fada_batch import fsutil
+
+    real = tempfile.mkstemp
+
+    def mkstemp_then_swept(*args, **kwargs):
+        fd, path = real(*args, **kwargs)
+        fsutil.remove_stale_tmp(Path(path).parent)  # the lock holder, in between
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_swept)
+    assert fsutil.ensure_writable(tmp_path / "blip2_femur") == tmp_path / "blip2_femur"
+
+
+def test_category_completed_while_waiting_for_the_lock_is_not_retrained(job_factory, monkeypatch):
+    """Checked before and again under the lock: a task that found the category running, then
+    got the lock after the other task completed it, returns the completed summary untouched."""
+    import fada_batch.train as train_mod
+
+    cfg = job_factory(QUICK)
+    done = train_category(cfg, "Femur")
+    out = Path(cfg.output.root) / "blip2_femur"
+    adapter = out / FINAL_MODEL / "adapter_model.safetensors"
+    stamp = (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text())
+    real, calls = train_mod._completed, []
+
+    def still_running_at_first(*args):
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)  # the first look saw it running
+
+    monkeypatch.setattr(train_mod, "_completed", still_running_at_first)
+    again = train_category(cfg, "Femur")
+    assert len(calls) == 2 and again["status"] == "completed" and again["end_time"] == done["end_time"]
+    assert (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text()) == stamp
+
+
 def test_duplicate_submission_two_processes_one_trains(job_factory, tmp_path):
     """Two real processes start the same category at once: one trains, the other is refused
     with the lock message, and the result is complete and uncorrupted."""
@@ -232,7 +342,7 @@ def test_duplicate_submission_two_processes_one_trains(job_factory, tmp_path):
         assert "already completed" in errors
     else:
         assert codes == [0, 1], errors
-        assert "is being trained by another task" in errors
+        assert "is being trained by another task" in errors, errors[-3000:]
     out = Path(cfg.output.root) / "blip2_femur"
     assert json.loads((out / "training_summary.json").read_text())["status"] == "completed"
     load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
