@@ -281,7 +281,7 @@ def bench_ours(
     out of memory the micro-batch is halved and the step retried, as in training.
     """
     from fada_batch.features import FeatureSource
-    from fada_batch.train import accumulate_step, epoch_steps, set_train_mode
+    from fada_batch.train import accumulate_step, epoch_steps, run_with_oom_backoff, set_train_mode
 
     tc = cfg.train
     model, device = loaded.model, loaded.device
@@ -314,19 +314,15 @@ def bench_ours(
             if i == warmup:
                 _sync(device)
                 t_start, c_start = time.perf_counter(), time.process_time()
-            while True:
-                try:
-                    accumulate_step(
-                        model, features, inputs.samples, inputs.encoded, encoder, device, step, micro
-                    )
-                    break
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    if micro == 1:
-                        raise
-                    micro //= 2
-                    notes.append(f"CUDA out of memory: micro-batch halved to {micro}")
+            _, micro = run_with_oom_backoff(
+                lambda m, step=step: accumulate_step(
+                    model, features, inputs.samples, inputs.encoded, encoder, device, step, m
+                ),
+                micro,
+                optimizer=optimizer,
+                device=device,
+                on_backoff=lambda m: notes.append(f"CUDA out of memory: micro-batch halved to {m}"),
+            )
             if tc.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()

@@ -404,6 +404,39 @@ def train_category(
         )
 
 
+def run_with_oom_backoff(
+    run_step: Callable[[int], Any],
+    micro: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    on_backoff: Callable[[int], None],
+) -> tuple[Any, int]:
+    """`run_step(micro)`; on CUDA out of memory, drop the step's partial gradients, hand the
+    cache back, halve the micro-batch (the caller keeps the effective batch: more micro-batches
+    per step), tell `on_backoff`, and retry. Returns the step's result and the micro-batch used.
+
+    Raises:
+        RuntimeError: out of memory even with a micro-batch of 1 (says what to change).
+    """
+    while True:
+        try:
+            return run_step(micro), micro
+        except torch.OutOfMemoryError as e:
+            if micro == 1:
+                raise RuntimeError(
+                    "out of memory even with a micro-batch of 1: set model.quantization=8bit (or "
+                    "4bit) and/or model.gradient_checkpointing=true, or use a larger GPU"
+                ) from e
+        # Out of the except block the traceback's frames, and the activations they hold, are
+        # gone: only now can the cache be handed back.
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        micro = max(1, micro // 2)
+        on_backoff(micro)
+
+
 def _completed(out_dir: Path, category: Category) -> dict[str, Any] | None:
     """The summary of a completed category with a complete adapter, else None."""
     try:
@@ -649,29 +682,24 @@ def _run_training(
             )
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            while True:
-                try:
-                    step_loss = accumulate_step(
-                        model, features, cs.train, train_enc, encoder, device, step, micro
-                    )
-                    break
-                except torch.OutOfMemoryError as e:
-                    optimizer.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if micro == 1:
-                        raise RuntimeError(
-                            "out of memory even with a micro-batch of 1: set "
-                            "model.quantization=8bit (or 4bit) and/or "
-                            "model.gradient_checkpointing=true, or use a larger GPU"
-                        ) from e
-                    micro = max(1, micro // 2)
-                    progress.line(
-                        f"CUDA out of memory: micro-batch halved to {micro}, "
-                        f"{math.ceil(tc.batch_size * accum / micro)} micro-batches per optimizer "
-                        f"step (same effective batch of {tc.batch_size * accum}); retrying the step"
-                    )
-                    state.micro_batch_size = micro
+
+            def halved(new_micro: int) -> None:
+                progress.line(
+                    f"CUDA out of memory: micro-batch halved to {new_micro}, "
+                    f"{math.ceil(tc.batch_size * accum / new_micro)} micro-batches per optimizer "
+                    f"step (same effective batch of {tc.batch_size * accum}); retrying the step"
+                )
+                state.micro_batch_size = new_micro
+
+            step_loss, micro = run_with_oom_backoff(
+                lambda m, step=step: accumulate_step(
+                    model, features, cs.train, train_enc, encoder, device, step, m
+                ),
+                micro,
+                optimizer=optimizer,
+                device=device,
+                on_backoff=halved,
+            )
             if tc.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()

@@ -224,6 +224,36 @@ def test_wall_time_adds_up_over_attempts(job_factory):
     assert _earlier_wall_time({"status": "running", "start_time": "garbage"}) == 0.0
 
 
+def test_oom_backoff_halves_until_it_fits_and_gives_up_at_one():
+    """The back-off itself: each retry starts without the failed try's partial gradients,
+    halves the micro-batch and says so; at a micro-batch of 1 it stops with what to change."""
+    from fada_batch.train import run_with_oom_backoff
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    tried, told, grads_at_entry = [], [], []
+
+    def step(micro):
+        tried.append(micro)
+        grads_at_entry.append(p.grad)
+        p.grad = torch.ones(2)  # a failed try leaves gradients of its first micro-batches
+        if micro > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return "loss"
+
+    cpu = torch.device("cpu")
+    assert run_with_oom_backoff(step, 16, optimizer=opt, device=cpu, on_backoff=told.append) == ("loss", 2)
+    assert tried == [16, 8, 4, 2] and told == [8, 4, 2]
+    assert all(g is None for g in grads_at_entry)
+
+    def never_fits(micro):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match=r"micro-batch of 1: set model\.quantization=8bit") as e:
+        run_with_oom_backoff(never_fits, 4, optimizer=opt, device=cpu, on_backoff=told.append)
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError) and told[-2:] == [2, 1]
+
+
 def test_awaiting_labels_is_not_an_error(job_factory):
     cfg = job_factory()
     summary = train_category(cfg, "Cervix")
