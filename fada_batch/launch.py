@@ -329,6 +329,19 @@ def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: boo
     return {"array_job_id": array_id, "tasks": task_ids, "collector_job_id": collector.job_id}
 
 
+LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # `--executor local`: a month, i.e. none
+
+
+def local_parameters(cfg: JobConfig) -> dict[str, Any]:
+    """submitit parameters of `--executor local` (a workstation's tasks, one after another).
+
+    No time limit: cluster.time_min is SLURM's, and submitit's local executor would signal,
+    checkpoint and restart a task at it (a few times at most), so a long category would lose
+    time to restarts and could stop unfinished. The tasks see this process's GPUs.
+    """
+    return {"timeout_min": LOCAL_TIMEOUT_MIN, "name": f"fada-{cfg.name}", "local_setup": [_same_gpus_line()]}
+
+
 def _same_gpus_line() -> str:
     """A shell line that gives a local task this process's GPUs.
 
@@ -347,9 +360,7 @@ def _run_here(
     """`local`/`debug`: tasks one after another (one GPU), then the collector."""
     ex = _executor(cfg, kind, plan.log_dir)
     if kind == "local":
-        ex.update_parameters(
-            timeout_min=cfg.cluster.time_min, name=f"fada-{cfg.name}", local_setup=[_same_gpus_line()]
-        )
+        ex.update_parameters(**local_parameters(cfg))
     outcome: dict[str, str] = {}
     for name in plan.submit:
         t0 = time.time()

@@ -138,7 +138,12 @@ def test_threads_follow_the_slurm_allocation_unless_told(monkeypatch):
 
 
 def test_local_tasks_get_this_process_gpus(monkeypatch):
-    from fada_batch.launch import _same_gpus_line
+    from fada_batch.config import config_from_dict
+    from fada_batch.launch import _same_gpus_line, local_parameters
+
+    cfg = config_from_dict({"cluster": {"time_min": 30}})
+    params = local_parameters(cfg)  # a workstation has no SLURM limit to meet
+    assert params["timeout_min"] >= 7 * 24 * 60 and params["local_setup"] == [_same_gpus_line()]
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert _same_gpus_line() == "unset CUDA_VISIBLE_DEVICES"
