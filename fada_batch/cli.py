@@ -506,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "urllib3", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # transformers reads this at import: no "Loading weights" bars in batch logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
