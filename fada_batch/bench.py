@@ -281,7 +281,13 @@ def bench_ours(
     out of memory the micro-batch is halved and the step retried, as in training.
     """
     from fada_batch.features import FeatureSource
-    from fada_batch.train import accumulate_step, epoch_steps, run_with_oom_backoff, set_train_mode
+    from fada_batch.train import (
+        accumulate_step,
+        epoch_steps,
+        micro_batches,
+        run_with_oom_backoff,
+        set_train_mode,
+    )
 
     tc = cfg.train
     model, device = loaded.model, loaded.device
@@ -330,7 +336,7 @@ def bench_ours(
             if i >= warmup:
                 samples += len(step)
                 tokens += sum(lengths[j] for j in step)
-                padded += sum(len(mb) * max(lengths[j] for j in mb) for mb in _chunks(step, micro))
+                padded += sum(len(mb) * max(lengths[j] for j in mb) for mb in micro_batches(step, micro))
         _sync(device)
         seconds = time.perf_counter() - t_start
         cpu_seconds = time.process_time() - c_start
@@ -357,10 +363,6 @@ def bench_ours(
         gradient_checkpointing=_checkpointing_on(model),
         notes=notes,
     )
-
-
-def _chunks(step: list[int], n: int) -> list[list[int]]:
-    return [step[i : i + n] for i in range(0, len(step), n)]
 
 
 def _checkpointing_on(model: Any) -> bool:
