@@ -172,8 +172,13 @@ def weight_bytes(config: Any, dtype: torch.dtype) -> dict[str, int]:
 
 def training_bytes(weights: int) -> int:
     """GPU memory to train LoRA on weights of `weights` bytes: +20% (LoRA weights, AdamW state,
-    gradients, allocator slack) and 3 GiB (activations of 16 rows of ~100 tokens, fp32 logits
-    over OPT's 50k vocabulary for the loss, the CUDA context)."""
+    gradients, allocator slack) and 3 GiB (activations, fp32 logits over OPT's 50k vocabulary
+    for the loss, the CUDA context).
+
+    Measured on the full blip2-opt-2.7b architecture in bf16 (scripts/gpu_benchmark.py
+    --ours-only, docs/performance.md): autograd keeps 3.9 GB for a micro-batch of 16 rows
+    padded to 75 tokens, ~3.2 MB per token. So 3 GiB holds a micro-batch of at least ~6 rows
+    with the rest; on a card where 16 rows do not fit, the out-of-memory back-off halves it."""
     return int(weights * 1.2) + 3 * GiB
 
 

@@ -37,10 +37,12 @@ image), so its ratio equals the samples/s ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -143,6 +145,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: 8bit when bitsandbytes runs it on this GPU, else none (always none on CPU)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="weights (auto: bf16 on a GPU that has it, else fp32)",
+    )
+    p.add_argument(
+        "--ours-only", action="store_true", help="skip the seed's recipe (e.g. to measure our memory alone)"
+    )
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the seed's timing starts at the end of a warm-up step)")
@@ -221,6 +232,35 @@ def make_samples(n_images: int, config: Any, g: torch.Generator) -> tuple[list[S
     return samples, encoded
 
 
+class SavedActivations:
+    """Bytes that autograd keeps for the backward pass during a forward (distinct storages,
+    weights left out): the activation memory of a training step, the same on any device,
+    which a CPU's resident size does not show (its kernels keep their own weight copies)."""
+
+    def __init__(self, model: Any) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self._hooks: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class CachedFeatures:
     """The feature cache's interface (`get`) over precomputed features."""
 
@@ -275,11 +315,13 @@ def run_ours(
     set_train_mode(model)
     features = CachedFeatures(cache)
     real = padded = 0
+    saved = SavedActivations(model)
     for i, step in enumerate(plan):
         if i == args.warmup:
             sync(device)
             t_start = time.perf_counter()
-        accumulate_step(model, features, samples, encoded, encoder, device, step, args.batch)
+        with saved if i == 0 else contextlib.nullcontext():  # the first (warm-up) step only
+            accumulate_step(model, features, samples, encoded, encoder, device, step, args.batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -288,6 +330,7 @@ def run_ours(
             padded += len(step) * max(lengths[j] for j in step)
     sync(device)
     seconds = time.perf_counter() - t_start
+    saved_tokens = len(plan[0]) * max(lengths[j] for j in plan[0])  # padded rows of that step
     n = args.steps * args.batch
     model_flops = 4 * flops["n_lm"] * padded
     return {
@@ -304,6 +347,8 @@ def run_ours(
         "feature_cache_s": round(feature_s, 3),
         "feature_s_per_image": round(feature_s / args.images, 5),
         "peak_memory_gb": peak_gb(device),
+        "saved_activations_gb": round(saved.nbytes / 2**30, 3),
+        "saved_activations_tokens": saved_tokens,
         "model_tflops_per_s": round(model_flops / seconds / 1e12, 4),
         "useful_tflops_per_s": round(useful_flops(flops, real / n, n) / seconds / 1e12, 4),
     }, model
@@ -426,6 +471,23 @@ def run_seed(
     }
 
 
+def proc_status_gb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (Linux), in GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return round(int(line.split()[1]) / 2**20, 2)  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_rss_peak() -> None:
+    """Reset the kernel's peak resident set size (VmHWM) of this process (Linux)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Write `data` whole or not at all (a temporary file renamed over `path`)."""
     tmp = Path(f"{path}.tmp")
@@ -448,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     config = build_config(FULL if args.scale == "full" else TINY)
     counts = parameter_counts(config)
@@ -479,11 +544,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        rss_before = proc_status_gb("VmRSS") if device.type != "cuda" else None
+        reset_rss_peak()
         ours, peft_model = run_ours(model, config, args, device, dtype, flops)
         print(f"ours: {ours['samples_per_s']} samples/s, peak {ours['peak_memory_gb']} GB", flush=True)
         ours["mfu"] = round(ours["model_tflops_per_s"] / peak, 4) if peak else None
+        if device.type != "cuda":  # the CPU's counterpart of the GPU's peak: resident memory
+            ours["process_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            ours["rss_before_gb"] = rss_before
+            ours["peak_rss_gb"] = proc_status_gb("VmHWM")  # since the reset: features + training
         # ours alone first: a run cut short in the seed's part still leaves these figures
-        write_json(args.out, {**result, "ours": ours, "seed": None, "partial": True})
+        write_json(args.out, {**result, "ours": ours, "seed": None, "partial": not args.ours_only})
+        if args.ours_only:
+            print(f"{name}: ours {ours['samples_per_s']} samples/s; written {args.out}")
+            return 0
         base = peft_model.unload()  # the same base weights, without our adapter, for the seed
         del model, peft_model
         free_memory()

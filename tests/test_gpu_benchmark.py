@@ -63,6 +63,27 @@ def test_tiny_run_on_cpu_writes_figures(tmp_path):
     assert "4*N_lm*T" in result["mfu_formula"]
 
 
+def test_ours_only_in_bf16_gives_our_figures_and_process_memory(tmp_path):
+    """`--ours-only --dtype bfloat16` on the CPU: the memory check of docs/performance.md."""
+    out = tmp_path / "ours.json"
+    proc = run_script(
+        "--scale",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--ours-only",
+        "--out",
+        str(out),
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["seed"] is None and not result["partial"] and "ratio" not in result
+    assert result["ours"]["dtype"] == "bfloat16" and result["ours"]["process_peak_rss_gb"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_full_run_on_gpu(tmp_path):
