@@ -31,6 +31,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_REQUEUED = 3  # stopped on a signal after a checkpoint; resumes when run again
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 def _add_job_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -520,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: what was saved stays (checkpoints, finished categories); "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except (ConfigError, UnknownCategoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -518,6 +518,17 @@ def _train_locked(
         summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
+    except KeyboardInterrupt:  # the user stopped it (Ctrl-C): not a failure of the category
+        latest_now = ckpt.find_latest(out_dir)
+        summary.update(
+            status="interrupted",
+            end_time=now_iso(),
+            checkpoint=str(latest_now) if latest_now else None,
+            message="stopped by the user (SIGINT); run the same command again to resume",
+        )
+        summary.update(_wall_times(t_start, earlier_wall))
+        write_summary(out_dir, summary)
+        raise
     except BaseException as e:
         summary.update(
             status="failed",

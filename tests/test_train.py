@@ -224,6 +224,42 @@ def test_wall_time_adds_up_over_attempts(job_factory):
     assert _earlier_wall_time({"status": "running", "start_time": "garbage"}) == 0.0
 
 
+def test_ctrl_c_marks_the_category_interrupted_and_a_rerun_resumes(
+    job_factory, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C (KeyboardInterrupt) is the user's stop, not the category's failure: the summary
+    says interrupted and how to resume; the CLI exits 130 with the same advice."""
+    from fada_batch.cli import main
+
+    cfg = job_factory(SMALL)
+    polls = iter(range(1000))
+
+    def ctrl_c_at_the_fifth_poll() -> bool:
+        if next(polls) == 4:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        train_category(cfg, "Femur", should_stop=ctrl_c_at_the_fifth_poll)
+    out = Path(cfg.output.root) / "blip2_femur"
+    stopped = json.loads((out / "training_summary.json").read_text())
+    assert stopped["status"] == "interrupted" and "run the same command again" in stopped["message"]
+    assert stopped["checkpoint"] and Path(stopped["checkpoint"]).is_dir()  # checkpoint_every_steps=2
+    resumed = train_category(cfg, "Femur")
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fada_batch.train.train_category", interrupted)
+    job = tmp_path / "job.yaml"
+    from fada_batch.config import dump_yaml
+
+    job.write_text(dump_yaml(cfg))
+    assert main(["train", "--job", str(job), "--category", "Thorax"]) == 130
+    assert "interrupted: what was saved stays" in capsys.readouterr().err
+
+
 def test_oom_backoff_halves_until_it_fits_and_gives_up_at_one():
     """The back-off itself: each retry starts without the failed try's partial gradients,
     halves the micro-batch and says so; at a micro-batch of 1 it stops with what to change."""
