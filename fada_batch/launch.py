@@ -172,7 +172,10 @@ def make_plan(
     smallest_first: bool = False,
 ) -> Plan:
     """Order the ready categories by size (largest first by default: shortest array wall time)."""
-    sizes = {d.category.name: d.stats.images_usable for d in pf.results}
+    cap = cfg.data.num_images  # what each task will train on (5 for a validation run)
+    sizes = {
+        d.category.name: min(d.stats.images_usable, cap) if cap else d.stats.images_usable for d in pf.results
+    }
     ready = [d.category.name for d in pf.ready]
     ready.sort(key=lambda c: (sizes[c], c) if smallest_first else (-sizes[c], c))
     return Plan(

@@ -95,6 +95,13 @@ def test_order_largest_first_by_default_smallest_with_sort_by_size(job_factory, 
     assert largest.slurm["timeout_min"] == cfg.cluster.time_min
 
 
+def test_plan_counts_the_images_a_task_will_train_on(job_factory):
+    cfg = job_factory({"data.num_images": 5})  # the seed's validation run
+    plan = make_plan(cfg, preflight(cfg), executor="slurm")
+    assert {plan.sizes[c] for c in plan.submit} == {5}
+    assert "Abdomen (5 images)" in plan.describe()
+
+
 def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, capsys, monkeypatch):
     # submitit's local executor would hand its tasks CUDA_VISIBLE_DEVICES="" (no GPU)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
