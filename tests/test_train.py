@@ -116,19 +116,11 @@ def test_saved_adapter_reloads_with_same_logits(femur_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from fada_batch.model import apply_lora, load_base_model
+    from fada_batch.model import apply_lora_section, load_base_model
 
     cfg, _summary, out = femur_run
-    lc = cfg.lora
     trained = load_base_model(str(tiny_model_dir), device="cpu")
-    apply_lora(
-        trained,
-        r=lc.r,
-        alpha=lc.alpha,
-        dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        modules_to_save=lc.modules_to_save,
-    )
+    apply_lora_section(trained, cfg.lora)
     weights = load_file(str(list_checkpoints(out)[-1][1] / "adapter_model.safetensors"))
     params = dict(trained.model.named_parameters())
     with torch.no_grad():
