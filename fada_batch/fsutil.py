@@ -102,18 +102,24 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir(mode=0o777 & ~_umask())
     try:
         yield tmp
-        fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f"{target.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(finished: Path, target: Path) -> None:
+    """Rename the complete folder `finished` to `target`, replacing what is there: the old
+    folder is moved aside first (a temp name that a resume sweeps) and deleted last."""
+    fsync_tree(finished)
+    old = None
+    if target.exists():
+        old = target.parent / f"{target.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(finished, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:

@@ -35,7 +35,6 @@ import errno
 import fnmatch
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch import __version__
-from fada_batch.fsutil import TMP_MARK, atomic_write_json, fsync_tree
+from fada_batch.fsutil import TMP_MARK, atomic_write_json, replace_dir
 from fada_batch.model import ModelLoadError, check_model_folder
 
 log = logging.getLogger(__name__)
@@ -154,7 +153,7 @@ def stage_model(
             "fada_batch_version": __version__,
         },
     )
-    _move_into_place(staging, target)
+    replace_dir(staging, target)
     size = sum((target / name).stat().st_size for name in files)
     return StageResult(target, model, commit, len(files), size, False, verification)
 
@@ -492,19 +491,6 @@ def _check_space(staging: Path, need: int) -> None:
             f"{free / 1e9:.2f} GB are free. Free space there or pass --to a folder on a file "
             "system with room."
         )
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished `staging` folder to `target`, replacing what is there (--force or an
-    empty folder): the old folder is moved aside first and deleted last."""
-    fsync_tree(staging)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- verification --------------------------------------------------------------------------

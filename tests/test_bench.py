@@ -3,6 +3,7 @@ the `quantization: auto` rule. Speed is measured and printed, never asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,30 +32,11 @@ def bench_model_dir(tmp_path_factory):
 
 
 def blip2_opt_27b_config():
-    """Salesforce/blip2-opt-2.7b's architecture, from the values in scripts/gpu_benchmark.py."""
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
-
-    return Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=1408,
-            num_hidden_layers=39,
-            num_attention_heads=16,
-            intermediate_size=6144,
-            image_size=224,
-            patch_size=14,
-        ).to_dict(),
-        qformer_config=Blip2QFormerConfig().to_dict(),
-        text_config=OPTConfig(
-            hidden_size=2560,
-            num_hidden_layers=32,
-            ffn_dim=10240,
-            num_attention_heads=32,
-            vocab_size=50272,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=2560,
-        ).to_dict(),
-        num_query_tokens=32,
-    )
+    """Salesforce/blip2-opt-2.7b's architecture: the published values in scripts/gpu_benchmark.py."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    return gb.build_config(gb.FULL)
 
 
 # ------------------------------------------------------------------------------- estimate
