@@ -522,6 +522,7 @@ def _train_locked(
         latest_now = ckpt.find_latest(out_dir)
         summary.update(
             status="interrupted",
+            stop_reason="user",
             end_time=now_iso(),
             checkpoint=str(latest_now) if latest_now else None,
             message="stopped by the user (SIGINT); run the same command again to resume",
