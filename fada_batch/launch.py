@@ -107,6 +107,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         reason = requeue.classify_signal(
             self._signum,
             warning_signal=signal.SIGUSR2,
+            left_s=requeue.seconds_left(),
             elapsed_s=time.time() - self._started,
             time_limit_s=cfg.cluster.time_min * 60,
             signal_delay_s=cfg.cluster.signal_delay_s,

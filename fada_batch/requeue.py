@@ -39,6 +39,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STOP_REASONS = ("time_limit", "preempted", "requeue_limit", "requeue_failed", "user")
 REQUEST_ENV = "FADA_REQUEUE_REQUEST"
+END_ENV = "FADA_JOB_END_EPOCH"  # the job's end time (its limit), as the batch script read it
 # SLURM sends the `--signal` warning up to a minute before the time it was asked for (its
 # signal check runs every 30 s); a warning that comes this much earlier still is a time limit.
 WARNING_SLACK_S = 90
@@ -76,10 +78,18 @@ def restart_count() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def seconds_left() -> float | None:
+    """Seconds until this job's time limit, from the end time the batch script read with
+    squeue (`FADA_JOB_END_EPOCH`); None when unknown (not set, or no limit)."""
+    end = os.environ.get(END_ENV, "")
+    return float(end) - time.time() if end.isdigit() else None
+
+
 def classify_signal(
     signum: int,
     *,
     warning_signal: int,
+    left_s: float | None,
     elapsed_s: float,
     time_limit_s: float | None,
     signal_delay_s: float,
@@ -88,10 +98,16 @@ def classify_signal(
 
     The warning signal (`--signal`, sent `signal_delay_s` before the limit) is a time limit
     when it comes near the end of the allocation, and a preemption (`scancel --signal`, a
-    site's preemption warning) any earlier. SIGTERM is SLURM ending the job (preemption,
-    `scontrol requeue`, `scancel`): `preempted`.
+    site's preemption warning) any earlier. Near the end: `left_s`, the seconds left before
+    the job's own limit, when known; else the time since the task started against the
+    job's configured limit. SIGTERM is SLURM ending the job (preemption, `scontrol
+    requeue`, `scancel`): `preempted`.
     """
-    if signum != warning_signal or not time_limit_s:
+    if signum != warning_signal:
+        return "preempted"
+    if left_s is not None:
+        return "time_limit" if left_s <= signal_delay_s + WARNING_SLACK_S else "preempted"
+    if not time_limit_s:
         return "preempted"
     return "time_limit" if elapsed_s >= time_limit_s - signal_delay_s - WARNING_SLACK_S else "preempted"
 
@@ -241,6 +257,9 @@ def batch_setup_lines(log_dir: Path) -> list[str]:
         "# are (the task may run in an image without a SLURM client).",
         f'export {REQUEST_ENV}={folder}/"${{SLURM_JOB_ID}}.json"',
         f'mkdir -p {folder} && rm -f "${REQUEST_ENV}"',
+        "# the job's end time, so that the task tells its time limit from a preemption",
+        'fada_end="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)"',
+        f'if [ -n "$fada_end" ] && fada_end="$(date -d "$fada_end" +%s 2>/dev/null)"; then export {END_ENV}="$fada_end"; fi',
     ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,19 +21,34 @@ USR2, TERM = signal.SIGUSR2, signal.SIGTERM
 
 
 @pytest.mark.parametrize(
-    ("signum", "elapsed", "limit", "reason"),
+    ("signum", "left", "elapsed", "limit", "reason"),
     [
-        (USR2, 9 * 60, 10 * 60, "time_limit"),  # the warning, 60 s early (signal check period)
-        (USR2, 25, 60, "time_limit"),  # a 1-minute limit: every warning is the limit
-        (USR2, 60, 10 * 60, "preempted"),  # `scancel --signal=USR2` early in the run
-        (TERM, 9 * 60, 10 * 60, "preempted"),  # SLURM ends the job
+        (USR2, 75, 0, None, "time_limit"),  # the warning, 45 s early (signal check period)
+        (USR2, 500, 9 * 60, 10 * 60, "preempted"),  # the job's own end time wins over the config
+        (USR2, None, 9 * 60, 10 * 60, "time_limit"),  # end time unknown: elapsed vs the config
+        (USR2, None, 25, 60, "time_limit"),  # a 1-minute limit: every warning is the limit
+        (USR2, None, 60, 10 * 60, "preempted"),  # `scancel --signal=USR2` early in the run
+        (TERM, 10, 9 * 60, 10 * 60, "preempted"),  # SLURM ends the job
     ],
 )
-def test_a_stop_signal_is_a_time_limit_near_the_end_else_a_preemption(signum, elapsed, limit, reason):
+def test_a_stop_signal_is_a_time_limit_near_the_end_else_a_preemption(signum, left, elapsed, limit, reason):
     got = requeue.classify_signal(
-        signum, warning_signal=USR2, elapsed_s=elapsed, time_limit_s=limit, signal_delay_s=30
+        signum, warning_signal=USR2, left_s=left, elapsed_s=elapsed, time_limit_s=limit, signal_delay_s=30
     )
     assert got == reason
+
+
+def test_the_batch_script_exports_the_job_end_time(tmp_path, monkeypatch):
+    fake_tool(tmp_path / "bin", "squeue", 'echo "2031-05-04T03:02:01"')
+    lines = "\n".join([*requeue.batch_setup_lines(tmp_path / "logs"), f'echo "${requeue.END_ENV}"'])
+    env = {"PATH": f"{tmp_path}/bin:/usr/bin:/bin", "SLURM_JOB_ID": "5", "TZ": "UTC"}
+    r = subprocess.run(["bash", "-c", lines], env=env, capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "1935630121", r.stderr  # 2031-05-04T03:02:01Z
+    monkeypatch.setenv(requeue.END_ENV, "1935630121")
+    assert requeue.seconds_left() == pytest.approx(1935630121 - time.time(), abs=5)
+    fake_tool(tmp_path / "bin", "squeue", "exit 1")  # no squeue answer: no end time
+    r = subprocess.run(["bash", "-c", lines], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == ""
 
 
 @pytest.fixture()

@@ -1,0 +1,144 @@
+"""Preemption, the requeue limit and a requeue that cannot happen, on the REAL local SLURM.
+
+Plain host Python (no image): `fada-batch submit`'s array with submitit, as on a site.
+
+- `scancel --signal=USR2` (a preemption warning) and `scontrol requeue` (SLURM ends the task
+  with SIGTERM and requeues it) each save a checkpoint at the next step; the requeued task
+  resumes from exactly that checkpoint and completes.
+- After `cluster.max_requeues` requeues the task is not requeued again: the summary says
+  `interrupted` / `requeue_limit` with how to go on, and the collector's report names it.
+- A requeue that the batch script cannot do (`--no-requeue`) is an error in the task's log
+  and its summary (`failed` / `requeue_failed`), not a quiet FAILED.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from clusterjobs import SMALL, read_summary_now, sacct, summary, task_log, wait_done, wait_for
+
+from fada_batch.launch import submit
+
+pytestmark = pytest.mark.slurm
+
+# Long enough to still be training when signalled, short enough to end soon after the resume.
+PREEMPTIBLE = {
+    **SMALL,
+    "cluster.time_min": 10,
+    "cluster.max_requeues": 3,
+    "data.num_images": 24,
+    "train.batch_size": 8,
+    "train.num_epochs": 12,
+    "train.checkpoint_every_steps": 5,
+}
+# Never done within a 1-minute limit: each run is stopped by the time-limit warning.
+ENDLESS = {
+    **SMALL,
+    "cluster.time_min": 1,
+    "data.num_images": 60,
+    "train.batch_size": 8,
+    "train.num_epochs": 400,
+    "train.checkpoint_every_steps": 0,
+}
+
+
+def saved_and_resumed(log: str) -> tuple[list[int], list[int]]:
+    """Steps of the checkpoints saved on a stop request, and of those resumed from."""
+    saved = [int(s) for s in re.findall(r"stop requested: saved checkpoint-(\d+)", log)]
+    resumed = [int(s) for s in re.findall(r"resuming from checkpoint-(\d+) \(step \d+\)", log)]
+    return saved, resumed
+
+
+def test_preemption_signal_and_scontrol_requeue_resume_from_the_saved_checkpoint(slurm_conf, job_factory):
+    cfg = job_factory({**PREEMPTIBLE, "data.categories": ["Abdomen", "Femur"]})
+    record = submit(cfg, executor="slurm")
+    tasks, root, logs = record["tasks"], Path(cfg.output.root), Path(cfg.output.root) / "logs"
+
+    def checkpointed(category: str) -> bool:
+        s = read_summary_now(root, category)
+        folder = root / f"blip2_{category.lower()}"
+        return bool(s and s.get("status") == "running" and list(folder.glob("checkpoint-*")))
+
+    wait_for("both tasks training, with a checkpoint", lambda: all(map(checkpointed, tasks)), 300)
+    subprocess.run(["scancel", "--signal=USR2", tasks["Abdomen"]], check=True, timeout=30)
+    subprocess.run(["scontrol", "requeue", tasks["Femur"]], check=True, timeout=30)
+    wait_done(record["array_job_id"], 600, expected=2)
+
+    for category, signal_name in (("Abdomen", "SIGUSR2"), ("Femur", "SIGTERM")):
+        log = task_log(logs, tasks[category])
+        s = summary(root, category)
+        assert s["status"] == "completed", (category, s.get("error"), log[-3000:])
+        assert s["requeues"] == 1 and s["resumes"] >= 1, s
+        assert f"caught {signal_name}: checkpointing at the next step" in log
+        saved, resumed = saved_and_resumed(log)
+        assert len(saved) == 1 and resumed == saved, (category, saved, resumed)
+        runs = sacct(tasks[category], duplicates=True)
+        assert [r["State"] for r in runs] == ["REQUEUED", "COMPLETED"], runs
+    abdomen = task_log(logs, tasks["Abdomen"])
+    # the task asked, the batch script (on the host) requeued it
+    assert "Abdomen: was preempted; requeued by the batch script on the host" in abdomen
+    assert f"the task asked for a requeue: scontrol requeue {tasks['Abdomen']}" in abdomen
+
+
+@pytest.fixture(scope="module")
+def stopped_jobs(slurm_conf, tiny_model_dir, demo_root, tmp_path_factory):
+    """Two submissions at once (they run side by side): one that reaches the requeue limit,
+    one whose requeue the batch script cannot do (`--no-requeue`)."""
+    from fada_batch.config import config_from_dict, load_job
+
+    def job(name: str, extra: dict) -> object:
+        raw = load_job(Path(__file__).resolve().parent.parent / "job" / "demo.yaml").to_dict()
+        raw["data"]["root"] = str(demo_root)
+        raw["model"]["name_or_path"] = str(tiny_model_dir)
+        raw["output"]["root"] = str(tmp_path_factory.mktemp(name) / "out puts")
+        raw["train"]["log_every_s"] = 0.0
+        for k, v in {**ENDLESS, "data.categories": ["Femur"], **extra}.items():
+            section, key = k.split(".", 1)
+            raw[section][key] = v
+        return config_from_dict(raw)
+
+    limit = job("limit", {"cluster.max_requeues": 1})
+    failing = job("noreq", {"cluster.extra_sbatch": {"no-requeue": True}})
+    return {
+        "limit": (limit, submit(limit, executor="slurm")),
+        "failing": (failing, submit(failing, executor="slurm")),
+    }
+
+
+def test_max_requeues_gives_up_with_a_clear_status(stopped_jobs):
+    cfg, record = stopped_jobs["limit"]
+    task, root = record["tasks"]["Femur"], Path(cfg.output.root)
+    wait_done(record["array_job_id"], 600)
+    wait_done(record["collector_job_id"], 300)
+    runs = sacct(task, duplicates=True)
+    assert [r["State"] for r in runs] == ["REQUEUED", "FAILED"], runs
+    s = summary(root, "Femur")
+    assert s["status"] == "interrupted" and s["stop_reason"] == "requeue_limit", s
+    assert s["requeues"] == 1
+    assert "cluster.max_requeues=1" in s["message"]
+    assert "fada-batch submit --job JOB --categories Femur" in s["message"]
+    assert re.search(rf"from checkpoint-{s['last_step']}\b", s["message"]), s["message"]
+    log = task_log(root / "logs", task)
+    assert "ERROR" in log and "not requeued" in log
+    saved, resumed = saved_and_resumed(log)
+    assert len(saved) == 2 and resumed == saved[:1] and saved[1] == s["last_step"], (saved, resumed)
+    report = (root / "report.md").read_text()
+    assert "Femur" in report and str(s["last_step"]) in report
+
+
+def test_a_requeue_the_batch_script_cannot_do_is_an_error_in_the_summary(stopped_jobs):
+    cfg, record = stopped_jobs["failing"]
+    task, root = record["tasks"]["Femur"], Path(cfg.output.root)
+    wait_done(record["array_job_id"], 600)
+    runs = sacct(task, duplicates=True)
+    assert [r["State"] for r in runs] == ["FAILED"], runs
+    s = summary(root, "Femur")
+    assert s["status"] == "failed" and s["stop_reason"] == "requeue_failed", s
+    assert f"scontrol requeue {task}" in s["error"]
+    assert "The checkpoint is kept" in s["message"] and "--categories Femur" in s["message"]
+    log = task_log(root / "logs", task)
+    assert f"[fada-batch] ERROR: scontrol requeue {task} failed" in log
+    assert not list((root / "logs" / "requeue").glob("*.json")), "the request is cleared"
