@@ -27,6 +27,7 @@ from typing import Any
 
 import submitit
 from submitit.core.job_environment import SignalHandler
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from fada_batch import requeue
 from fada_batch.config import JobConfig, config_from_dict
@@ -102,8 +103,11 @@ class TrainTask(submitit.helpers.Checkpointable):
             )
             return
         owner = getattr(handler, "__self__", None)
-        if not isinstance(owner, SignalHandler) or self._signum is None:
-            return  # not a SLURM task (local/debug executor): nothing to requeue
+        if self._signum is None or handler is None:
+            return  # not under submitit (debug executor): nothing to requeue
+        if not isinstance(owner, SignalHandler) or not isinstance(owner.env, SlurmJobEnvironment):
+            handler(self._signum, None)  # the local executor: its own checkpoint-and-restart
+            return
         reason = requeue.classify_signal(
             self._signum,
             warning_signal=signal.SIGUSR2,

@@ -353,10 +353,26 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
     }
     docker_sources = {s for s in docker_sources if not any(s.startswith(f"{o}/") for o in docker_sources)}
     assert {src for src, _ in files} == docker_sources
-    # The same build-time steps after the install.
+    # The same build-time steps after the install: the version, and the tiny model in the same
+    # folder (the .def with the CLI; the Dockerfile with the function the CLI calls, in a layer
+    # of its own that stays cached while the package changes).
     run = " ".join(rest for word, rest in dockerfile() if word == "RUN")
-    for step in ("fada-batch --version", "fada-batch make-tiny-model /opt/fada-batch/models/tiny-blip2"):
-        assert step in run and step in sections["post"], step
+    assert "fada-batch --version" in run and "fada-batch --version" in sections["post"]
+    tiny = "/opt/fada-batch/models/tiny-blip2"
+    assert f"fada-batch make-tiny-model {tiny}" in sections["post"]
+    assert f"make_tiny_model(Path(sys.argv[1])))' {tiny}" in run
+
+
+def test_tiny_model_layer_copies_every_module_the_tiny_model_imports():
+    """The Dockerfile builds the tiny model from a few modules copied alone: they must be all
+    that `fada_batch.tiny` imports of the package (else the build fails there)."""
+    code = "import sys, fada_batch.tiny; print(' '.join(sorted(m for m in sys.modules if m.startswith('fada_batch'))))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    needed = {m.replace(".", "/") + (".py" if "." in m else "/__init__.py") for m in r.stdout.split()}
+    copy = next(
+        rest.split() for word, rest in dockerfile() if word == "COPY" and "fada_batch/tiny.py" in rest
+    )
+    assert set(copy[:-1]) == needed
 
 
 def test_runscript_and_test_call_the_entrypoint():
