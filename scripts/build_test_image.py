@@ -10,12 +10,10 @@ No image registry is reachable from CI, so the base is made from Debian's packag
 
 Steps 1 and 2 are cached under tags keyed by a hash of their inputs (podman's own image
 store, /var/lib/containers); step 3 reuses podman's layer cache (the dependency layer is
-rebuilt only when requirements.lock or pyproject.toml change), which lives in podman's
-intermediate images: `podman image prune` reclaims their space and loses the cache. Each
-step prints its time, and the image sizes are printed at the end. The last line is
-`FADA_TEST_IMAGE=<tag>`; with
-`--env-file F` the variables the container tests need (FADA_TEST_IMAGE, CONTAINERS_CONF) are
-written to F as `export` lines.
+rebuilt only when requirements.lock or pyproject.toml change); what earlier builds left
+untagged is pruned. Each step prints its time, and the image sizes are printed at the end.
+The last line is `FADA_TEST_IMAGE=<tag>`; with `--env-file F` the variables the container
+tests need (FADA_TEST_IMAGE, CONTAINERS_CONF) are written to F as `export` lines.
 
 This machine's ways stay here, never in the Dockerfile:
 - podman's config: runc where the cgroup hierarchy is not unified (crun fails there), and
@@ -230,6 +228,9 @@ def main() -> int:
             args.tag,
             str(REPO),
         )
+    # Untagged leftovers of earlier builds (the image this build replaced and its own layers);
+    # the layers this image is made of stay, and with them the cache for the next build.
+    subprocess.run(["podman", "image", "prune", "--force"], capture_output=True, check=False)
     for tag in (debian, base, args.tag):
         print(f"[build] size {tag}: {image_size(tag)}", flush=True)
     print(f"[build] total {time.time() - t0:.1f} s", flush=True)
