@@ -111,7 +111,13 @@ def runs(slurm_conf, image, demo_root, tmp_path_factory):
     run(["scontrol", "release", record["collector_job_id"]])
     no_request = job(
         "no-request",
-        {"data.categories": ["Femur"], "data.num_images": 60, "train.num_epochs": 400, "cluster.time_min": 1},
+        {
+            "data.categories": ["Femur"],
+            "data.num_images": 60,
+            "train.num_epochs": 400,
+            "cluster.time_min": 1,
+            "cluster.signal_delay_s": 55,  # see tests/test_preemption.py's ENDLESS
+        },
         ("SLURM*", "SUBMITIT_*"),
     )
     return {"demo": demo, "no_request": no_request}
