@@ -752,6 +752,7 @@ def _run_training(
         last_ckpt = checkpoint_now()
         epoch += 1
         if should_stop is not None and should_stop() and not done and epoch < tc.num_epochs:
+            progress.line(f"stop requested: saved {last_ckpt.name}; exiting for requeue")
             progress.close()
             raise StopRequested(last_ckpt)
     progress.close()

@@ -92,12 +92,13 @@ def runs(slurm_conf, image, demo_root, tmp_path_factory):
         "in-image",
         {
             "data.categories": ["Abdomen", "Femur", "Cervix"],
-            # Femur: ~840 steps, more than its first run can do before the warning (25 steps/s
-            # on an idle CPU; the warning comes 0-30 s into a run with a 1-minute limit)
+            # Femur: ~1,100 steps, more than its first run can do before the warning (25 steps/s
+            # on an idle CPU; the warning comes 10-40 s into a run with a 1-minute limit, see
+            # tests/test_preemption.py's ENDLESS)
             "data.num_images": 40,
-            "train.num_epochs": 30,
+            "train.num_epochs": 40,
             "cluster.time_min": 10,
-            "cluster.signal_delay_s": 55,
+            "cluster.signal_delay_s": 20,
             "cluster.max_requeues": 3,
             "cluster.extra_sbatch": {"hold": True},
         },
@@ -116,7 +117,7 @@ def runs(slurm_conf, image, demo_root, tmp_path_factory):
             "data.num_images": 60,
             "train.num_epochs": 400,
             "cluster.time_min": 1,
-            "cluster.signal_delay_s": 55,  # see tests/test_preemption.py's ENDLESS
+            "cluster.signal_delay_s": 20,  # see tests/test_preemption.py's ENDLESS
         },
         ("SLURM*", "SUBMITIT_*"),
     )

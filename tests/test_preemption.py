@@ -14,8 +14,10 @@ Plain host Python (no image): `fada-batch submit`'s array with submitit, as on a
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ from clusterjobs import SMALL, read_summary_now, sacct, summary, task_log, wait_
 from fada_batch.launch import submit
 
 pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
 
 # ~1,700 steps: still training when signalled after its first checkpoint, even on an idle CPU
 # (~25 steps/s); once the resume is seen, the test cancels what is left (minutes on a busy one).
@@ -36,13 +40,14 @@ PREEMPTIBLE = {
     "train.num_epochs": 100,
     "train.checkpoint_every_steps": 5,
 }
-# Never done within a 1-minute limit: each run is stopped by the time-limit warning. SLURM
-# looks at time limits every 30 s or so: a warning asked for 10 s before the limit was missed
-# when no look fell in those 10 s (the job then ends TIMEOUT); 55 s always holds one.
+# Never done within a 1-minute limit: each run is stopped by the time-limit warning. slurmctld
+# looks at time limits every 30 s and warns when at most `signal_delay_s` + 30 s are left: with
+# 20 s that is 10-60 s into a run. Earlier (55 s) it came while Python was still starting,
+# before any handler, and killed the task; 10 s was once never delivered (the job ran out).
 ENDLESS = {
     **SMALL,
     "cluster.time_min": 1,
-    "cluster.signal_delay_s": 55,
+    "cluster.signal_delay_s": 20,
     "data.num_images": 60,
     "train.batch_size": 8,
     "train.num_epochs": 400,
@@ -100,7 +105,7 @@ def stopped_jobs(slurm_conf, tiny_model_dir, demo_root, tmp_path_factory):
     from fada_batch.config import config_from_dict, load_job
 
     def job(name: str, extra: dict) -> object:
-        raw = load_job(Path(__file__).resolve().parent.parent / "job" / "demo.yaml").to_dict()
+        raw = load_job(REPO / "job" / "demo.yaml").to_dict()
         raw["data"]["root"] = str(demo_root)
         raw["model"]["name_or_path"] = str(tiny_model_dir)
         raw["output"]["root"] = str(tmp_path_factory.mktemp(name) / "out puts")
@@ -112,10 +117,31 @@ def stopped_jobs(slurm_conf, tiny_model_dir, demo_root, tmp_path_factory):
 
     limit = job("limit", {"cluster.max_requeues": 1})
     failing = job("noreq", {"cluster.extra_sbatch": {"no-requeue": True}})
+    plain = job("plain", {"cluster.max_requeues": 1})
     return {
         "limit": (limit, submit(limit, executor="slurm")),
         "failing": (failing, submit(failing, executor="slurm")),
+        "plain": (plain, submit_plain_sbatch(plain)),
     }
+
+
+def submit_plain_sbatch(cfg) -> str:
+    """slurm/train_array.sbatch for the job's one category, with a 1-minute limit."""
+    from fada_batch.config import dump_yaml
+
+    top = Path(cfg.output.root).parent
+    job_file = top / "job.yaml"
+    job_file.write_text(dump_yaml(cfg))
+    env = {
+        **os.environ,
+        "FADA_BATCH": str(Path(sys.executable).parent / "fada-batch"),
+        "FADA_REQUEUE_DIR": str(top),
+    }
+    script = REPO / "slurm" / "train_array.sbatch"
+    limits = ["--array=0-0", "--time=1", "--signal=USR1@20", "--cpus-per-task=1", "--mem=2G"]
+    cmd = ["sbatch", "--parsable", *limits, f"--output={top}/train-%A_%a.out", str(script), str(job_file)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=top, check=True, timeout=30)
+    return out.stdout.strip().split(";")[0]
 
 
 def test_max_requeues_gives_up_with_a_clear_status(stopped_jobs):
@@ -152,3 +178,19 @@ def test_a_requeue_the_batch_script_cannot_do_is_an_error_in_the_summary(stopped
     log = task_log(root / "logs", task)
     assert f"[fada-batch] ERROR: scontrol requeue {task} failed" in log
     assert not list((root / "logs" / "requeue").glob("*.json")), "the request is cleared"
+
+
+def test_plain_sbatch_script_requeues_on_the_host_then_stops_at_the_limit(stopped_jobs):
+    """slurm/train_array.sbatch: `fada-batch train` asks, the script requeues with scontrol."""
+    cfg, array_id = stopped_jobs["plain"]
+    root, task = Path(cfg.output.root), f"{array_id}_0"
+    wait_done(task, 600)
+    assert [r["State"] for r in sacct(task, duplicates=True)] == ["REQUEUED", "FAILED"]
+    s = summary(root, "Femur")
+    assert s["status"] == "interrupted" and s["stop_reason"] == "requeue_limit", s
+    assert s["requeues"] == 1 and "cluster.max_requeues=1" in s["message"]
+    log = (root.parent / f"train-{array_id}_0.out").read_text()
+    assert f"the task asked for a requeue: scontrol requeue {task}" in log
+    saved, resumed = saved_and_resumed(log)
+    assert len(saved) == 2 and resumed == saved[:1], (saved, resumed)
+    assert "ERROR" in log and not list(root.parent.glob("fada-requeue-*.json"))
