@@ -25,13 +25,17 @@ ONCE = ("bitsandbytes",)
 
 
 class OncePerMessage(logging.Filter):
-    """Passes each distinct (logger, message template) once."""
+    """On a handler: passes each distinct message template of the loggers under `names` once
+    (a filter on the `bitsandbytes` logger itself would not see its child loggers' records)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ONCE) -> None:
         super().__init__()
+        self.names = names
         self.seen: set[tuple[str, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == n or record.name.startswith(n + ".") for n in self.names):
+            return True
         key = (record.name, str(record.msg))
         if key in self.seen:
             return False
@@ -51,10 +55,9 @@ def setup_logging(verbose: bool = False) -> None:
         return
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ONCE:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OncePerMessage) for f in logger.filters):
-            logger.addFilter(OncePerMessage())
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, OncePerMessage) for f in handler.filters):
+            handler.addFilter(OncePerMessage())
     # transformers reads these at import; when it is imported already, set them on it directly
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
