@@ -401,6 +401,9 @@ def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
     category is skipped, and a checkpoint resumed, only under an equal fingerprint.
     """
     flat = _flatten(cfg.to_dict())
+    # the steps hold batch_size x grad_accum_steps samples whatever the split into micro-batches
+    # (the loss is the mean over the step's tokens): only the product changes the adapter
+    flat["train.effective_batch_size"] = flat.pop("train.batch_size") * flat.pop("train.grad_accum_steps")
     return {
         k: v
         for k, v in sorted(flat.items())

@@ -4,9 +4,11 @@
 
 Setup, train, save, clean up, top to bottom. Running it again resumes from the latest
 complete checkpoint in the category's output folder (found at run time), and a completed
-category is skipped unless `force=True`. The code never knows whether it runs under SLURM: a
-launcher that wants a checkpoint-and-stop passes `should_stop`, polled after every optimizer
-step.
+category is skipped unless `force=True`; both only under the same training fingerprint
+(`config.training_fingerprint`), else `FingerprintMismatch` says which keys differ. The
+adapter that ships is the step with the lowest validation loss (`train.final_model: best`)
+or the last one. The code never knows whether it runs under SLURM: a launcher that wants a
+checkpoint-and-stop passes `should_stop`, polled after every optimizer step.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from fada_batch.fsutil import (
 from fada_batch.model import (
     LoadedModel,
     apply_lora_section,
+    base_of,
     eos_token_id,
     forward_autocast,
     lm_logits,
@@ -236,7 +239,9 @@ def batch_loss_sum(
         num_query_tokens=encoder.num_query_tokens,
     )
     feats = features.get([s.image for s in samples])  # (B, Q, H)
-    with forward_autocast(device, features.loaded.dtype):
+    # the base's load dtype, read off its (never quantised) input embeddings
+    dtype = base_of(model).get_input_embeddings().weight.dtype
+    with forward_autocast(device, dtype):
         logits = lm_logits(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), feats
         )  # (B, T, V)
@@ -299,8 +304,6 @@ def evaluate_loss(
 
 def set_train_mode(model: Any) -> None:
     """LoRA (and the language model's dropout) in train mode; frozen vision side in eval."""
-    from fada_batch.model import base_of
-
     model.train()
     base = base_of(model)
     for m in (base.vision_model, base.qformer, base.language_projection):

@@ -65,6 +65,13 @@ def test_fingerprint_covers_what_changes_the_adapter_only():
     assert training_fingerprint(moved) == fp
     other = config_from_dict({**base.to_dict(), "train": {**base.to_dict()["train"], "num_epochs": 5}})
     assert fingerprint_diff(fp, training_fingerprint(other)) == ["train.num_epochs: 3 -> 5"]
+    # smaller micro-batches, more accumulation: the same steps, the same adapter
+    split = {**base.to_dict()["train"], "batch_size": 4, "grad_accum_steps": 4}
+    assert training_fingerprint(config_from_dict({**base.to_dict(), "train": split})) == fp
+    doubled = {**base.to_dict()["train"], "grad_accum_steps": 2}
+    assert fingerprint_diff(
+        fp, training_fingerprint(config_from_dict({**base.to_dict(), "train": doubled}))
+    ) == ["train.effective_batch_size: 16 -> 32"]
 
 
 def test_validation_and_full_jobs_write_to_different_roots():
