@@ -558,20 +558,7 @@ def evaluate_loaded(
     )
     assert base is not None
     seconds = time.time() - t0
-    rows = [
-        {
-            "image": s.image,
-            "question": question_label(s.question_index),
-            "question_text": questions[s.question_index],
-            "reference": s.answer,
-            "adapter_prediction": a.text,
-            "base_prediction": b.text,
-            "majority_prediction": majority.get(s.question_index, ""),
-            "adapter_no_eos": "" if a.ended else "1",
-            "base_no_eos": "" if b.ended else "1",
-        }
-        for s, a, b in zip(held_out, adapter, base, strict=True)
-    ]
+    rows = prediction_rows(held_out, questions, adapter, base, majority)
     no_eos = {"adapter": no_eos_counts(held_out, adapter), "base": no_eos_counts(held_out, base)}
     if no_eos["adapter"]["overall"]:
         log.warning(
@@ -598,6 +585,30 @@ def evaluate_loaded(
     )
     write_eval(out_dir, rows, metrics)
     return metrics
+
+
+def prediction_rows(
+    held_out: list[Sample],
+    questions: list[str],
+    adapter: list[Generated],
+    base: list[Generated],
+    majority: dict[int, str],
+) -> list[dict[str, str]]:
+    """The rows of predictions.csv (PREDICTION_COLUMNS), one per held-out answer."""
+    return [
+        {
+            "image": s.image,
+            "question": question_label(s.question_index),
+            "question_text": questions[s.question_index],
+            "reference": s.answer,
+            "adapter_prediction": a.text,
+            "base_prediction": b.text,
+            "majority_prediction": majority.get(s.question_index, ""),
+            "adapter_no_eos": "" if a.ended else "1",
+            "base_no_eos": "" if b.ended else "1",
+        }
+        for s, a, b in zip(held_out, adapter, base, strict=True)
+    ]
 
 
 def write_eval(out_dir: Path, rows: list[dict[str, str]], metrics: dict[str, Any]) -> Path:

@@ -641,14 +641,7 @@ def _train_locked(
     latest = None if force else ckpt.find_latest(out_dir)
     if latest is not None:
         _check_checkpoint(cfg, category, out_dir, latest)
-    first_start, earlier_wall = now_iso(), 0.0
-    if latest is not None:  # a resumed or requeued run: keep the first attempt's start and time
-        try:
-            prev = read_summary(out_dir) or {}
-        except ValueError:
-            prev = {}
-        first_start = prev.get("first_start_time") or prev.get("start_time") or first_start
-        earlier_wall = _earlier_wall_time(prev)
+    first_start, earlier_wall = _earlier_attempts(out_dir) if latest is not None else (now_iso(), 0.0)
     summary.update(
         status="running",
         start_time=now_iso(),
@@ -711,6 +704,15 @@ def _train_locked(
         summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
+
+
+def _earlier_attempts(out_dir: Path) -> tuple[str, float]:
+    """A resumed or requeued run: the first attempt's start time and the earlier attempts' wall time."""
+    try:
+        prev = read_summary(out_dir) or {}
+    except ValueError:
+        prev = {}
+    return prev.get("first_start_time") or prev.get("start_time") or now_iso(), _earlier_wall_time(prev)
 
 
 def _number(value: Any) -> float | None:
