@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a --base-model other than the adapter's (the same model staged elsewhere)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="answer length limit (default: what the adapter's training answers need, as recorded with it)",
+    )
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
 
@@ -498,17 +502,9 @@ def cmd_stage_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "urllib3", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        # transformers reads this at import: no "Loading weights" bars in batch logs
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from fada_batch.logsetup import setup_logging
+
+    setup_logging(verbose=args.verbose)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -325,7 +325,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.last_step = r.steps
     r.last_checkpoint = _str(s.get("last_checkpoint")) or _str(s.get("checkpoint"))
     spe = _summary_steps_per_epoch(s, (r.qa_pairs or {}).get("train"))
-    r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.steps)
+    r.val_loss_steps = _pairs(s.get("val_loss_steps")) or _val_at_steps(r.val_loss, spe, r.steps)
 
 
 def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
@@ -520,6 +520,9 @@ def collect_category(
         r.detail = ", ".join(x for x in done if x) or "completed"
         if r.wall_time_s is not None:
             r.detail += f" in {fmt_duration(r.wall_time_s)}"
+        shipped = _dict(summary.get("shipped"))
+        if shipped.get("step") is not None:  # which step's adapter is final_model/, and why
+            r.detail += f"; ships step {shipped['step']}: {shipped.get('reason', shipped.get('kind'))}"
         adapter = Path(r.adapter_path) if r.adapter_path else None
         if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
             r.detail += f"; adapter missing at {r.adapter_path}"

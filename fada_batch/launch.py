@@ -46,8 +46,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         self._signum: int | None = None
 
     def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
+        from fada_batch.logsetup import setup_logging
         from fada_batch.train import StopRequested, train_category
 
+        setup_logging()  # a fresh process: none of the CLI's logging set-up is here
         cfg = config_from_dict(job, source="submitted job")
         match_threads_to_allocation()
         handler = _install_stop_handler(self)
@@ -117,7 +119,9 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
         RuntimeError: when a requested category failed (so the dependent job shows FAILED).
     """
     from fada_batch.collect import collect
+    from fada_batch.logsetup import setup_logging
 
+    setup_logging()
     cfg = config_from_dict(job, source="submitted job")
     # runs after the array ended (afterany): anything still marked running is incomplete
     result = collect(
@@ -266,12 +270,20 @@ def submit(
     `slurm`: an array job plus a collector job with `--dependency=afterany:<array>`; returns
     at once with the IDs. `local`: the same tasks as subprocesses, one after another, then the
     collector. `debug`: in this process. Writes `submission.json` in the output root.
+
+    Raises:
+        FingerprintMismatch: (without `force`) categories whose folders hold a completed adapter
+            or checkpoints trained under another training config; nothing is submitted.
     """
     out = out or sys.stdout
     ensure_writable(Path(cfg.output.root))
     pf = preflight(cfg, categories)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
     print(plan.describe(), file=out, flush=True)
+    if not force:  # refuse now, not in each task: completed/checkpointed under another config
+        from fada_batch.train import check_fingerprints
+
+        check_fingerprints(cfg, plan.submit)
     if dry_run:
         print("dry run: nothing submitted", file=out, flush=True)
         return {"dry_run": True, "plan": plan.submit}
