@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,9 +33,11 @@ from fada_batch.fsutil import (
     atomic_write_text,
     category_lock,
     ensure_writable,
+    remove_dir,
     remove_stale_tmp,
     touch,
 )
+from fada_batch.killpoints import reached
 from fada_batch.model import (
     LoadedModel,
     apply_lora_section,
@@ -468,8 +469,9 @@ def _train_locked(
     remove_stale_tmp(out_dir)
     if force:
         ckpt.remove_all(out_dir)
-        shutil.rmtree(out_dir / FINAL_MODEL, ignore_errors=True)
+        remove_dir(out_dir / FINAL_MODEL)
         (out_dir / "split.json").unlink(missing_ok=True)
+    reached("setup.locked")
     latest = ckpt.find_latest(out_dir)
     first_start, earlier_wall = now_iso(), 0.0
     if latest is not None:  # a resumed or requeued run: keep the first attempt's start and time
@@ -500,6 +502,7 @@ def _train_locked(
     config_yaml = dump_yaml(cfg)
     atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
     write_summary(out_dir, summary)
+    reached("setup.data")
     try:
         return _run_training(
             cfg,
@@ -613,7 +616,9 @@ def _run_training(
             moved = ckpt.quarantine(latest)
             log.warning("%s: %s; moved it to %s and trying the previous one", category.name, e, moved.name)
             latest = ckpt.find_latest(out_dir)
+    reached("setup.model")
     if latest is not None:
+        reached("setup.resumed", state.global_step)
         state.resumes += 1
         micro = state.micro_batch_size or micro  # keep an earlier out-of-memory back-off
         if state.config_hash != cfg.config_hash():
@@ -653,6 +658,7 @@ def _run_training(
     t_feat = time.time()
     features.warm(cs.split.train + cs.split.val)
     feature_s = time.time() - t_feat
+    reached("setup.features")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -679,8 +685,14 @@ def _run_training(
     epoch = state.epoch
     lengths = [len(e.input_ids) for e in train_enc]
     while not done and epoch < tc.num_epochs:
+        # the effective batch, not `micro * accum`: after an out-of-memory back-off (here or
+        # in an earlier attempt) the steps, and so the data order, stay those of the first plan
         steps = epoch_steps(
-            lengths, seed=tc.seed, epoch=epoch, step_size=micro * accum, group_by_length=tc.group_by_length
+            lengths,
+            seed=tc.seed,
+            epoch=epoch,
+            step_size=tc.batch_size * accum,
+            group_by_length=tc.group_by_length,
         )
         for s_index in range(state.step_in_epoch, len(steps)):
             step = steps[s_index]
@@ -711,6 +723,7 @@ def _run_training(
                 device=device,
                 on_backoff=halved,
             )
+            reached("step.grads", state.global_step + 1)  # gradients in, optimizer not stepped
             if tc.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()
@@ -721,12 +734,14 @@ def _run_training(
             state.loss_curve.append([state.global_step, round(step_loss, 6)])
             state.train_time_s = train_time_before + (time.time() - t_loop)
             progress.update(state.global_step, step_loss, len(step), epoch)
+            reached("step.done", state.global_step)
             if state.global_step >= total_steps:
                 done = True
             if s_index == len(steps) - 1 or done:
                 break
             if should_stop is not None and should_stop():
                 last_ckpt = checkpoint_now()
+                reached("stop.saved", state.global_step)
                 progress.line(f"stop requested: saved {last_ckpt.name}; exiting for requeue")
                 progress.close()
                 raise StopRequested(last_ckpt)
@@ -739,6 +754,7 @@ def _run_training(
             state.epoch_train_loss.append([epoch + 1, round(sum(epoch_losses) / len(epoch_losses), 6)])
         if val is not None:
             state.val_loss.append([epoch + 1, round(val, 6)])
+        reached("epoch.validated", epoch + 1)
         if state.step_in_epoch >= len(steps):
             state.epoch = epoch + 1
             state.step_in_epoch = 0
@@ -751,11 +767,13 @@ def _run_training(
         last_ckpt = checkpoint_now()
         epoch += 1
         if should_stop is not None and should_stop() and not done and epoch < tc.num_epochs:
+            reached("stop.saved", state.global_step)
             progress.close()
             raise StopRequested(last_ckpt)
     progress.close()
 
     final = save_final_model(out_dir, loaded, cfg, category, cs.questions, eos)
+    reached("final.saved")
     if cfg.eval.after_training:  # answers from the model in memory: no second load
         from fada_batch.evaluate import evaluate_after_training
 
@@ -801,6 +819,7 @@ def _run_training(
         last_checkpoint=str(last_ckpt) if last_ckpt else None,
     )
     write_summary(out_dir, summary)
+    reached("final.summary")
     progress.line(f"done in {wall:.1f} s; adapter in {final}")
     return summary
 
