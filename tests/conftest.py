@@ -24,6 +24,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is available and are skipped (with the reason) where
+    it is not, whatever `-m` selects: `make test` runs them on a GPU machine, and neither
+    `make test` nor `make test-fast` starts the full-size GPU benchmark on a CPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("FADA_TEST_CACHE", REPO / ".cache"))
 
