@@ -1,18 +1,19 @@
-"""Named instants of a training run, where the crash tests trace and kill it; inert otherwise.
+"""Named instants of a training run, where tests trace, kill or freeze it; inert otherwise.
 
 Training calls `reached(point, where)` at the instants a kill could hurt most: a checkpoint's
 files written but not yet renamed into place, the old `final_model/` moved aside and the new
 one not yet in, an old checkpoint renamed away but not yet deleted, and so on. Nothing
-happens unless one of two environment variables is set, which only the tests do:
+happens unless one of these environment variables is set, which only the tests do:
 
     FADA_KILL_AT=<point>[@<where>]   SIGKILL this process on reaching that point
+    FADA_STOP_AT=<point>[@<where>]   SIGSTOP it there (frozen mid-write until SIGCONT)
     FADA_TRACE_POINTS=<file>         append every point reached to <file>, one label a line
 
 A label is the point's name, plus `@<where>` when it has one (an optimizer step, or the name
-of the folder being swapped): `step.done@12`, `swap.aside@final_model`. `FADA_KILL_AT` with a
-bare name kills at the first point of that name, whatever its `where`.
+of the folder being swapped): `step.done@12`, `swap.aside@final_model`. A bare name in
+`FADA_KILL_AT` or `FADA_STOP_AT` matches every point of that name, whatever its `where`.
 
-Cost when neither variable is set: two dictionary look-ups per call, a few calls per step.
+Cost when none is set: three dictionary look-ups per call, a few calls per step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import signal
 
 KILL_ENV = "FADA_KILL_AT"
+STOP_ENV = "FADA_STOP_AT"
 TRACE_ENV = "FADA_TRACE_POINTS"
 
 
@@ -30,10 +32,12 @@ def label(point: str, where: object = None) -> str:
 
 
 def reached(point: str, where: object = None) -> None:
-    """Trace this point (FADA_TRACE_POINTS) and die here if FADA_KILL_AT names it."""
+    """Trace this point (FADA_TRACE_POINTS); die (FADA_KILL_AT) or freeze (FADA_STOP_AT) here
+    when named."""
     kill_at = os.environ.get(KILL_ENV)
+    stop_at = os.environ.get(STOP_ENV)
     trace = os.environ.get(TRACE_ENV)
-    if not kill_at and not trace:
+    if not kill_at and not stop_at and not trace:
         return
     text = label(point, where)
     if trace:
@@ -43,3 +47,5 @@ def reached(point: str, where: object = None) -> None:
             f.write(text + "\n")
     if kill_at in (text, point):
         os.kill(os.getpid(), signal.SIGKILL)
+    if stop_at in (text, point):
+        os.kill(os.getpid(), signal.SIGSTOP)
