@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def job_factory(tiny_model_dir: Path, demo_root: Path, tmp_path: Path):
         return config_from_dict(raw)
 
     return make
+
+
+@pytest.fixture()
+def wait_stopped():
+    """`wait_stopped(proc)`: wait until the child process `proc` is frozen by SIGSTOP (state T
+    in /proc; see fada_batch.killpoints' FADA_STOP_AT), failing if it ends first."""
+
+    def wait(proc: subprocess.Popen, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before its stop point"
+            if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the process did not reach its stop point in {timeout_s} s")
+
+    return wait
 
 
 TESTCLUSTER = REPO / "slurm" / "testcluster"

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fada_batch import killpoints
@@ -31,18 +30,7 @@ def _states(result) -> dict[str, str]:
     return {c.category: c.state for c in result.categories}
 
 
-def _wait_stopped(proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    """Until `proc` is frozen by SIGSTOP (state T in /proc), or fail if it ends first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before the stop point"
-        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"training did not reach the stop point in {timeout_s} s")
-
-
-def test_collector_beside_a_training_process(job_factory, tmp_path, capsys):
+def test_collector_beside_a_training_process(job_factory, tmp_path, capsys, wait_stopped):
     cfg = job_factory({**RUN, "eval.after_training": False})
     root = Path(cfg.output.root)
     for done in ("Abdomen", "Thorax"):
@@ -54,7 +42,7 @@ def test_collector_beside_a_training_process(job_factory, tmp_path, capsys):
     cmd = [sys.executable, "-m", "fada_batch", "train", "--job", str(job), "--category", "Femur"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_stopped(proc)
+        wait_stopped(proc)
         half = [p.name for p in femur.iterdir() if p.name.startswith("checkpoint-2.tmp-")]
         assert half, sorted(p.name for p in femur.iterdir())  # the half-written checkpoint is there
         frozen = collect(root, categories=list(cfg.data.categories), data_root=Path(cfg.data.root))

@@ -188,6 +188,42 @@ def test_sigkill_at_points_spread_over_the_run_then_resume_equals_uninterrupted(
         assert torch.equal(got[k], ref_adapter[k]), k
 
 
+def test_sigterm_checkpoints_after_the_step_and_the_rerun_resumes_there(job_factory, tmp_path, wait_stopped):
+    """Preemption under plain sbatch: SLURM sends SIGTERM (SIGKILL after its grace time).
+    `fada-batch train`, frozen at step 3 when the signal comes, saves checkpoint-3 after that
+    step, exits 3 (stopped, resumes when run again); the rerun resumes at step 3 and ends
+    with the adapter of an uninterrupted run, bit for bit."""
+    from fada_batch.cli import EXIT_REQUEUED
+
+    overrides = {"train.num_epochs": 2, "data.num_images": 12, "eval.after_training": False}
+    ref = train_category(job_factory(overrides, out=tmp_path / "reference"), "Femur")
+    cfg = job_factory(overrides, out=tmp_path / "preempted")
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    env = {**os.environ, killpoints.STOP_ENV: "step.done@3"}
+    proc = subprocess.Popen(
+        _train_cmd(job, "Femur"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_stopped(proc)
+        os.kill(proc.pid, signal.SIGTERM)  # pending while frozen, handled once it runs again
+        os.kill(proc.pid, signal.SIGCONT)
+        err = proc.communicate(timeout=300)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = Path(cfg.output.root) / "blip2_femur"
+    assert proc.returncode == EXIT_REQUEUED, err[-3000:]
+    assert "stopped after saving" in err and [s for s, _ in list_checkpoints(out)] == [3]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"].endswith("checkpoint-3")
+    again = train_category(cfg, "Femur")
+    assert again["status"] == "completed" and again["resumes"] == 1 and again["steps"] == ref["steps"]
+    want = load_file(str(Path(ref["adapter_path"]) / "adapter_model.safetensors"))
+    got = load_file(str(Path(again["adapter_path"]) / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_second_task_on_same_category_is_refused(job_factory):
     cfg = job_factory(QUICK)
     folder = Path(cfg.output.root) / "blip2_femur"
