@@ -20,6 +20,8 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fada-batch demo --job job/demo.yaml
 
+# Tests marked `gpu` run where CUDA is available and skip where not (tests/conftest.py), in
+# both targets; tests/test_markers.py checks that with each target's own command line.
 test: setup
 	$(BIN)/python -m pytest
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fada_batch.fsutil import atomic_dir, remove_stale_tmp
+from fada_batch.fsutil import atomic_dir, remove_dir, remove_stale_tmp
+from fada_batch.killpoints import reached
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,12 @@ def save_checkpoint(
     try:
         with atomic_dir(target) as tmp:
             save_file(trainable_state_dict(model), str(tmp / "adapter_model.safetensors"))
+            reached("checkpoint.adapter", state.global_step)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            reached("checkpoint.files", state.global_step)
     except OSError as e:
         previous = find_latest(output_dir)
         kept = (
@@ -156,6 +158,7 @@ def save_checkpoint(
             "command again to resume."
         ) from e
     prune(output_dir, keep)
+    reached("checkpoint.pruned", state.global_step)
     return target
 
 
@@ -163,7 +166,7 @@ def prune(output_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and stale temp folders."""
     ckpts = list_checkpoints(output_dir)
     for _step, path in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)
     remove_stale_tmp(output_dir)
 
 
@@ -214,8 +217,8 @@ def read_state(path: Path) -> TrainerState:
 def remove_all(output_dir: Path) -> None:
     """Delete every checkpoint and the best one (used by --force before a fresh start)."""
     for _step, path in list_checkpoints(output_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(output_dir / BEST_DIR, ignore_errors=True)
+        remove_dir(path)
+    remove_dir(output_dir / BEST_DIR)
     remove_stale_tmp(output_dir)
 
 

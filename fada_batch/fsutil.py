@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fada_batch.killpoints import reached
+
 TMP_MARK = ".tmp-"  # temporary siblings carry this in their name; resume ignores/cleans them
 
 
@@ -112,14 +114,30 @@ def replace_dir(finished: Path, target: Path) -> None:
     """Rename the complete folder `finished` to `target`, replacing what is there: the old
     folder is moved aside first (a temp name that a resume sweeps) and deleted last."""
     fsync_tree(finished)
+    reached("swap.fsynced", target.name)
     old = None
     if target.exists():
         old = target.parent / f"{target.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
+        reached("swap.aside", target.name)  # neither folder under the target name here
     os.replace(finished, target)
     _fsync_dir(target.parent)
+    reached("swap.renamed", target.name)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete the folder `path` so that it never exists half-deleted under its name: it is
+    renamed to a temporary sibling first (which `remove_stale_tmp` sweeps if a kill stops the
+    deletion), then deleted. A `checkpoint-N` or `final_model` folder is whole or absent."""
+    aside = path.parent / f"{path.name}{TMP_MARK}del-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    reached("remove.aside", path.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:

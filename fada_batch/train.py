@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,9 +42,11 @@ from fada_batch.fsutil import (
     atomic_write_text,
     category_lock,
     ensure_writable,
+    remove_dir,
     remove_stale_tmp,
     touch,
 )
+from fada_batch.killpoints import reached
 from fada_batch.model import (
     LoadedModel,
     apply_lora_section,
@@ -638,6 +639,7 @@ def _train_locked(
 ) -> dict[str, Any]:
     t_start = time.time()
     remove_stale_tmp(out_dir)
+    reached("setup.locked")
     latest = None if force else ckpt.find_latest(out_dir)
     if latest is not None:
         _check_checkpoint(cfg, category, out_dir, latest)
@@ -662,10 +664,11 @@ def _train_locked(
         raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
     if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
         ckpt.remove_all(out_dir)
-        shutil.rmtree(out_dir / FINAL_MODEL, ignore_errors=True)
+        remove_dir(out_dir / FINAL_MODEL)
     config_yaml = dump_yaml(cfg)
     atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
     write_summary(out_dir, summary)
+    reached("setup.data")
     try:
         return _run_training(
             cfg,
@@ -839,6 +842,7 @@ def _resume(run: _Run, latest: Path | None) -> Path | None:
                 "%s: %s; moved it to %s and trying the previous one", run.category.name, e, moved.name
             )
             latest = ckpt.find_latest(run.out_dir)
+    reached("setup.model")
     if latest is None:
         return None
     now = training_fingerprint(run.cfg)
@@ -849,6 +853,7 @@ def _resume(run: _Run, latest: Path | None) -> Path | None:
     run.micro = state.micro_batch_size or run.micro  # keep an earlier out-of-memory back-off
     run.state = state
     run.last_ckpt = latest
+    reached("setup.resumed", state.global_step)
     return latest
 
 
@@ -938,6 +943,7 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
         device=run.device,
         on_backoff=halved,
     )
+    reached("step.grads", state.global_step + 1)  # gradients in, optimizer not stepped
     if tc.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
     run.optimizer.step()
@@ -946,6 +952,7 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
     state.samples_seen += len(step)
     state.loss_curve.append([state.global_step, round(step_loss, 6)])
     progress.update(state.global_step, step_loss, len(step), epoch)
+    reached("step.done", state.global_step)
     return step_loss
 
 
@@ -977,6 +984,7 @@ def _train_epoch(
                 break
         if should_stop is not None and should_stop():
             saved = _checkpoint(run)
+            reached("stop.saved", state.global_step)
             assert run.progress is not None
             run.progress.line(f"stop requested: saved {saved.name}; exiting for requeue")
             run.progress.close()
@@ -990,6 +998,7 @@ def _end_epoch(run: _Run, epoch: int, n_steps: int, clock: Callable[[], float]) 
     """Validation loss, the epoch's mean training loss, then a checkpoint at the boundary."""
     state, tc = run.state, run.cfg.train
     val = _validate(run, epoch_end=epoch + 1)
+    reached("epoch.validated", epoch + 1)
     epoch_losses = [loss for st, loss in state.loss_curve if st > epoch * run.steps_per_epoch]
     if epoch_losses:
         state.epoch_train_loss.append([epoch + 1, round(sum(epoch_losses) / len(epoch_losses), 6)])
@@ -1021,6 +1030,7 @@ def _loop(run: _Run, should_stop: Callable[[], bool] | None) -> None:
         epoch += 1
         more = state.global_step < run.total_steps and not state.early_stopped and epoch < tc.num_epochs
         if should_stop is not None and should_stop() and more:
+            reached("stop.saved", state.global_step)
             assert run.progress is not None
             run.progress.close()
             raise StopRequested(run.last_ckpt)
@@ -1110,6 +1120,7 @@ def _run_training(
     t_feat = time.time()
     run.features.warm(cs.split.train + cs.split.val)
     feature_s = time.time() - t_feat
+    reached("setup.features")
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     set_train_mode(run.model)
@@ -1132,6 +1143,7 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
         "shipped": {k: shipped[k] for k in ("kind", "step", "val_loss", "reason")},
     }
     final = save_final_model(run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record)
+    reached("final.saved")
     if cfg.eval.after_training:  # answers from the model in memory: no second load
         from fada_batch.evaluate import evaluate_after_training
 
@@ -1185,6 +1197,7 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
         last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None,
     )
     write_summary(run.out_dir, summary)
+    reached("final.summary")
     run.progress.line(  # type: ignore[union-attr]
         f"done in {walls['wall_time_s']:.1f} s; adapter of step {shipped['step']} ({shipped['reason']}) in {final}"
     )
