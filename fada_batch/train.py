@@ -46,6 +46,7 @@ from fada_batch.model import (
     trainable_parameters,
 )
 from fada_batch.progress import Progress
+from fada_batch.slurmjobs import job_phase
 from fada_batch.split import Split, make_split, read_split, write_split
 from fada_batch.summary import (
     device_info,
@@ -388,7 +389,8 @@ def train_category(
 
     if not force and (previous := _completed(out_dir, category)) is not None:
         return previous
-    with category_lock(out_dir):
+    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
+    with category_lock(out_dir, job_probe=job_phase):
         # another task may have completed it while this one waited for the lock
         if not force and (previous := _completed(out_dir, category)) is not None:
             return previous
