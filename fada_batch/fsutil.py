@@ -179,12 +179,17 @@ JobProbe = Callable[[str], JobPhase]
 
 
 class Verdict(NamedTuple):
-    """`judge_holder`'s answer: is the holder alive, why (one phrase), and whether only the
-    lock's age decided (nobody could vouch for a holder on another host)."""
+    """`judge_holder`'s answer: is the holder alive, why (one phrase), and what decided:
+    "empty" (no holder written), "requeue" (this job's earlier run), "pid" (its process on
+    this host), "job" (the scheduler's word) or "age" (nobody could vouch for it)."""
 
     alive: bool
     why: str
-    by_age: bool = False
+    basis: str
+
+    @property
+    def by_age(self) -> bool:
+        return self.basis == "age"
 
 
 def _pid_namespace() -> str | None:
@@ -258,7 +263,8 @@ def judge_holder(
     me = me if me is not None else lock_identity()
     if not holder:
         alive = age_s <= EMPTY_LOCK_GRACE_S
-        return Verdict(alive, "a lock without a holder, " + ("being written" if alive else "left by a crash"))
+        why = "a lock without a holder, " + ("being written" if alive else "left by a crash")
+        return Verdict(alive, why, "empty")
     job, pid = holder.get("slurm_job_id"), holder.get("pid")
     same_cluster = None in (holder.get("slurm_cluster"), me.get("slurm_cluster")) or (
         holder.get("slurm_cluster") == me.get("slurm_cluster")
@@ -266,14 +272,13 @@ def judge_holder(
     if job and job == me.get("slurm_job_id") and same_cluster:
         theirs, mine = _count(holder.get("slurm_restart_count")), _count(me.get("slurm_restart_count"))
         if theirs < mine:
-            return Verdict(
-                False, f"left by this same SLURM job {job} before it was requeued (run {theirs}, now {mine})"
-            )
+            why = f"left by this same SLURM job {job} before it was requeued (run {theirs}, now {mine})"
+            return Verdict(False, why, "requeue")
     same_pids = holder.get("host") == me.get("host") and (
         None in (holder.get("pid_ns"), me.get("pid_ns")) or holder.get("pid_ns") == me.get("pid_ns")
     )
     if same_pids and isinstance(pid, int) and not pid_alive(pid):
-        return Verdict(False, f"its process (pid {pid} on {holder.get('host')}) is gone")
+        return Verdict(False, f"its process (pid {pid} on {holder.get('host')}) is gone", "pid")
     unknown = ""
     if job and job_probe is not None and same_cluster:
         try:
@@ -281,21 +286,20 @@ def judge_holder(
         except Exception as e:  # a broken probe must not break the lock: judge without it
             seen = JobPhase(None, f"the scheduler could not be asked ({type(e).__name__}: {e})")
         if seen.phase == "running":
-            return Verdict(True, f"SLURM job {job} is {seen.detail or 'running'}")
+            return Verdict(True, f"SLURM job {job} is {seen.detail or 'running'}", "job")
         if seen.phase in ("pending", "ended"):
-            return Verdict(False, f"SLURM job {job} is no longer running: {seen.detail or seen.phase}")
+            return Verdict(False, f"SLURM job {job} is no longer running: {seen.detail or seen.phase}", "job")
         unknown = f"; whether SLURM job {job} still runs is unknown ({seen.detail or 'no answer'})"
     if same_pids and isinstance(pid, int):
-        return Verdict(True, f"its process (pid {pid} on {holder.get('host')}) is alive{unknown}")
+        return Verdict(True, f"its process (pid {pid} on {holder.get('host')}) is alive{unknown}", "pid")
     if age_s > stale_after_s:
-        return Verdict(
-            False, f"nothing written for {age_s / 3600:.1f} h by a holder on another host{unknown}", True
-        )
+        why = f"nothing written for {age_s / 3600:.1f} h by a holder on another host{unknown}"
+        return Verdict(False, why, "age")
     why = (
-        f"on another host, last written {age_s / 60:.0f} min ago (taken for dead after "
+        f"on another host, last write {age_s / 60:.0f} min ago (taken for dead after "
         f"{stale_after_s / 3600:g} h without a write){unknown}"
     )
-    return Verdict(True, why, True)
+    return Verdict(True, why, "age")
 
 
 def _publish_lock(lock: Path, content: dict[str, Any]) -> bool:
