@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finished",
         action="store_true",
-        help="the tasks are over (the collector after the array): report 'running' as incomplete",
+        help="the tasks are over (the collector after the array): a category that has not "
+        "completed is reported as stopped (exit status 1) with the command that resumes it",
     )
     p.set_defaults(func=cmd_collect)
 
@@ -286,18 +287,24 @@ def _requeue_self(max_requeues: int, requeues: int) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fada_batch.launch import submit
+    from fada_batch.launch import SubmitError, submit
+    from fada_batch.slurmjobs import SlurmUnavailable
+    from fada_batch.validate import NoDataError
 
     cfg = _load(args)
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    record = submit(
-        cfg,
-        categories=cats,
-        executor=args.executor,
-        dry_run=args.dry_run,
-        smallest_first=args.sort_by_size,
-        force=args.force,
-    )
+    try:
+        record = submit(
+            cfg,
+            categories=cats,
+            executor=args.executor,
+            dry_run=args.dry_run,
+            smallest_first=args.sort_by_size,
+            force=args.force,
+        )
+    except (NoDataError, SlurmUnavailable, SubmitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if record.get("dry_run"):
         return EXIT_OK
     if args.executor != "slurm":
@@ -348,14 +355,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pf = preflight(cfg, names)
     if args.json:
         print(json.dumps(pf.to_dict(), indent=2, default=str))
+        if (why := pf.nothing_ready()) is not None:
+            print(f"error: {why}", file=sys.stderr)
     else:
         print(format_table(pf))
-    return EXIT_FAILED if pf.blocked else EXIT_OK
+    # non-zero when a category is blocked, or when nothing at all can train
+    return EXIT_FAILED if pf.blocked or pf.nothing_ready() else EXIT_OK
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from fada_batch.collect import collect
     from fada_batch.report import text_table, write_report
+    from fada_batch.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
@@ -372,6 +383,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             data_root=data_root,
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
+            job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ import torch
 from fada_batch.collate import Encoder, Sample
 from fada_batch.fsutil import category_lock
 from fada_batch.metrics import aggregate, majority_answers, question_label
+from fada_batch.slurmjobs import job_phase
 
 log = logging.getLogger(__name__)
 
@@ -723,7 +724,7 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
     settings = settings_from(cfg.eval)
     settings.check()
     # not while a task trains (or --force retrains) this category, nor beside another evaluation
-    with category_lock(out_dir, purpose="evaluated"):
+    with category_lock(out_dir, purpose="evaluated", job_probe=job_phase):
         return _evaluate_locked(cfg, category, out_dir, info, settings)
 
 

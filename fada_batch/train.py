@@ -58,6 +58,7 @@ from fada_batch.model import (
     trainable_parameters,
 )
 from fada_batch.progress import Progress
+from fada_batch.slurmjobs import job_phase
 from fada_batch.split import Split, make_split, read_split, write_split
 from fada_batch.summary import (
     device_info,
@@ -424,7 +425,8 @@ def train_category(
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := _completed(out_dir, category, cfg)) is not None:
         return previous
-    with category_lock(out_dir):
+    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
+    with category_lock(out_dir, job_probe=job_phase):
         # another task may have completed it while this one waited for the lock
         if not force and (previous := _completed(out_dir, category, cfg)) is not None:
             return previous
@@ -448,18 +450,17 @@ def _blocking_text(category: Category, data: Any) -> str:
 
 
 def _check_data_root(cfg: JobConfig, category: Category) -> None:
-    """A data root that does not exist is the command's mistake (a mistyped `data.root`), not
-    the category's state: refuse before anything is written.
+    """A data root that holds no data at all (missing, empty, not mounted, a mistyped
+    `data.root`) is the command's mistake, not the category's state: refuse before anything is
+    written, with validate's message.
 
     Raises:
-        DataError: with validate's message for it.
+        DataError: with `fada-batch validate`'s "no data found" message.
     """
-    root = Path(cfg.data.root)
-    if root.is_dir():
-        return
-    from fada_batch.dataset import load_category
+    from fada_batch.validate import find_no_data
 
-    raise DataError(_blocking_text(category, load_category(root, category, check_images=False)))
+    if (why := find_no_data(Path(cfg.data.root), [category])) is not None:
+        raise DataError(why)
 
 
 def _holds_completed(out_dir: Path) -> dict[str, Any] | None:

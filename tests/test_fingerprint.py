@@ -153,8 +153,10 @@ def test_wrong_data_root_fails_like_validate_and_keeps_the_completed_summary(job
     validate_out = capsys.readouterr().out
     assert main(["train", "--job", str(job), "--category", "Femur", "-p", f"data.root={missing}"]) == 1
     err = capsys.readouterr().err
-    message = "The data root folder does not exist or is not a folder."
-    assert message in err and message in validate_out and str(missing) in err
+    # the same "no data found" message as validate's, naming the folder and the fix
+    message = f"no data found: the data root {missing} does not exist here"
+    assert message in err and message in validate_out
+    assert "Fix: set data.root" in err
     assert summary_path.read_text() == before
     assert not (Path(cfg.output.root) / "blip2_thorax").exists()
     assert main(["train", "--job", str(job), "--category", "Thorax", "-p", f"data.root={missing}"]) == 1
