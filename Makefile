@@ -20,11 +20,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/fada-batch demo --job job/demo.yaml
 
+# Tests marked `gpu` run where CUDA is available and skip where not (tests/conftest.py), in
+# both targets; tests/test_markers.py checks that with each target's own command line.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slurm and not slow"
+	$(BIN)/python -m pytest -m "not slurm and not slow and not container"
 
 # The container check (CI runs it after `make test`): build the CPU test image of
 # container/Dockerfile with podman on a Debian base made here from Debian's packages

@@ -5,9 +5,10 @@
         print(row["question"], "->", row["answer"])
 
 The base model is the one named in the adapter's `adapter_config.json` unless `base_model`
-overrides it; an adapter is refused on another base model. Prompts, questions and the EOS
-come from the adapter's `fada_batch.json`, so the answers are generated exactly as in
-evaluation (`evaluate.generate_answers`).
+overrides it; an adapter is refused on another base model. It is loaded as training loaded it
+(quantization and dtype recorded in the adapter's `fada_batch.json`). Prompts, questions, the
+EOS and the answer length limit come from `fada_batch.json` too, so the answers are generated
+exactly as in evaluation (`evaluate.generate`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fada_batch.evaluate import (
     answer_both,
     check_base_model,
     load_adapter,
+    load_like_training,
     make_encoder,
     read_adapter_info,
 )
@@ -63,9 +65,11 @@ class Asker:
         base_model: hub id or folder of the base model; default: the adapter's own.
         allow_base_mismatch: accept a `base_model` other than the adapter's (same weights
             staged under another name); a warning is logged.
-        device, dtype, quantization: as in the config's `model:` section (auto: fp32 on the
-            CPU, bf16 on a GPU where it fits, else 8-bit or 4-bit).
-        settings: generation settings (greedy, 32 new tokens, batches of 16 by default).
+        device: as in the config's `model:` section (auto: the GPU when there is one).
+        dtype, quantization: for adapters that do not record how training loaded the base
+            (auto: fp32 on the CPU, bf16 on a GPU where it fits, else 8-bit or 4-bit).
+        settings: generation settings (greedy, batches of 16; max_new_tokens None: what the
+            adapter's training answers need, as recorded with it).
 
     Raises:
         AdapterError: missing/incomplete adapter, or one trained on another base model.
@@ -84,7 +88,7 @@ class Asker:
         settings: GenerationSettings = DEFAULT_SETTINGS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        from fada_batch.model import eos_token_id, load_base_model
+        from fada_batch.model import eos_token_id
 
         self.info = read_adapter_info(Path(adapter_dir))
         base = base_model or self.info.base_model
@@ -98,9 +102,11 @@ class Asker:
             f"{base} is the same model staged at another path, add --allow-base-mismatch",
         )
         settings.check()
-        self.settings = settings
+        self.settings = settings.with_default(self.info.max_new_tokens)
         self.max_pixels = max_pixels
-        self.loaded = load_base_model(base, device=device, dtype=dtype, quantization=quantization)
+        self.loaded = load_like_training(
+            self.info, base, device=device, dtype=dtype, quantization=quantization
+        )
         load_adapter(self.loaded, self.info.path)
         self.eos = (
             self.info.eos_token_id
@@ -140,8 +146,8 @@ class Asker:
 
         Returns:
             one dict per (image, question), image-major: {"image", "question", "question_id"
-            ("Q2" for one of the adapter's questions, else None), "answer"} and "base_answer"
-            when `with_base`.
+            ("Q2" for one of the adapter's questions, else None), "answer", "cut_off" (True:
+            the answer reached max_new_tokens without EOS)} and "base_answer" when `with_base`.
 
         Raises:
             AskError: unreadable images (all listed) or bad questions.
@@ -178,10 +184,11 @@ class Asker:
                 "image": image,
                 "question": q,
                 "question_id": known.get(q),
-                "answer": adapter[k],
+                "answer": adapter[k].text,
+                "cut_off": not adapter[k].ended,
             }
             if base is not None:
-                row["base_answer"] = base[k]
+                row["base_answer"] = base[k].text
             out.append(row)
         return out
 
@@ -195,7 +202,8 @@ def format_answers(rows: list[dict[str, Any]]) -> str:
             image = r["image"]
             lines.append(("\n" if lines else "") + image)
         label = f"{r['question_id']} " if r.get("question_id") else ""
-        lines.append(f"  {label}{r['question']}\n    -> {r['answer']}")
+        cut = "  [cut off: no EOS within max_new_tokens]" if r.get("cut_off") else ""
+        lines.append(f"  {label}{r['question']}\n    -> {r['answer']}{cut}")
         if "base_answer" in r:
             lines.append(f"    base model alone: {r['base_answer']}")
     return "\n".join(lines)

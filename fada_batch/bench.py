@@ -521,10 +521,10 @@ def bench_seed(
         quantization = "none"
         loaded, load_s = load_for_bench(cfg, quantization="none", gradient_checkpointing=True)
     model = loaded.model
-    if loaded.quantization == "none":
-        # prepare_model_for_kbit_training does this for 8-bit; without it, checkpointed layers
-        # whose inputs need no gradient would give LoRA no gradient at all
-        model.enable_input_require_grads()
+    # as peft's prepare_model_for_kbit_training did in the seed's 8-bit recipe (the production
+    # load no longer calls it): without it, Trainer's checkpointed layers, whose inputs need no
+    # gradient, would give LoRA no gradient at all
+    model.enable_input_require_grads()
     n = warmup + samples
     if len(inputs.samples) < n:
         raise ValueError(f"the seed needs {n} samples, the inputs hold {len(inputs.samples)}")

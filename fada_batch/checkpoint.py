@@ -11,6 +11,10 @@ A checkpoint is the folder `checkpoint-{step}/` in the category's output folder:
 It is built under a temporary name and renamed into place, so a folder called
 `checkpoint-{step}` is always complete; a kill mid-save leaves only a temporary folder, which
 is ignored and cleaned up. Nothing is unpickled: a user-replaceable file can't run code.
+
+`best_checkpoint/` holds the trainable weights of the step with the lowest validation loss so
+far (`best.json` says which), apart from the rolling checkpoints, which are pruned; with
+`train.final_model: best` they become `final_model/`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +31,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fada_batch.fsutil import atomic_dir, remove_stale_tmp
+from fada_batch.fsutil import atomic_dir, remove_dir, remove_stale_tmp
+from fada_batch.killpoints import reached
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best_checkpoint"
+BEST_FILE = "best.json"
 REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
 
 
@@ -47,7 +53,13 @@ class TrainerState:
     samples_seen: int = 0
     train_time_s: float = 0.0  # time spent in the loop so far, across requeues/resumes
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss]
-    val_loss: list[list[float]] = field(default_factory=list)  # [epoch, loss]
+    val_loss: list[list[float]] = field(default_factory=list)  # [epoch, loss] at epoch ends
+    val_history: list[list[float]] = field(default_factory=list)  # [step, loss], every validation
+    best_step: int | None = None  # step of the lowest validation loss so far
+    best_val_loss: float | None = None
+    bad_validations: int = 0  # validations since the best (early stopping counts these)
+    early_stopped: bool = False
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # config.training_fingerprint
     epoch_train_loss: list[list[float]] = field(default_factory=list)  # [epoch, mean loss]
     scheduler: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
@@ -129,10 +141,12 @@ def save_checkpoint(
     try:
         with atomic_dir(target) as tmp:
             save_file(trainable_state_dict(model), str(tmp / "adapter_model.safetensors"))
+            reached("checkpoint.adapter", state.global_step)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            reached("checkpoint.files", state.global_step)
     except OSError as e:
         previous = find_latest(output_dir)
         kept = (
@@ -144,6 +158,7 @@ def save_checkpoint(
             "command again to resume."
         ) from e
     prune(output_dir, keep)
+    reached("checkpoint.pruned", state.global_step)
     return target
 
 
@@ -151,7 +166,7 @@ def prune(output_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and stale temp folders."""
     ckpts = list_checkpoints(output_dir)
     for _step, path in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)
     remove_stale_tmp(output_dir)
 
 
@@ -200,7 +215,58 @@ def read_state(path: Path) -> TrainerState:
 
 
 def remove_all(output_dir: Path) -> None:
-    """Delete every checkpoint (used by --force before a fresh start)."""
+    """Delete every checkpoint and the best one (used by --force before a fresh start)."""
     for _step, path in list_checkpoints(output_dir):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)
+    remove_dir(output_dir / BEST_DIR)
     remove_stale_tmp(output_dir)
+
+
+def save_best(output_dir: Path, *, model: Any, step: int, val_loss: float) -> Path:
+    """Write the trainable weights as `best_checkpoint/` (atomically, replacing the last one).
+
+    Raises:
+        CheckpointWriteError: on an OS error; the previous best is intact.
+    """
+    target = output_dir / BEST_DIR
+    try:
+        with atomic_dir(target) as tmp:
+            save_file(trainable_state_dict(model), str(tmp / "adapter_model.safetensors"))
+            (tmp / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"could not write {target}: {e.strerror or e} (errno {e.errno}). Free space or fix the "
+            "file system, then run the same command again to resume."
+        ) from e
+    return target
+
+
+def load_best(output_dir: Path, *, model: Any, step: int) -> None:
+    """Put the weights of `best_checkpoint/` into `model`'s trainable parameters.
+
+    Raises:
+        RuntimeError: the folder is missing, unreadable, or holds another step than `step`.
+    """
+    path = output_dir / BEST_DIR
+    fix = (
+        "Run the category again with --force (or with -p train.final_model=last to ship the last "
+        "step's adapter)."
+    )
+    try:
+        info = json.loads((path / BEST_FILE).read_text())
+        weights = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as e:  # missing, truncated or not JSON: all mean "unusable"
+        raise RuntimeError(
+            f"the best adapter in {path} cannot be read ({type(e).__name__}: {e}). {fix}"
+        ) from e
+    if info.get("step") != step:
+        raise RuntimeError(
+            f"{path} holds step {info.get('step')}, but the lowest validation loss was at step {step}. {fix}"
+        )
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != wanted:
+        raise RuntimeError(f"{path} does not match this model's trainable weights. {fix}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))

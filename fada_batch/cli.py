@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finished",
         action="store_true",
-        help="the tasks are over (the collector after the array): report 'running' as incomplete",
+        help="the tasks are over (the collector after the array): a category that has not "
+        "completed is reported as stopped (exit status 1) with the command that resumes it",
     )
     p.set_defaults(func=cmd_collect)
 
@@ -136,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a --base-model other than the adapter's (the same model staged elsewhere)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="answer length limit (default: what the adapter's training answers need, as recorded with it)",
+    )
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
 
@@ -333,18 +338,24 @@ def cmd_requeue_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fada_batch.launch import submit
+    from fada_batch.launch import SubmitError, submit
+    from fada_batch.slurmjobs import SlurmUnavailable
+    from fada_batch.validate import NoDataError
 
     cfg = _load(args)
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    record = submit(
-        cfg,
-        categories=cats,
-        executor=args.executor,
-        dry_run=args.dry_run,
-        smallest_first=args.sort_by_size,
-        force=args.force,
-    )
+    try:
+        record = submit(
+            cfg,
+            categories=cats,
+            executor=args.executor,
+            dry_run=args.dry_run,
+            smallest_first=args.sort_by_size,
+            force=args.force,
+        )
+    except (NoDataError, SlurmUnavailable, SubmitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if record.get("dry_run"):
         return EXIT_OK
     if args.executor != "slurm":
@@ -395,14 +406,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pf = preflight(cfg, names)
     if args.json:
         print(json.dumps(pf.to_dict(), indent=2, default=str))
+        if (why := pf.nothing_ready()) is not None:
+            print(f"error: {why}", file=sys.stderr)
     else:
         print(format_table(pf))
-    return EXIT_FAILED if pf.blocked else EXIT_OK
+    # non-zero when a category is blocked, or when nothing at all can train
+    return EXIT_FAILED if pf.blocked or pf.nothing_ready() else EXIT_OK
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from fada_batch.collect import collect
     from fada_batch.report import text_table, write_report
+    from fada_batch.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
@@ -419,6 +434,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             data_root=data_root,
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
+            job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -549,17 +565,9 @@ def cmd_stage_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "urllib3", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        # transformers reads this at import: no "Loading weights" bars in batch logs
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from fada_batch.logsetup import setup_logging
+
+    setup_logging(verbose=args.verbose)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -12,6 +12,7 @@ loss landed on padding positions (see shared/BLIP2-NOTES.md); this module is the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,14 +54,26 @@ class Encoder:
     """
 
     def __init__(
-        self, processor: Any, *, num_query_tokens: int, image_token_id: int, eos_token_id: int
+        self, processor: Any, *, num_query_tokens: int, image_token_id: int | None, eos_token_id: int
     ) -> None:
         self.tokenizer = processor.tokenizer
-        if getattr(processor, "num_query_tokens", None) is None:
+        missing = [
+            what
+            for what, value in (
+                ("the processor has no num_query_tokens", getattr(processor, "num_query_tokens", None)),
+                ("the model config has no image_token_index", image_token_id),
+            )
+            if value is None
+        ]
+        if missing:
             raise TokenLayoutError(
-                "the processor has no num_query_tokens, so it inserts no <image> tokens and the "
-                "model would train while ignoring the image. Re-save the processor with "
-                f"Blip2Processor(..., num_query_tokens={num_query_tokens})."
+                f"{' and '.join(missing)} (an old revision of the model): the processor would insert "
+                "no <image> tokens, or the model would not know where they are, and training "
+                "would ignore the image. Stage the model again: `fada-batch stage-model --model "
+                "MODEL --to FOLDER` brings processor and config up to date. Or do both by hand: "
+                f'"num_query_tokens": {num_query_tokens} in processor_config.json, and in '
+                'config.json "image_token_index": the id of the tokenizer\'s "<image>" token '
+                "(below text_config.vocab_size)."
             )
         if processor.num_query_tokens != num_query_tokens:
             raise TokenLayoutError(
@@ -77,6 +90,7 @@ class Encoder:
                 f"{num_query_tokens} x id {image_token_id} (config.image_token_id). The processor's "
                 "tokenizer does not belong to this model."
             )
+        _check_bos(self.tokenizer)
         self.image_ids = ids
         self.num_query_tokens = num_query_tokens
         self.image_token_id = image_token_id
@@ -101,6 +115,46 @@ class Encoder:
         if full and full[-1] == self.eos_token_id and len(full) > len(prompt):
             full = full[:-1]  # tokenizers that append EOS themselves: keep exactly one
         return Encoded(input_ids=[*full, self.eos_token_id], prompt_len=len(prompt))
+
+
+def _check_bos(tokenizer: Any) -> None:
+    """BLIP-2's OPT was trained with BOS (`</s>`) before the text; rows are laid out, and the
+    prompt/answer boundary found, on that assumption.
+
+    Raises:
+        TokenLayoutError: the tokenizer has no BOS or does not put it first.
+    """
+    bos = tokenizer.bos_token_id
+    probe = tokenizer("Question: a Answer:")["input_ids"]
+    if bos is not None and probe and probe[0] == bos:
+        return
+    raise TokenLayoutError(
+        f"the tokenizer does not start a text with its BOS token (bos_token_id={bos}; "
+        f"'Question: a Answer:' -> {probe[:4]}...), but BLIP-2's language model was trained with "
+        "BOS first (OPT: </s>, id 2). Use the tokenizer saved with the model (add_bos_token: true "
+        "in its tokenizer_config.json), e.g. by staging the model again with `fada-batch "
+        "stage-model`."
+    )
+
+
+def answer_length_stats(encoded: list[Encoded]) -> dict[str, int | float]:
+    """Answer lengths in tokens (EOS included) over `encoded`, and the generation limit they
+    call for: the longest answer plus a margin of a quarter of it (at least 8 tokens), so
+    evaluation does not cut off an answer of a length training taught.
+
+    Returns:
+        {"max", "p99", "mean", "max_new_tokens"}; zeros (and 32 new tokens) when empty.
+    """
+    lengths = sorted(len(e.input_ids) - e.prompt_len for e in encoded)
+    if not lengths:
+        return {"max": 0, "p99": 0, "mean": 0.0, "max_new_tokens": 32}
+    longest = lengths[-1]
+    return {
+        "max": longest,
+        "p99": lengths[min(len(lengths) - 1, math.ceil(0.99 * len(lengths)) - 1)],
+        "mean": round(sum(lengths) / len(lengths), 2),
+        "max_new_tokens": longest + max(8, math.ceil(longest / 4)),
+    }
 
 
 def collate(

@@ -13,9 +13,14 @@ partial run, and changes nothing it reads. A summary that cannot be read is name
 Category states (`CategoryResult.state`):
 
 - `completed`: trained; the adapter is in `final_model/`.
-- `running`: the summary says running and a live task holds the category's lock.
-- `incomplete`: stopped part-way (interrupted for a requeue, or marked running while no live
-  task holds the lock); the next run resumes from its last checkpoint.
+- `running`: a live task trains it (it holds the category's lock, or SLURM runs its job).
+- `queued`: its SLURM job waits in the queue (requeued after a time limit or preemption, or
+  not started yet); it resumes from its last checkpoint when it runs.
+- `incomplete`: stopped part-way, and whether a task will resume it is unknown (no SLURM to
+  ask, and the run may not be over); the next run resumes from its last checkpoint.
+- `stopped`: its task ended without completing it and nothing will resume it: after the run
+  (`finished`), when SLURM says its job has ended, or when the summary says it gave up
+  (`stop_reason`). Needs attention: `resume` holds the command that resumes it.
 - `failed`: training raised; `error_tail` holds the end of the error.
 - `invalid_data`: the data checks blocked training (counts as failed).
 - `awaiting_labels`: the category has no label sheet yet (from its summary, or from the
@@ -29,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import socket
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -37,24 +42,28 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
-from fada_batch.fsutil import pid_alive
+from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
 from fada_batch.report import fmt_duration
 from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
 
 SCHEMA_VERSION = 1
 EVAL_FILE = Path("eval") / "metrics.json"
 LOCK_FILE = ".lock"
+SUBMISSION_FILE = "submission.json"  # written by `submit` in the output root
+JOB_FILE = "job.yaml"  # the resolved job, written by `submit` next to it
+CONFIG_FILE = "config.yaml"  # the resolved job, written by each task in its folder
 MODELS = ("adapter", "base", "majority")  # the blocks of eval/metrics.json
-# A lock on another host whose folder saw no write for this long belongs to a dead task
-# (the same rule as `fsutil.category_lock`).
-STALE_AFTER_S = 6 * 3600.0
+# `stop_reason`s after which no requeue follows (the task gave up or was stopped by hand)
+FINAL_STOP_REASONS = ("requeue_limit", "requeue_failed", "user")
 ERROR_TAIL_LINES = 8
 ERROR_TAIL_CHARS = 1200
 
 STATES = (
     "completed",
     "running",
+    "queued",
     "incomplete",
+    "stopped",
     "failed",
     "invalid_data",
     "awaiting_labels",
@@ -62,6 +71,7 @@ STATES = (
     "unreadable",
 )
 FAILED_STATES = ("failed", "invalid_data")
+ALIVE_STATES = ("running", "queued")  # a task will still write to it
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,6 +111,10 @@ class CategoryResult:
     eval_source: str | None = None
     requeues: int | None = None
     resumes: int | None = None
+    stop_reason: str | None = None  # why the task stopped (time_limit, preempted, requeue_limit, ...)
+    message: str | None = None  # the summary's word on it (how to resume)
+    job_state: str | None = None  # what SLURM says of its job, e.g. "TIMEOUT (sacct)"
+    resume: str | None = None  # the command that resumes (or reruns) it, for the unfinished
     slurm_job_id: str | None = None
     slurm_array_job_id: str | None = None
     slurm_array_task_id: str | None = None
@@ -115,6 +129,10 @@ class CategoryResult:
     @property
     def failed(self) -> bool:
         return self.state in FAILED_STATES
+
+    def needs_attention(self, *, finished: bool = False) -> bool:
+        """Failed, or ended without completing (after the run: also unreadable)."""
+        return self.failed or self.state == "stopped" or (finished and self.state == "unreadable")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,14 +149,15 @@ class CollectResult:
     problems: list[str]  # unreadable files and other things a person should look at
     categories_from: str  # where the list of categories came from
     compare: dict[str, Any] | None = None
+    finished: bool = False  # collected after the tasks ended
 
     def exit_code(self) -> int:
-        """EXIT_FAILED when a category that was asked for failed, else EXIT_OK."""
+        """EXIT_FAILED when a category that was asked for failed or ended unfinished."""
         return exit_code(self)
 
-    def failed_names(self) -> list[str]:
-        """The requested categories that failed (failed or invalid_data)."""
-        return [c.category for c in self.categories if c.requested and c.failed]
+    def attention(self) -> list[CategoryResult]:
+        """The requested categories that need a person: failed, or ended unfinished."""
+        return [c for c in self.categories if c.requested and c.needs_attention(finished=self.finished)]
 
     def text(self) -> str:
         """A short plain-text table for a terminal or a job log."""
@@ -158,6 +177,7 @@ class CollectResult:
             "generated": self.generated,
             "output_root": self.output_root,
             "categories_from": self.categories_from,
+            "finished": self.finished,
             "totals": self.totals,
             "problems": self.problems,
             "categories": [c.to_dict() for c in self.categories],
@@ -166,12 +186,13 @@ class CollectResult:
 
 
 def exit_code(result: CollectResult) -> int:
-    """Non-zero when a category the job asked for failed (so a dependency chain can react).
+    """Non-zero when a category the job asked for failed or ended without completing (so a
+    dependency chain can react, and a collector job after the array shows FAILED).
 
-    Categories still running, incomplete, waiting for labels, not started or unreadable do not
-    count as failed: they say nothing about whether training works.
+    Categories running, queued, waiting for labels, or incomplete and not known to be over
+    do not count; after the run (`finished`) an unreadable summary does.
     """
-    return EXIT_FAILED if any(c.requested and c.failed for c in result.categories) else EXIT_OK
+    return EXIT_FAILED if result.attention() else EXIT_OK
 
 
 # ------------------------------------------------------------------------- coercion helpers
@@ -311,6 +332,8 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.val_loss = _pairs(s.get("val_loss"))
     r.requeues = _int(s.get("requeues"))
     r.resumes = _int(s.get("resumes"))
+    r.stop_reason = _str(s.get("stop_reason"))
+    r.message = _str(s.get("message"))
     slurm = _dict(s.get("slurm"))
     r.slurm_job_id = _str(slurm.get("job_id"))
     r.slurm_array_job_id = _str(slurm.get("array_job_id"))
@@ -325,7 +348,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.last_step = r.steps
     r.last_checkpoint = _str(s.get("last_checkpoint")) or _str(s.get("checkpoint"))
     spe = _summary_steps_per_epoch(s, (r.qa_pairs or {}).get("train"))
-    r.val_loss_steps = _val_at_steps(r.val_loss, spe, r.steps)
+    r.val_loss_steps = _pairs(s.get("val_loss_steps")) or _val_at_steps(r.val_loss, spe, r.steps)
 
 
 def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
@@ -367,12 +390,16 @@ def _last_activity(folder: Path) -> float | None:
     return max(times) if times else None
 
 
-def task_alive(folder: Path, *, now: float | None = None) -> tuple[bool, str]:
+def task_alive(
+    folder: Path, *, now: float | None = None, job_probe: JobProbe | None = None, finished: bool = False
+) -> tuple[bool, str]:
     """Whether a live task holds `folder/.lock`, and why the collector thinks so.
 
-    On this host the holder's pid is checked. On another host (the usual case for a collector
-    running on its own node) the holder counts as dead once nothing in the folder has been
-    written for `STALE_AFTER_S`, like `fsutil.category_lock` decides.
+    `fsutil.judge_holder` decides, as the lock does, with the folder's last write as the
+    holder's age (it writes checkpoints and its summary while it runs): the holder's SLURM job
+    as `job_probe` reports it, its pid on this host, else nothing written for STALE_AFTER_S.
+    After the run (`finished`) only SLURM's word that its job runs makes a holder alive (a pid
+    that lives then was reused).
     """
     now = time.time() if now is None else now
     lock = folder / LOCK_FILE
@@ -383,21 +410,19 @@ def task_alive(folder: Path, *, now: float | None = None) -> tuple[bool, str]:
     except OSError as e:
         return False, f"the lock {lock} cannot be read ({e.strerror})"
     try:
-        holder = json.loads(text or "{}")
+        holder = _dict(json.loads(text or "{}"))
     except ValueError:
         holder = {}
-    holder = _dict(holder)
-    host, pid, job = holder.get("host"), _int(holder.get("pid")), _str(holder.get("slurm_job_id"))
-    who = f"pid {pid} on {host}" + (f", SLURM job {job}" if job else "")
-    if host == socket.gethostname() and pid is not None:
-        if pid_alive(pid):
-            return True, f"{who} is alive"
-        return False, f"the task that held the lock ({who}) is gone"
     last = _last_activity(folder)
-    if last is None or now - last > STALE_AFTER_S:
-        idle = "ever" if last is None else f"{(now - last) / 3600:.1f} h"
-        return False, f"nothing written for {idle} by the lock holder ({who})"
-    return True, f"{who}, last write {fmt_duration(now - last)} ago"
+    age = now - last if last is not None else math.inf
+    verdict = judge_holder(holder, age_s=age, job_probe=job_probe, stale_after_s=STALE_AFTER_S)
+    alive = verdict.alive and (not finished or verdict.basis == "job")
+    return alive, f"lock holder ({_holder_name(holder)}): {verdict.why}"
+
+
+def _holder_name(holder: dict[str, Any]) -> str:
+    job = _str(holder.get("slurm_job_id"))
+    return f"pid {_int(holder.get('pid'))} on {holder.get('host')}" + (f", SLURM job {job}" if job else "")
 
 
 def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]) -> tuple[Any, str | None]:
@@ -465,6 +490,82 @@ def _question_order(q: str) -> tuple[int, int, str]:
     return (1, 0, q)
 
 
+@dataclass
+class RunInfo:
+    """What the output root says of how the run was submitted (`submission.json`, `job.yaml`)."""
+
+    executor: str | None = None  # slurm / local / debug
+    tasks: dict[str, str] = field(default_factory=dict)  # category -> its SLURM job ("12_3")
+    job_file: Path | None = None  # the resolved job that was submitted
+
+
+def read_run_info(output_root: Path, problems: list[str]) -> RunInfo:
+    """`submission.json` and `job.yaml` of the output root (an empty RunInfo without them)."""
+    info = RunInfo()
+    if (output_root / JOB_FILE).is_file():
+        info.job_file = output_root / JOB_FILE
+    path = output_root / SUBMISSION_FILE
+    if not path.is_file():
+        return info
+    try:
+        record = _dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        problems.append(f"{path} cannot be read ({e}); task ids and executor not used")
+        return info
+    info.executor = _str(record.get("executor"))
+    info.tasks = {str(k): v for k, v in _dict(record.get("tasks")).items() if isinstance(v, str)}
+    return info
+
+
+STOP_REASONS = {
+    "time_limit": "reached its time limit",
+    "preempted": "was preempted",
+    "requeue_limit": "gave up: requeued cluster.max_requeues times",
+    "requeue_failed": "could not be requeued",
+    "user": "was stopped by a user",
+}
+
+
+def resume_command(category: Category, folder: Path, output_root: Path, run: RunInfo, *, slurm: bool) -> str:
+    """The command that resumes (or reruns) one category the way the run was launched.
+
+    The job is the resolved config the task wrote in its folder (every override applied,
+    absolute paths), else the one `submit` wrote in the output root, else a sibling's.
+    """
+    job = folder / CONFIG_FILE
+    if not job.is_file():
+        siblings = sorted(output_root.glob(f"blip2_*/{CONFIG_FILE}"))
+        job = run.job_file or (siblings[0] if siblings else Path("JOB.yaml"))
+    on_slurm = run.executor == "slurm" if run.executor else slurm
+    if on_slurm:
+        return f"fada-batch submit --job {shlex.quote(str(job))} --categories {shlex.quote(category.name)}"
+    return f"fada-batch train --job {shlex.quote(str(job))} --category {shlex.quote(category.name)}"
+
+
+def _read(r: CategoryResult, folder: Path, problems: list[str]) -> tuple[dict[str, Any] | None, bool]:
+    """The category's summary (None when there is none), and False when it is unreadable."""
+    summary_path = folder / SUMMARY_FILE
+    try:
+        summary = read_summary(folder)
+    except (ValueError, OSError) as e:
+        named = str(e) if str(summary_path) in str(e) else f"{summary_path}: {e}"
+        problems.append(f"{named}; {r.category} is skipped")
+        r.state, r.detail = "unreadable", f"{SUMMARY_FILE} cannot be read: {e}"
+        return None, False
+    status = None if summary is None else summary.get("status")
+    if summary is not None and status not in STATUSES:
+        msg = f"unknown status {status!r} (expected one of {', '.join(STATUSES)})"
+        problems.append(f"{summary_path}: {msg}; {r.category} is skipped")
+        r.state, r.detail = "unreadable", f"{SUMMARY_FILE}: {msg}"
+        return None, False
+    if summary is not None:
+        _fill_from_summary(r, summary)
+        named = summary.get("category")
+        if named is not None and named != r.category:
+            problems.append(f"{summary_path} is for category {named!r}, found in {r.category}'s folder")
+    return summary, True
+
+
 def collect_category(
     category: Category,
     folder: Path,
@@ -474,30 +575,23 @@ def collect_category(
     problems: list[str],
     finished: bool = False,
     now: float | None = None,
+    job_probe: JobProbe | None = None,
+    run: RunInfo | None = None,
 ) -> CategoryResult:
-    """Read one category's folder and decide its state (never raises on bad files)."""
-    r = CategoryResult(category=category.name, folder=str(folder), state="not_started", requested=requested)
-    summary_path = folder / SUMMARY_FILE
-    try:
-        summary = read_summary(folder)
-    except (ValueError, OSError) as e:
-        named = str(e) if str(summary_path) in str(e) else f"{summary_path}: {e}"
-        problems.append(f"{named}; {category.name} is skipped")
-        r.state, r.detail = "unreadable", f"{SUMMARY_FILE} cannot be read: {e}"
-        return r
-    status = None if summary is None else summary.get("status")
-    if summary is not None and status not in STATUSES:
-        msg = f"unknown status {status!r} (expected one of {', '.join(STATUSES)})"
-        problems.append(f"{summary_path}: {msg}; {category.name} is skipped")
-        r.state, r.detail = "unreadable", f"{SUMMARY_FILE}: {msg}"
-        return r
-    if summary is not None:
-        _fill_from_summary(r, summary)
-        named = summary.get("category")
-        if named is not None and named != category.name:
-            problems.append(f"{summary_path} is for category {named!r}, found in {category.name}'s folder")
-    r.eval, r.eval_source = _read_eval(folder, summary, problems)
+    """Read one category's folder and decide its state (never raises on bad files).
 
+    Args:
+        finished: the run's tasks are over (a category that has not completed is `stopped`).
+        job_probe: asks SLURM about the category's job (`slurmjobs.job_phase`); None: never.
+        run: the output root's submission record (task ids, executor, job file).
+    """
+    run = run or RunInfo()
+    r = CategoryResult(category=category.name, folder=str(folder), state="not_started", requested=requested)
+    summary, readable = _read(r, folder, problems)
+    if not readable:
+        return r
+    r.eval, r.eval_source = _read_eval(folder, summary, problems)
+    status = summary.get("status") if summary is not None else None
     if summary is None:
         labels = data_root / LABELS_DIR if data_root is not None else None
         if labels is not None and labels.is_dir() and find_sheet(data_root, category) is None:
@@ -506,24 +600,13 @@ def collect_category(
             return r
         _fill_from_checkpoint(r, folder, problems)
         if r.last_checkpoint:
-            r.state = "incomplete"
-            r.detail = f"no summary, but checkpoints up to step {r.last_step}; rerun to resume"
+            said = f"no summary, but checkpoints up to step {r.last_step}"
         else:
-            r.state = "not_started"
-            r.detail = f"no {SUMMARY_FILE} in {folder}" if folder.is_dir() else f"no folder {folder}"
-        return r
-
-    if status == "completed":
-        r.state = "completed"
-        epochs = r.epochs_completed or r.epochs
-        done = [f"{r.steps} steps" if r.steps is not None else "", f"{epochs} epochs" if epochs else ""]
-        r.detail = ", ".join(x for x in done if x) or "completed"
-        if r.wall_time_s is not None:
-            r.detail += f" in {fmt_duration(r.wall_time_s)}"
-        adapter = Path(r.adapter_path) if r.adapter_path else None
-        if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
-            r.detail += f"; adapter missing at {r.adapter_path}"
-            problems.append(f"{category.name}: completed but the adapter is missing at {r.adapter_path}")
+            said = f"no {SUMMARY_FILE} in {folder}" if folder.is_dir() else f"no folder {folder}"
+        job = run.tasks.get(category.name)
+        _unfinished(r, said, job, finished=finished, job_probe=job_probe)
+    elif status == "completed":
+        _completed(r, summary, problems)
     elif status in ("running", "interrupted"):
         _fill_from_checkpoint(r, folder, problems)
         where = (
@@ -532,28 +615,84 @@ def collect_category(
             else "no checkpoint yet"
         )
         if status == "interrupted":
-            r.state = "incomplete"
-            r.detail = f"interrupted at {where}; resumes when requeued or rerun"
-        elif finished:
-            r.state = "incomplete"
-            r.detail = (
-                f"still marked running after its task ended (killed before it could record "
-                f"its state); last {where}; rerun to resume"
-            )
+            reason = STOP_REASONS.get(r.stop_reason or "", r.stop_reason)
+            said = f"interrupted at {where}" + (f": {reason}" if reason else "")
         else:
-            alive, why = task_alive(folder, now=now)
-            r.state = "running" if alive else "incomplete"
-            r.detail = f"{'running' if alive else 'stopped'} at {where}: {why}"
+            alive, why = task_alive(folder, now=now, job_probe=job_probe, finished=finished)
+            if alive:
+                r.state, r.detail = "running", f"running at {where}: {why}"
+            elif finished:
+                said = (
+                    "still marked running after its task ended (killed before it could record "
+                    f"its state); last {where}"
+                )
+            else:
+                said = f"stopped at {where}: {why}"
+        if r.state != "running":
+            _unfinished(r, said, r.slurm_job_id, finished=finished, job_probe=job_probe)
     elif status in FAILED_STATES:
         r.state = status
         _fill_from_checkpoint(r, folder, problems)
-        r.detail = _error_line(r.error)
+        reason = STOP_REASONS.get(r.stop_reason or "", r.stop_reason)
+        r.detail = "; ".join(x for x in (reason, _error_line(r.error), r.message) if x)
     elif status == "awaiting_labels":
         r.state = "awaiting_labels"
-        r.detail = _str(summary.get("message")) or "no label sheet yet"
+        r.detail = r.message or "no label sheet yet"
         if data_root is not None and find_sheet(data_root, category) is not None:
             r.detail += "; a sheet is there now: rerun to train"
+    if r.state in ("incomplete", "stopped", "failed"):
+        r.resume = resume_command(category, folder, folder.parent, run, slurm=r.slurm_job_id is not None)
     return r
+
+
+def _completed(r: CategoryResult, summary: dict[str, Any], problems: list[str]) -> None:
+    r.state = "completed"
+    epochs = r.epochs_completed or r.epochs
+    done = [f"{r.steps} steps" if r.steps is not None else "", f"{epochs} epochs" if epochs else ""]
+    r.detail = ", ".join(x for x in done if x) or "completed"
+    if r.wall_time_s is not None:
+        r.detail += f" in {fmt_duration(r.wall_time_s)}"
+    shipped = _dict(summary.get("shipped"))
+    if shipped.get("step") is not None:  # which step's adapter is final_model/, and why
+        r.detail += f"; ships step {shipped['step']}: {shipped.get('reason', shipped.get('kind'))}"
+    adapter = Path(r.adapter_path) if r.adapter_path else None
+    if adapter is None or not (adapter / "adapter_model.safetensors").is_file():
+        r.detail += f"; adapter missing at {r.adapter_path}"
+        problems.append(f"{r.category}: completed but the adapter is missing at {r.adapter_path}")
+
+
+def _unfinished(
+    r: CategoryResult, said: str, job: str | None, *, finished: bool, job_probe: JobProbe | None
+) -> None:
+    """The state of a category that has not completed and has no live lock holder: running or
+    queued (SLURM says so of its job), stopped (its task ended: SLURM says so, the run is over,
+    or the summary's stop reason is final), else incomplete or not started (unknown).
+
+    Args:
+        said: what its files say, e.g. "interrupted at step 3 (checkpoint-3)".
+        job: its SLURM job id (the summary's, or the submission's task id), if known.
+    """
+    seen = job_probe(job) if job and job_probe is not None else None
+    phase = seen.phase if seen is not None else None
+    r.job_state = seen.detail if phase is not None else None
+    started = r.summary_status is not None or r.last_checkpoint is not None
+    on_slurm = f"SLURM job {job} is {r.job_state}"
+    if r.stop_reason in FINAL_STOP_REASONS:
+        r.state, end = "stopped", "nothing will resume it"
+    elif phase == "running":
+        r.state, end = "running", on_slurm
+    elif phase == "pending":
+        r.state, end = "queued", f"{on_slurm}: it resumes from its last checkpoint when it runs"
+    elif phase == "ended" or finished:
+        r.state = "stopped"
+        end = (f"{on_slurm}; " if phase else "its task has ended; ") + "nothing will resume it"
+        if not started:
+            said = f"never started ({said})"
+    elif not started:
+        r.state, end = "not_started", ""
+    else:
+        r.state, end = "incomplete", "resumes when requeued or rerun"
+    r.detail = "; ".join(x for x in (said, end, r.message or "") if x)
 
 
 # --------------------------------------------------------------------------------- the run
@@ -617,7 +756,7 @@ def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
     started = [c for c in cats if _parse_time(c.start_time)]
     starts = [t for c in started if (t := _parse_time(c.start_time))]
     ends = [t for c in started if (t := _parse_time(c.end_time or c.updated))]
-    still_running = any(c.state == "running" for c in cats)
+    still_running = any(c.state in ALIVE_STATES for c in cats)
     first = min(starts) if starts else None
     last = now if still_running else (max(ends) if ends else None)
     run_wall = (last - first).total_seconds() if first and last and last >= first else None
@@ -626,7 +765,9 @@ def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
         "requested": sum(1 for c in cats if c.requested),
         "done": counts["completed"],
         "failed": sum(counts[s] for s in FAILED_STATES),
+        "stopped": counts["stopped"],  # ended unfinished: needs a rerun
         "waiting": counts["running"]
+        + counts["queued"]
         + counts["incomplete"]
         + counts["not_started"]
         + counts["awaiting_labels"],
@@ -650,6 +791,7 @@ def collect(
     data_root: Path | None = None,
     compare: Path | None = None,
     finished: bool = False,
+    job_probe: JobProbe | None = None,
 ) -> CollectResult:
     """Read every category's results under `output_root`.
 
@@ -661,10 +803,13 @@ def collect(
             category that never ran. None: taken from the folders' config.yaml when they agree.
         compare: another output root to compare with (its categories inferred).
         finished: the tasks are known to be over (a collector that runs after the array):
-            a category still marked running is reported as incomplete.
+            a category that has not completed is `stopped` (needs attention, exit non-zero).
+        job_probe: asks SLURM about a task's job (`slurmjobs.job_phase`): running, queued
+            or ended. None: judge from the files (and the lock holder's pid and age) alone.
 
     Returns:
-        A CollectResult; `exit_code()` is non-zero when a requested category failed.
+        A CollectResult; `exit_code()` is non-zero when a requested category failed or
+        stopped unfinished.
 
     Raises:
         FileNotFoundError: `output_root` (or `compare`) is not a folder (a missing root is
@@ -689,6 +834,7 @@ def collect(
         names = list(dict.fromkeys(get_category(n).name for n in categories))
         source = "the job"
     now = time.time()
+    run = read_run_info(output_root, problems)
     results = [
         collect_category(
             get_category(n),
@@ -698,6 +844,8 @@ def collect(
             problems=problems,
             finished=finished,
             now=now,
+            job_probe=job_probe,
+            run=run,
         )
         for n in names
     ]
@@ -716,6 +864,7 @@ def collect(
         totals=_totals(results, datetime.fromtimestamp(now).astimezone()),
         problems=problems,
         categories_from=source,
+        finished=finished,
     )
     if compare is not None:
         other = collect(Path(compare), categories=None, finished=finished)

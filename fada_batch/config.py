@@ -88,6 +88,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # keep the last K complete checkpoints
     log_every_s: float = 30.0  # progress line interval when not on a terminal
     max_steps: int | None = None  # stop after N optimizer steps (smoke runs); None = all epochs
+    eval_every_steps: int = 0  # validation loss also every N optimizer steps (0 = epoch ends only)
+    # best: the adapter of the step with the lowest validation loss ships as final_model/ (as
+    # the seed's load_best_model_at_end=True); last: the last step's.
+    final_model: Literal["best", "last"] = "best"
+    early_stopping_patience: int | None = None  # stop after N validations without improvement
+    early_stopping_min_delta: float = 0.0  # a validation loss must beat the best by more than this
 
 
 @dataclass
@@ -97,7 +103,9 @@ class EvalConfig:
     after_training: bool = False  # evaluate right after training; the summary carries the metrics
     split: Literal["test", "val"] = "test"  # held-out part of split.json to answer
     batch_size: int = 16  # prompts per generate() call (left-padded)
-    max_new_tokens: int = 32  # answer length limit
+    # answer length limit; null: what the training answers need (the longest in tokens plus a
+    # margin, recorded with the adapter in final_model/fada_batch.json)
+    max_new_tokens: int | None = None
     num_beams: int = 1  # 1 = greedy decoding
 
 
@@ -293,8 +301,133 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
         problems.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     if not lo.target_modules:
         problems.append("lora.target_modules must name at least one module")
-    if cfg.model.quantization != "none" and cfg.model.device == "cpu":
-        pass  # bitsandbytes >= 0.49 runs 8/4-bit on CPU too (slowly); allowed.
+    problems.extend(image_side_modules(lo.target_modules, "lora.target_modules"))
+    problems.extend(image_side_modules(lo.modules_to_save, "lora.modules_to_save"))
+    _check_validation_rules(cfg, problems)
+
+
+def _check_validation_rules(cfg: JobConfig, problems: list[str]) -> None:
+    """Validation-loss schedule, best-model choice and early stopping."""
+    t, d = cfg.train, cfg.data
+    if t.eval_every_steps < 0:
+        problems.append(
+            f"train.eval_every_steps must be >= 0 (0 = epoch ends only), got {t.eval_every_steps}"
+        )
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        problems.append(
+            f"train.early_stopping_patience must be >= 1 or null (off), got {t.early_stopping_patience}"
+        )
+    if t.early_stopping_min_delta < 0:
+        problems.append(f"train.early_stopping_min_delta must be >= 0, got {t.early_stopping_min_delta}")
+    needs_val = [
+        f"{k}={v}"
+        for k, v, on in (
+            ("train.final_model", "best", t.final_model == "best"),
+            ("train.early_stopping_patience", t.early_stopping_patience, t.early_stopping_patience),
+        )
+        if on
+    ]
+    if needs_val and d.val_fraction <= 0:
+        problems.append(
+            f"{' and '.join(needs_val)} need a validation loss, but data.val_fraction is 0: set "
+            "data.val_fraction > 0 (e.g. 0.1), or train.final_model=last without early stopping"
+        )
+    if isinstance(cfg.eval.max_new_tokens, int) and cfg.eval.max_new_tokens < 1:
+        problems.append(
+            f"eval.max_new_tokens must be >= 1 or null (from the training answers), got {cfg.eval.max_new_tokens}"
+        )
+
+
+# Modules of BLIP-2's image side (vision tower, Q-Former, language_projection). They run frozen,
+# under no_grad, and their output is computed once per image (the feature cache), so LoRA or
+# modules_to_save placed there would never get a gradient. Names that only exist there:
+_IMAGE_SIDE_PREFIXES = ("vision_model", "qformer", "language_projection", "query_tokens")
+_IMAGE_SIDE_NAMES = frozenset(
+    {"qkv", "projection", "query", "key", "value", "dense", "patch_embedding", "post_layernorm",
+     "layernorm", "layer_norm1", "layer_norm2", "crossattention", "intermediate_query", "output_query"}
+)  # fmt: skip
+
+
+def image_side_modules(names: list[str], key: str) -> list[str]:
+    """Problems for module names that can only match BLIP-2's frozen image side."""
+    bad = [
+        n for n in names if n.split(".")[-1] in _IMAGE_SIDE_NAMES or n.split(".")[0] in _IMAGE_SIDE_PREFIXES
+    ]
+    if not bad:
+        return []
+    return [
+        f"{key}: {', '.join(map(repr, bad))} would train modules of the image side (vision "
+        "tower, Q-Former, language_projection), which runs frozen under no_grad with its output "
+        "cached once per image: they would never get a gradient. Train the language model's modules "
+        "instead (e.g. q_proj, k_proj, v_proj, out_proj; "
+        "language_model.model.decoder.final_layer_norm for modules_to_save)"
+    ]
+
+
+# Keys that do not change the adapter a run produces: where data and outputs live, where and
+# how the run is scheduled, checkpointed and logged, and how it is evaluated afterwards. Every
+# other key (a new one too, unless added here) is part of the training fingerprint.
+NOT_IN_FINGERPRINT = (
+    "name",
+    "data.root",
+    "data.categories",
+    "data.max_image_pixels",
+    "model.device",
+    "model.gradient_checkpointing",
+    "train.feature_cache",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.log_every_s",
+    "eval.",
+    "output.",
+    "cluster.",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not (prefix == "cluster." and k == "extra_sbatch"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
+    """The config keys that change the trained adapter, dotted, with their values.
+
+    Two runs with equal fingerprints train the same adapter on the same data; a completed
+    category is skipped, and a checkpoint resumed, only under an equal fingerprint.
+    """
+    flat = _flatten(cfg.to_dict())
+    # the steps hold batch_size x grad_accum_steps samples whatever the split into micro-batches
+    # (the loss is the mean over the step's tokens): only the product changes the adapter
+    flat["train.effective_batch_size"] = flat.pop("train.batch_size") * flat.pop("train.grad_accum_steps")
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if not any(k == x or (x.endswith(".") and k.startswith(x)) for x in NOT_IN_FINGERPRINT)
+    }
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """A short, stable hash of a training fingerprint."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every key whose value differs (absent keys shown as such)."""
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        if a != b:
+            lines.append(f"{k}: {a!r} -> {b!r}")
+    return lines
+
+
+class FingerprintMismatch(ConfigError):
+    """Earlier work in a category's folder was trained under another training config."""
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from fada_batch.collate import Encoder, Sample
 from fada_batch.fsutil import category_lock
 from fada_batch.metrics import aggregate, majority_answers, question_label
+from fada_batch.slurmjobs import job_phase
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,10 @@ PREDICTION_COLUMNS = (
     "adapter_prediction",
     "base_prediction",
     "majority_prediction",
+    "adapter_no_eos",  # 1: the answer reached max_new_tokens without EOS (cut off)
+    "base_no_eos",
 )
+FALLBACK_MAX_NEW_TOKENS = 128  # an adapter that records no limit (the seed's answer budget)
 
 
 class AdapterError(RuntimeError):
@@ -63,7 +67,8 @@ class EvaluationError(RuntimeError):
 class GenerationSettings:
     """How answers are generated (greedy by default)."""
 
-    max_new_tokens: int = 32
+    # None: what the adapter's training answers need (`with_default`), else FALLBACK_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None
     num_beams: int = 1  # 1 = greedy
     batch_size: int = 16  # prompts per generate() call
 
@@ -75,10 +80,24 @@ class GenerationSettings:
                 ("num_beams", self.num_beams),
                 ("batch_size", self.batch_size),
             )
-            if v < 1
+            if v is not None and v < 1
         ]
         if bad:
             raise ValueError("generation settings: " + "; ".join(bad))
+
+    def with_default(self, max_new_tokens: int | None) -> GenerationSettings:
+        """These settings with `max_new_tokens` filled in where they leave it open."""
+        if self.max_new_tokens is not None:
+            return self
+        return replace(self, max_new_tokens=max_new_tokens or FALLBACK_MAX_NEW_TOKENS)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated answer."""
+
+    text: str
+    ended: bool  # True: it ended with EOS; False: cut off at max_new_tokens
 
 
 DEFAULT_SETTINGS = GenerationSettings()
@@ -97,6 +116,9 @@ class AdapterInfo:
     prompt_template: str | None
     eos_token_id: int | None
     category: str | None
+    quantization: str | None = None  # how the base was loaded in training (none/8bit/4bit)
+    dtype: str | None = None  # the base's dtype in training (float32, bfloat16, ...)
+    max_new_tokens: int | None = None  # what the training answers need (longest + margin)
 
 
 def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
@@ -154,7 +176,35 @@ def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
         prompt_template=marker.get("prompt_template"),
         eos_token_id=int(eos) if eos is not None else None,
         category=marker.get("category"),
+        quantization=marker.get("quantization"),
+        dtype=marker.get("dtype"),
+        max_new_tokens=marker.get("max_new_tokens"),
     )
+
+
+def load_like_training(
+    info: AdapterInfo, name_or_path: str, *, device: str, dtype: str, quantization: str
+) -> Any:
+    """Load the base model as training loaded it for this adapter (its recorded quantization
+    and dtype), so that answers match those of training's own evaluation; `dtype` and
+    `quantization` apply only to adapters that record none.
+    """
+    from fada_batch.model import load_base_model
+
+    q = info.quantization or quantization
+    d = info.dtype or dtype
+    for key, asked, used in (("quantization", quantization, q), ("dtype", dtype, d)):
+        if asked not in ("auto", used):
+            log.warning(
+                "model.%s=%s, but the adapter in %s was trained on a base loaded with %s=%s: "
+                "loading it that way, as training did",
+                key,
+                asked,
+                info.path,
+                key,
+                used,
+            )
+    return load_base_model(name_or_path, device=device, dtype=d, quantization=q)
 
 
 def _identity(name: str) -> tuple[str | None, set[str]]:
@@ -263,6 +313,11 @@ def decode_answer(tokenizer: Any, new_ids: list[int], eos_token_id: int) -> str:
     return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 
+def decode_generated(tokenizer: Any, new_ids: list[int], eos_token_id: int) -> Generated:
+    """`decode_answer`, and whether the answer ended with EOS (else it was cut off)."""
+    return Generated(decode_answer(tokenizer, new_ids, eos_token_id), eos_token_id in new_ids)
+
+
 @torch.no_grad()
 def _generate_batch(
     model: Any,
@@ -272,7 +327,7 @@ def _generate_batch(
     *,
     eos_token_id: int,
     settings: GenerationSettings,
-) -> list[str]:
+) -> list[Generated]:
     from fada_batch.model import base_of
 
     base = base_of(model)
@@ -286,14 +341,14 @@ def _generate_batch(
         input_ids=input_ids,
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=settings.max_new_tokens or FALLBACK_MAX_NEW_TOKENS,
         num_beams=settings.num_beams,
         do_sample=False,
         eos_token_id=eos_token_id,
         pad_token_id=encoder.pad_token_id,
     )  # (B, T + new): generate() returns the prompt, then the new tokens
     new = out[:, input_ids.shape[1] :].tolist()
-    return [decode_answer(encoder.tokenizer, ids, eos_token_id) for ids in new]
+    return [decode_generated(encoder.tokenizer, ids, eos_token_id) for ids in new]
 
 
 def generate_answers(
@@ -305,6 +360,20 @@ def generate_answers(
     eos_token_id: int,
     settings: GenerationSettings = DEFAULT_SETTINGS,
 ) -> list[str]:
+    """The answers' texts of `generate`."""
+    got = generate(model, encoder, prompts, features, eos_token_id=eos_token_id, settings=settings)
+    return [g.text for g in got]
+
+
+def generate(
+    model: Any,
+    encoder: Encoder,
+    prompts: list[str],
+    features: list[torch.Tensor],
+    *,
+    eos_token_id: int,
+    settings: GenerationSettings = DEFAULT_SETTINGS,
+) -> list[Generated]:
     """Answer each prompt about its image, in left-padded batches; results in input order.
 
     Args:
@@ -317,7 +386,7 @@ def generate_answers(
     assert len(prompts) == len(features), (len(prompts), len(features))
     settings.check()
     order = sorted(range(len(prompts)), key=lambda i: (len(encoder.prompt_ids(prompts[i])), i))
-    answers: list[str] = [""] * len(prompts)
+    answers: list[Generated] = [Generated("", True)] * len(prompts)
     batch = settings.batch_size
     start = 0
     was_training = model.training
@@ -391,13 +460,13 @@ def answer_both(
     settings: GenerationSettings,
     max_pixels: int,
     with_base: bool = True,
-) -> tuple[list[str], list[str] | None]:
+) -> tuple[list[Generated], list[Generated] | None]:
     """Answers of the adapter and (with_base) of the base model alone to (image name, prompt) items."""
     model = loaded.model
     names = list(dict.fromkeys(name for name, _ in items))
     prompts = [p for _, p in items]
     feats = _features(loaded, image_paths, names, max_pixels)
-    adapter = generate_answers(
+    adapter = generate(
         model, encoder, prompts, [feats[n] for n, _ in items], eos_token_id=eos_token_id, settings=settings
     )
     if not with_base:
@@ -405,7 +474,7 @@ def answer_both(
     with model.disable_adapter():
         if adapter_touches_vision(model):
             feats = _features(loaded, image_paths, names, max_pixels)
-        base = generate_answers(
+        base = generate(
             model,
             encoder,
             prompts,
@@ -419,11 +488,24 @@ def answer_both(
 # ------------------------------------------------------------------------------- evaluation
 
 
-def settings_from(eval_cfg: Any) -> GenerationSettings:
-    """The generation part of the config's `eval:` section."""
-    return GenerationSettings(
+def settings_from(eval_cfg: Any, default_max_new_tokens: int | None = None) -> GenerationSettings:
+    """The generation part of the config's `eval:` section; `eval.max_new_tokens: null` takes
+    `default_max_new_tokens` (what the adapter's training answers need)."""
+    settings = GenerationSettings(
         max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, batch_size=eval_cfg.batch_size
     )
+    return settings.with_default(default_max_new_tokens) if default_max_new_tokens else settings
+
+
+def no_eos_counts(held_out: list[Sample], answers: list[Generated]) -> dict[str, int]:
+    """Answers cut off at max_new_tokens (no EOS), per question ("Q1".."Q8") and "overall"."""
+    counts: dict[str, int] = {}
+    for s, g in zip(held_out, answers, strict=True):
+        q = question_label(s.question_index)
+        counts[q] = counts.get(q, 0) + (not g.ended)
+    counts = dict(sorted(counts.items(), key=lambda kv: int(kv[0][1:])))
+    counts["overall"] = sum(counts.values())
+    return counts
 
 
 def evaluate_loaded(
@@ -477,18 +559,16 @@ def evaluate_loaded(
     )
     assert base is not None
     seconds = time.time() - t0
-    rows = [
-        {
-            "image": s.image,
-            "question": question_label(s.question_index),
-            "question_text": questions[s.question_index],
-            "reference": s.answer,
-            "adapter_prediction": a,
-            "base_prediction": b,
-            "majority_prediction": majority.get(s.question_index, ""),
-        }
-        for s, a, b in zip(held_out, adapter, base, strict=True)
-    ]
+    rows = prediction_rows(held_out, questions, adapter, base, majority)
+    no_eos = {"adapter": no_eos_counts(held_out, adapter), "base": no_eos_counts(held_out, base)}
+    if no_eos["adapter"]["overall"]:
+        log.warning(
+            "%d of %d adapter answers reached max_new_tokens=%s without EOS (cut off): raise "
+            "eval.max_new_tokens if the references are that long",
+            no_eos["adapter"]["overall"],
+            len(held_out),
+            settings.max_new_tokens,
+        )
     metrics: dict[str, Any] = {}
     for model in MODELS:
         metrics[model] = aggregate(
@@ -500,10 +580,36 @@ def evaluate_loaded(
         n_images=len({s.image for s in held_out}),
         n_pairs=len(held_out),
         majority_answers={question_label(q): a for q, a in majority.items()},
+        # answers that ended without EOS: cut off by max_new_tokens (scored as they are)
+        no_eos=no_eos,
         generation_s=round(seconds, 2),
     )
     write_eval(out_dir, rows, metrics)
     return metrics
+
+
+def prediction_rows(
+    held_out: list[Sample],
+    questions: list[str],
+    adapter: list[Generated],
+    base: list[Generated],
+    majority: dict[int, str],
+) -> list[dict[str, str]]:
+    """The rows of predictions.csv (PREDICTION_COLUMNS), one per held-out answer."""
+    return [
+        {
+            "image": s.image,
+            "question": question_label(s.question_index),
+            "question_text": questions[s.question_index],
+            "reference": s.answer,
+            "adapter_prediction": a.text,
+            "base_prediction": b.text,
+            "majority_prediction": majority.get(s.question_index, ""),
+            "adapter_no_eos": "" if a.ended else "1",
+            "base_no_eos": "" if b.ended else "1",
+        }
+        for s, a, b in zip(held_out, adapter, base, strict=True)
+    ]
 
 
 def write_eval(out_dir: Path, rows: list[dict[str, str]], metrics: dict[str, Any]) -> Path:
@@ -534,13 +640,24 @@ def summary_block(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_images": metrics["n_images"],
         "n_pairs": metrics["n_pairs"],
         "split": metrics["settings"]["split"],
+        "max_new_tokens": metrics["settings"]["max_new_tokens"],
+        "no_eos": {m: metrics["no_eos"][m]["overall"] for m in metrics["no_eos"]},
     }
 
 
 def evaluate_after_training(
-    loaded: Any, samples: Any, out_dir: Path, *, eos_token_id: int, cfg: Any
+    loaded: Any,
+    samples: Any,
+    out_dir: Path,
+    *,
+    eos_token_id: int,
+    cfg: Any,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Training's last step: evaluate the adapter in memory; returns the summary's `eval` entry.
+
+    `max_new_tokens` is what the training answers need (the default of `eval.max_new_tokens:
+    null`), the same number `fada-batch evaluate` reads from the adapter later.
 
     A failure here is logged and reported in the entry (`{"error": ...}`), not raised: the
     adapter is already saved, and `fada-batch evaluate` can run the evaluation again.
@@ -553,7 +670,7 @@ def evaluate_after_training(
             eos_token_id=eos_token_id,
             prompt_template=cfg.data.prompt_template,
             split=cfg.eval.split,
-            settings=settings_from(cfg.eval),
+            settings=settings_from(cfg.eval, max_new_tokens),
             max_pixels=cfg.data.max_image_pixels,
         )
     except EvaluationError as e:  # e.g. an empty test split: nothing to evaluate, no traceback
@@ -607,14 +724,15 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
     settings = settings_from(cfg.eval)
     settings.check()
     # not while a task trains (or --force retrains) this category, nor beside another evaluation
-    with category_lock(out_dir, purpose="evaluated"):
+    with category_lock(out_dir, purpose="evaluated", job_probe=job_phase):
         return _evaluate_locked(cfg, category, out_dir, info, settings)
 
 
 def _evaluate_locked(
     cfg: Any, category: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
 ) -> dict[str, Any]:
-    from fada_batch.model import eos_token_id, load_base_model
+    from fada_batch.collate import answer_length_stats
+    from fada_batch.model import eos_token_id
     from fada_batch.train import final_model_complete, prepare_data
 
     mc = cfg.model
@@ -624,9 +742,16 @@ def _evaluate_locked(
     samples = prepare_data(cfg, category, out_dir, resuming=True)
     if info.questions and list(info.questions) != list(samples.questions):
         log.warning("%s: the sheet's questions differ from those the adapter was trained with", category.name)
-    loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization)
+    loaded = load_like_training(
+        info, mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization
+    )
     load_adapter(loaded, info.path)
     eos = info.eos_token_id if info.eos_token_id is not None else eos_token_id(loaded.model, loaded.processor)
+    budget = info.max_new_tokens
+    if budget is None:  # an adapter from before the limit was recorded: its training answers say it
+        encoder = make_encoder(loaded, eos)
+        budget = int(answer_length_stats([encoder.encode(s) for s in samples.train])["max_new_tokens"])
+    settings = settings.with_default(budget)
     metrics = evaluate_loaded(
         loaded,
         samples,

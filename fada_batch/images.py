@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import unicodedata
 import warnings
 from collections import defaultdict
 from dataclasses import replace
@@ -67,12 +68,17 @@ def strip_image_extension(name: str) -> str:
 
 
 def _norm(name: str) -> str:
-    """Matching form of a name: case-folded, whitespace runs collapsed, ends stripped."""
-    return _WS.sub(" ", name).strip().casefold()
+    """Matching form of a name: one Unicode form, case-folded, whitespace runs collapsed,
+    ends stripped. macOS writes file names decomposed (NFD: `e` + combining accent) while a
+    sheet holds composed text (NFC: `é`); both give the same key (Unicode's canonical
+    caseless match, NFD(casefold(NFD(x))), kept in NFC)."""
+    folded = unicodedata.normalize("NFD", _WS.sub(" ", name).strip()).casefold()
+    return unicodedata.normalize("NFC", folded)
 
 
 def name_key(name: str) -> str:
-    """The identity of an image name: `img_001`, `IMG_001.png` and `img_001.PNG` agree."""
+    """The identity of an image name: `img_001`, `IMG_001.png` and `img_001.PNG` agree, and
+    so do the composed and decomposed forms of `café.png`."""
     return _norm(strip_image_extension(name.strip()))
 
 

@@ -30,14 +30,19 @@ from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from fada_batch import requeue
-from fada_batch.config import JobConfig, config_from_dict
-from fada_batch.fsutil import atomic_write_json, ensure_writable
+from fada_batch.collect import JOB_FILE
+from fada_batch.config import JobConfig, config_from_dict, dump_yaml
+from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
 from fada_batch.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
-from fada_batch.validate import Preflight, preflight
+from fada_batch.validate import NoDataError, Preflight, preflight
 
 log = logging.getLogger(__name__)
 
 SUBMISSION_FILE = "submission.json"
+
+
+class SubmitError(RuntimeError):
+    """sbatch refused a job; the message has its reason and what to check."""
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -53,9 +58,11 @@ class TrainTask(submitit.helpers.Checkpointable):
         self._started = time.time()
 
     def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
+        from fada_batch.logsetup import setup_logging
         from fada_batch.train import StopRequested, train_category
 
         self._started = time.time()
+        setup_logging()  # a fresh process: none of the CLI's logging set-up is here
         print(f"[fada-batch] {code_origin()}", flush=True)
         cfg = config_from_dict(job, source="submitted job")
         match_threads_to_allocation()
@@ -207,27 +214,37 @@ def _install_stop_handler(task: TrainTask) -> Any:
 
 
 def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
-    """The collector step: write the report for the run; raise when a category failed.
+    """The collector step: write the report for the run; raise when a category failed or
+    ended without completing.
 
     Raises:
-        RuntimeError: when a requested category failed (so the dependent job shows FAILED).
+        RuntimeError: naming those categories and how to resume them (so the dependent job
+            shows FAILED).
     """
     from fada_batch.collect import collect
+    from fada_batch.logsetup import setup_logging
+    from fada_batch.slurmjobs import job_phase
 
+    setup_logging()
     print(f"[fada-batch] {code_origin()}", flush=True)
     cfg = config_from_dict(job, source="submitted job")
-    # runs after the array ended (afterany): anything still marked running is incomplete
+    # runs after the array ended (afterany): a category that has not completed is stopped
     result = collect(
         Path(cfg.output.root),
         categories=categories,
         data_root=Path(cfg.data.root),
         finished=True,
+        job_probe=job_phase,
     )
     written = result.write_report()
     print(result.text(), flush=True)
     print(f"report: {written.get('md')}", flush=True)
     if result.exit_code() != 0:
-        raise RuntimeError(f"categories failed: {', '.join(result.failed_names())}")
+        names = "; ".join(
+            f"{c.category} ({c.state}" + (f", resume: {c.resume})" if c.resume else ")")
+            for c in result.attention()
+        )
+        raise RuntimeError(f"categories need attention: {names}; see {written.get('md')}")
     return {"report": str(Path(cfg.output.root) / "report.md")}
 
 
@@ -363,16 +380,37 @@ def submit(
     `slurm`: an array job plus a collector job with `--dependency=afterany:<array>`; returns
     at once with the IDs. `local`: the same tasks as subprocesses, one after another, then the
     collector. `debug`: in this process. Writes `submission.json` in the output root.
+
+    Raises:
+        FingerprintMismatch: (without `force`) categories whose folders hold a completed adapter
+            or checkpoints trained under another training config; nothing is submitted.
+        NoDataError: no requested category is ready (no data at all, or none labelled).
+        SlurmUnavailable: `slurm`, and SLURM cannot be reached from here (with the fix).
+        SubmitError: sbatch refused the array or the collector.
     """
     out = out or sys.stdout
     ensure_writable(Path(cfg.output.root))
     pf = preflight(cfg, categories)
+    if pf.no_data:
+        raise NoDataError(pf.no_data)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
     print(plan.describe(), file=out, flush=True)
+    if not force:  # refuse now, not in each task: completed/checkpointed under another config
+        from fada_batch.train import check_fingerprints
+
+        check_fingerprints(cfg, plan.submit)
     if dry_run:
         print("dry run: nothing submitted", file=out, flush=True)
         return {"dry_run": True, "plan": plan.submit}
+    if (why := pf.nothing_ready()) is not None:
+        raise NoDataError(f"{why}; nothing submitted")
+    if executor == "slurm":
+        from fada_batch.slurmjobs import check_reachable
+
+        check_reachable()  # before anything is written: one line with the fix, no traceback
     _record_skipped(cfg, pf)
+    # the resolved job, for the collector's resume commands of tasks that never started
+    atomic_write_text(plan.output_root / JOB_FILE, dump_yaml(cfg))
     job = cfg.to_dict()
     record: dict[str, Any] = {
         "job_name": cfg.name,
@@ -384,10 +422,19 @@ def submit(
         "log_dir": str(plan.log_dir),
         "output_root": str(plan.output_root),
         "config_hash": cfg.config_hash(),
+        "job_file": str(plan.output_root / JOB_FILE),
     }
     plan.log_dir.mkdir(parents=True, exist_ok=True)
     if executor == "slurm":
-        record.update(_submit_slurm(cfg, plan, job, force=force))
+        try:
+            record.update(_submit_slurm(cfg, plan, job, force=force))
+        except submitit.core.utils.FailedJobError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            raise SubmitError(
+                f"sbatch refused the job: {lines[-1] if lines else e}. Check the job's cluster: "
+                "section (partition, account, qos, time_min, mem_gb) against the site's limits "
+                "(`sinfo`, `sacctmgr show assoc user=$USER`), or run here with --executor local"
+            ) from e
     else:
         record.update(_run_here(cfg, plan, job, executor, force=force, out=out))
     atomic_write_json(plan.output_root / SUBMISSION_FILE, record)

@@ -10,7 +10,9 @@ token embeddings), so both paths give the same logits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -120,8 +122,8 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
         return None
     from transformers import BitsAndBytesConfig
 
-    # Quantise only the language model: the vision tower is frozen and small next to OPT, and
-    # the Q-Former is kept in fp32 by the model class anyway.
+    # Quantise only the language model's Linear layers: the image side runs once per image
+    # (the feature cache) in the load dtype, and LoRA sits on the language model.
     skip = ["vision_model", "qformer", "language_projection", "lm_head"]
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -149,25 +151,38 @@ class QuantizationChoice:
 def weight_bytes(config: Any, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of the model's weights under none / 8bit / 4bit, counted from its config.
 
-    The model is built on the meta device (no memory, no download). Only the language model's
-    Linear layers are quantised (see `quantization_config`); the Q-Former and query tokens stay
-    fp32 (`_keep_in_fp32_modules`), the rest is in `dtype`. nf4 with double quantisation stores
-    half a byte per weight plus ~1% in scales.
+    The model is built on the meta device (no memory, no download) and counted the way
+    `load_base_model` + `apply_lora` hold it (tests/test_bench.py checks this against a real
+    load): everything in `dtype`, except the language model's Linear layers under 8bit/4bit
+    (see `quantization_config`). transformers keeps the Q-Former and query tokens in fp32 only
+    when `dtype` is float16 (`_keep_in_fp32_modules`); in bf16 they are bf16 too.
+    LLM.int8 stores a byte per weight and an fp32 scale per output row; nf4 with double
+    quantisation half a byte per weight, an 8-bit absmax per block of 64 and an fp32 absmax per
+    256 blocks.
     """
     from transformers import Blip2ForConditionalGeneration
 
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
     elt = torch.empty((), dtype=dtype).element_size()
-    lm_linear = sum(
-        m.weight.numel()
+    linears = [
+        m
         for name, m in model.language_model.named_modules()
         if isinstance(m, torch.nn.Linear) and "lm_head" not in name  # the head is tied to embeddings
-    )
-    fp32 = sum(p.numel() for p in model.qformer.parameters()) + model.query_tokens.numel()
+    ]
+    lm_linear = sum(m.weight.numel() for m in linears)
+    rows = sum(m.out_features for m in linears)
+    blocks = sum(math.ceil(m.weight.numel() / 64) for m in linears)
+    fp32 = 0
+    if dtype == torch.float16:
+        fp32 = sum(p.numel() for p in model.qformer.parameters()) + model.query_tokens.numel()
     total = sum(p.numel() for p in model.parameters())
     base = (total - lm_linear - fp32) * elt + fp32 * 4
-    return {"none": base + lm_linear * elt, "8bit": base + lm_linear, "4bit": base + int(lm_linear * 0.505)}
+    return {
+        "none": base + lm_linear * elt,
+        "8bit": base + lm_linear + rows * 4,
+        "4bit": base + lm_linear // 2 + blocks + math.ceil(blocks / 256) * 4,
+    }
 
 
 def training_bytes(weights: int) -> int:
@@ -285,14 +300,22 @@ def apply_lora(
     modules_to_save: list[str],
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """Wrap the model with LoRA; only the adapter (and `modules_to_save`) trains."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap the model with LoRA; only the adapter (and `modules_to_save`) trains.
+
+    Quantised or not, the base stays as loaded: every weight frozen, in the load dtype (bf16 on
+    a GPU) except the int8/nf4 Linear layers. peft's `prepare_model_for_kbit_training` is not
+    used: it upcasts every other parameter to fp32 (the ~1B-parameter vision tower, Q-Former,
+    embeddings: 6.9 instead of 4.8 GiB for blip2-opt-2.7b in 8-bit), and a separate evaluation
+    process, which does not train, would then run other numerics. The loss is taken in fp32
+    (`collate.masked_lm_loss_sum`); LoRA's own weights are fp32 (peft's default).
+
+    Raises:
+        ConfigError: a target module or module to save lies outside the language model.
+    """
+    from peft import LoraConfig, get_peft_model
 
     model = loaded.model
-    gradient_checkpointing = gradient_checkpointing or loaded.gradient_checkpointing
-    if loaded.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    if gradient_checkpointing or loaded.gradient_checkpointing:
         lm = model.language_model
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -309,8 +332,43 @@ def apply_lora(
     with warnings.catch_warnings():  # peft reads transformers' renamed flag: noise, not news
         warnings.filterwarnings("ignore", r".*is_gradient_checkpointing.* is deprecated", FutureWarning)
         peft_model = get_peft_model(model, config)
+    check_trainable_in_language_model(peft_model)
     loaded.model = peft_model
     return peft_model
+
+
+def check_trainable_in_language_model(model: Any) -> None:
+    """Refuse trainable parameters outside the language model: the image side (vision tower,
+    Q-Former, language_projection) runs under no_grad, once per image (the feature cache), so
+    they would stay as initialised while the run looks healthy.
+
+    Raises:
+        ConfigError: naming the modules, the config key that put them there, and the fix.
+    """
+    from fada_batch.config import ConfigError
+
+    outside: dict[str, set[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".language_model." not in f".{name}":
+            key = "lora.modules_to_save" if ".modules_to_save." in name else "lora.target_modules"
+            module = name.removeprefix("base_model.model.").split(".lora_")[0].split(".modules_to_save")[0]
+            outside.setdefault(key, set()).add(module.rsplit(".", 1)[0] if key.endswith("save") else module)
+    if not outside:
+        return
+    lines = [
+        f"  - {key} puts trainable weights in {len(mods)} module(s) of the image side, e.g. "
+        + ", ".join(sorted(mods)[:4])
+        for key, mods in outside.items()
+    ]
+    raise ConfigError(
+        "LoRA would train modules that never get a gradient:\n"
+        + "\n".join(lines)
+        + "\nThe vision tower, Q-Former and language_projection run frozen under no_grad (their "
+        "output is computed once per image), so only the language model trains. Name modules of "
+        "the language model only: q_proj, k_proj, v_proj, out_proj (fc1/fc2 also exist in the "
+        "vision tower: leave them out), and for modules_to_save the full path, e.g. "
+        "language_model.model.decoder.final_layer_norm."
+    )
 
 
 def apply_lora_section(loaded: LoadedModel, lora: Any, *, gradient_checkpointing: bool = False) -> Any:
@@ -367,8 +425,20 @@ def lm_logits(
     embeds = base.get_input_embeddings()(input_ids)  # (B, T, H)
     mask = (input_ids == base.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
     embeds = embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
-    out = base.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+    # use_cache=False: a training forward needs no key/value cache (it would only hold memory)
+    out = base.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
     return out.logits
+
+
+def forward_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for the training and validation forward when the base is bf16 (quantised
+    or not): LoRA's fp32 weights and the bf16 activations then meet in bf16 matmuls, as the
+    rest of the model runs. fp32 and fp16 bases run as they are."""
+    if dtype == torch.bfloat16 and (
+        device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def eos_token_id(model: Any, processor: Any) -> int:

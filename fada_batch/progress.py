@@ -53,7 +53,7 @@ class Progress:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         msg = f"[{stamp}] {self.label}: {text}"
         if self.bar is not None:
-            self.bar.write(msg)
+            self.bar.write(msg, file=self.stream)  # tqdm.write alone prints to stdout
         else:
             print(msg, file=self.stream, flush=True)
 

@@ -34,7 +34,9 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STATE_LABELS = {
     "completed": "completed",
     "running": "running",
+    "queued": "queued",
     "incomplete": "incomplete",
+    "stopped": "stopped unfinished",
     "failed": "failed",
     "invalid_data": "failed (invalid data)",
     "awaiting_labels": "awaiting labels",
@@ -44,7 +46,9 @@ STATE_LABELS = {
 STATE_COLOURS = {
     "completed": "#1a7f37",
     "running": "#0969da",
+    "queued": "#54aeff",
     "incomplete": "#bf8700",
+    "stopped": "#bc4c00",
     "failed": "#cf222e",
     "invalid_data": "#cf222e",
     "awaiting_labels": "#8250df",
@@ -303,6 +307,7 @@ CSV_COLUMNS = (
     *(f"majority_{m}" for m in METRICS),
     "requeues", "resumes", "slurm_job_id", "slurm_array_job_id", "slurm_array_task_id",
     "adapter_path", "adapter_bytes", "start_time", "end_time", "error_tail",
+    "stop_reason", "job_state", "resume",
 )  # fmt: skip
 
 
@@ -354,10 +359,40 @@ def _attention(cats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in cats if c.get("state") != "completed"]
 
 
+def resume_all(cats: list[dict[str, Any]]) -> list[str]:
+    """One `submit` per job file for every category with a resume command on SLURM
+    (`... --categories A,B`); `train` commands (one category each) as they are."""
+    grouped: dict[str, list[str]] = {}
+    out = []
+    for c in cats:
+        cmd = c.get("resume")
+        if not cmd:
+            continue
+        head, sep, _name = cmd.rpartition(" --categories ")
+        if sep:
+            grouped.setdefault(head, []).append(c["category"])
+        else:
+            out.append(cmd)
+    return [f"{head} --categories {','.join(names)}" for head, names in grouped.items()] + out
+
+
+def _totals_line(t: dict[str, Any]) -> str:
+    by = t.get("by_state") or {}
+    line = f"{t.get('done', 0)} of {t.get('categories', 0)} categories done, {t.get('failed', 0)} failed, "
+    if t.get("stopped"):
+        line += f"{t['stopped']} stopped unfinished (need a rerun), "
+    line += (
+        f"{t.get('waiting', 0)} waiting ({by.get('running', 0)} running, "
+        + (f"{by['queued']} queued, " if by.get("queued") else "")
+        + f"{by.get('incomplete', 0)} incomplete, {by.get('not_started', 0)} not started, "
+        f"{by.get('awaiting_labels', 0)} awaiting labels)"
+    )
+    return line + (f", {by['unreadable']} unreadable" if by.get("unreadable") else "")
+
+
 def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None = None) -> str:
     cats = collected.get("categories") or []
     t = collected.get("totals") or {}
-    by = t.get("by_state") or {}
     out = [
         "# Training run report",
         "",
@@ -366,11 +401,7 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
         "",
         "## Totals",
         "",
-        f"- **{t.get('done', 0)} of {t.get('categories', 0)} categories done**, "
-        f"{t.get('failed', 0)} failed, {t.get('waiting', 0)} waiting "
-        f"({by.get('running', 0)} running, {by.get('incomplete', 0)} incomplete, "
-        f"{by.get('not_started', 0)} not started, {by.get('awaiting_labels', 0)} awaiting labels)"
-        + (f", {by['unreadable']} unreadable" if by.get("unreadable") else ""),
+        "- **" + _totals_line(t).replace(" done, ", " done**, ", 1),
     ]
     out += [f"- {label}: {value}" for label, value in _time_lines(t)]
     out += ["", "## Categories", ""]
@@ -423,7 +454,12 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
             )
             if c.get("error_tail"):  # a code block inside the list item
                 out += ["", *(f"  {line}" for line in _fence(c["error_tail"])[:-1]), ""]
+            if c.get("resume"):
+                out += ["", "  To resume:", "", *(f"  {line}" for line in _fence(c["resume"])[:-1]), ""]
         out.append("")
+        every = resume_all(attention)
+        if len([c for c in attention if c.get("resume")]) > 1:
+            out += ["To resume all of them:", "", *_fence("\n".join(every))]
     evaluated = [c for c in cats if c.get("eval")]
     if evaluated:
         out += ["## Evaluation", ""]
@@ -548,7 +584,9 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     cards = [
         ("done", t.get("done", 0)),
         ("failed", t.get("failed", 0)),
+        ("stopped unfinished", by.get("stopped", 0)),
         ("running", by.get("running", 0)),
+        ("queued", by.get("queued", 0)),
         ("incomplete", by.get("incomplete", 0)),
         ("not started", by.get("not_started", 0)),
         ("awaiting labels", by.get("awaiting_labels", 0)),
@@ -609,7 +647,12 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
                 parts.append(f"<p>{_e(c.get('detail', ''))}</p>")
             if c.get("error_tail"):
                 parts.append(f"<pre>{_e(c['error_tail'])}</pre>")
+            if c.get("resume"):
+                parts.append(f'<p>To resume:</p><pre class="resume">{_e(c["resume"])}</pre>')
             parts.append("</div>")
+        if len([c for c in attention if c.get("resume")]) > 1:
+            every = "\n".join(resume_all(attention))
+            parts.append(f'<p>To resume all of them:</p><pre class="resume">{_e(every)}</pre>')
         parts.append("</section>")
 
     if plots:
@@ -669,8 +712,16 @@ def text_table(collected: dict[str, Any]) -> str:
             f"{fmt_duration(c.get('wall_time_s') or c.get('train_time_s')):>8}  {detail[:80]}"
         )
     t = collected.get("totals") or {}
-    lines.append(f"{t.get('done', 0)} done, {t.get('failed', 0)} failed, {t.get('waiting', 0)} waiting")
+    lines.append(_totals_line(t))
     lines += [f"{label}: {value}" for label, value in _time_lines(t)]
+    # the detail column is cut to fit: in full, with the command, for what needs a person
+    for c in collected.get("categories") or []:
+        if c.get("state") in ("stopped", "failed", "invalid_data", "incomplete", "unreadable"):
+            lines.append(
+                f"{c['category']}: {STATE_LABELS.get(c['state'], c['state'])}: {c.get('detail', '')}"
+            )
+            if c.get("resume"):
+                lines.append(f"    to resume: {c['resume']}")
     return "\n".join(lines)
 
 

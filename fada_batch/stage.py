@@ -19,13 +19,19 @@ default check instead proves everything that loading needs except the weight val
   download fails here);
 - the config is a BLIP-2 config; the processor (tokenizer + image processor) loads, and its
   `num_query_tokens` and `<image>` token id agree with the model config (a mismatch trains
-  silently without the image, see shared/BLIP2-NOTES.md);
+  silently without the image);
 - `from_pretrained(device_map="meta")` runs the real loader against the checkpoint without
   reading tensor data (measured: +24 MB RSS for a 1.2 GB checkpoint) and reports missing or
   wrongly shaped weights.
 
 `full_load=True` (`--full-load`) also loads every weight on the CPU in bf16 through
 `load_base_model`, for machines that have the memory.
+
+An old revision of a BLIP-2 repository (before transformers moved the image tokens into the
+processor) has no `num_query_tokens` in its processor config and no `image_token_index` in
+config.json. Staging brings both up to date (`update_old_revision`): the count from the
+model config, the id of the `<image>` token the processor adds to the tokenizer. The marker
+lists what was changed.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class StageResult:
     size_bytes: int
     reused: bool  # the folder was already staged from this source: checked again, not copied
     verification: Verification
+    updated: list[str] = field(default_factory=list)  # what update_old_revision changed
 
 
 def stage_model(
@@ -126,6 +133,7 @@ def stage_model(
         _check_space(staging, sum(files.values()))
         try:
             _copy_local(local, files, staging, target)
+            updated = update_old_revision(staging)
             verification = verify_model_folder(staging, full_load=full_load)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # a copy is not resumed: leave nothing behind
@@ -136,6 +144,7 @@ def stage_model(
         _check_space(staging, sum(files.values()) - _present_bytes(staging, files))
         _download_hub(model, commit, list(files), staging, target)
         try:
+            updated = update_old_revision(staging)
             verification = verify_model_folder(staging, full_load=full_load)
         except StageError as e:
             raise StageError(
@@ -151,11 +160,12 @@ def stage_model(
             "files": {name: (staging / name).stat().st_size for name in sorted(files)},
             "staged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fada_batch_version": __version__,
+            "updated": updated,
         },
     )
     replace_dir(staging, target)
-    size = sum((target / name).stat().st_size for name in files)
-    return StageResult(target, model, commit, len(files), size, False, verification)
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file() and p.name != MARKER_NAME)
+    return StageResult(target, model, commit, len(files), size, False, verification, updated)
 
 
 def verify_model_folder(path: Path, *, full_load: bool = False) -> Verification:
@@ -202,6 +212,7 @@ def format_report(result: StageResult) -> str:
             else "matched to the model by name and shape (checked without loading them)"
         ),
     ]
+    lines += [f"brought up to date (an old revision): {u}" for u in result.updated]
     lines += [f"warning: {w}" for w in v.warnings]
     lines += [
         "Put this in the job (compute nodes then load it offline):",
@@ -491,6 +502,56 @@ def _check_space(staging: Path, need: int) -> None:
             f"{free / 1e9:.2f} GB are free. Free space there or pass --to a folder on a file "
             "system with room."
         )
+
+
+# --- old revisions -------------------------------------------------------------------------
+
+
+def update_old_revision(path: Path) -> list[str]:
+    """Give an old revision's processor its `num_query_tokens` and its config.json the
+    `image_token_index`, in place; returns what was changed (empty for a current revision).
+
+    Raises:
+        StageError: it cannot be done here (no count in the config, or an `<image>` id outside
+            the model's vocabulary); the message gives the whole fix.
+    """
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return []  # verify_model_folder names the problem
+    processor = _load_processor(path)  # Blip2Processor adds `<image>` to a tokenizer without it
+    image_token = str(getattr(processor, "image_token", None) or "<image>")
+    image_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+    nq, have_nq = config.get("num_query_tokens"), getattr(processor, "num_query_tokens", None)
+    vocab = (config.get("text_config") or {}).get("vocab_size")
+    fix = (
+        f'Fix by hand: "num_query_tokens": N (the model\'s query tokens, 32 for blip2-opt-2.7b) in '
+        f'{path / "processor_config.json"}, and "image_token_index": the id of {image_token} in the '
+        f"tokenizer (here {image_id}) in {config_path}; that id must be below text_config.vocab_size "
+        f"({vocab}), or stage a newer revision of the model (--revision main)."
+    )
+    changed = []
+    if have_nq is None:
+        if not isinstance(nq, int):
+            raise StageError(
+                f"the processor in {path} has no num_query_tokens and config.json none either. {fix}"
+            )
+        processor.num_query_tokens = nq
+        changed.append(f"processor num_query_tokens = {nq} (from config.json)")
+    if config.get("image_token_index") is None:
+        if not isinstance(vocab, int) or not 0 <= image_id < vocab:
+            raise StageError(
+                f"config.json in {path} has no image_token_index, and the tokenizer's {image_token} "
+                f"id {image_id} lies outside the language model's vocabulary ({vocab}). {fix}"
+            )
+        config["image_token_index"] = image_id
+        changed.append(f"config.json image_token_index = {image_id} (the tokenizer's {image_token})")
+    if changed:
+        processor.save_pretrained(str(path))  # processor_config.json; the tokenizer with <image>
+        atomic_write_json(config_path, config)
+        log.info("%s: brought an old revision up to date: %s", path, "; ".join(changed))
+    return changed
 
 
 # --- verification --------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 The collector reads these files (never pickles), so each one is self-contained: status, times,
 data counts, the loss curves, speed, memory, where it ran, library versions and the adapter.
+A completed one also says which step's adapter shipped and why (`shipped`: kind best/last,
+step, validation loss, reason, how training ended), and every one carries the training
+`fingerprint` (the config keys that change the adapter) a rerun is compared against.
 Statuses: `running`, `completed`, `failed`, `interrupted` (requeued or stopped by a signal),
 `awaiting_labels` (no sheet yet), `invalid_data` (pre-flight problems block it).
 """

@@ -4,16 +4,17 @@
 
 Setup, train, save, clean up, top to bottom. Running it again resumes from the latest
 complete checkpoint in the category's output folder (found at run time), and a completed
-category is skipped unless `force=True`. The code never knows whether it runs under SLURM: a
-launcher that wants a checkpoint-and-stop passes `should_stop`, polled after every optimizer
-step.
+category is skipped unless `force=True`; both only under the same training fingerprint
+(`config.training_fingerprint`), else `FingerprintMismatch` says which keys differ. The
+adapter that ships is the step with the lowest validation loss (`train.final_model: best`)
+or the last one. The code never knows whether it runs under SLURM: a launcher that wants a
+checkpoint-and-stop passes `should_stop`, polled after every optimizer step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,29 +24,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fada_batch import checkpoint as ckpt
-from fada_batch.categories import Category, get_category
-from fada_batch.collate import Encoded, Encoder, Sample, collate, masked_lm_loss_sum
-from fada_batch.config import JobConfig, dump_yaml
+from fada_batch.categories import Category, find_sheet, get_category
+from fada_batch.collate import Encoded, Encoder, Sample, answer_length_stats, collate, masked_lm_loss_sum
+from fada_batch.config import (
+    FingerprintMismatch,
+    JobConfig,
+    dump_yaml,
+    fingerprint_diff,
+    training_fingerprint,
+)
 from fada_batch.features import FeatureSource
 from fada_batch.fsutil import (
     atomic_dir,
     atomic_write_text,
     category_lock,
     ensure_writable,
+    remove_dir,
     remove_stale_tmp,
     touch,
 )
+from fada_batch.killpoints import reached
 from fada_batch.model import (
     LoadedModel,
     apply_lora_section,
+    base_of,
     eos_token_id,
+    forward_autocast,
     lm_logits,
     load_base_model,
     trainable_parameters,
 )
 from fada_batch.progress import Progress
+from fada_batch.slurmjobs import job_phase
 from fada_batch.split import Split, make_split, read_split, write_split
 from fada_batch.summary import (
     device_info,
@@ -114,11 +127,14 @@ def samples_for(records: list[Any], names: set[str], questions: list[str], templ
     return out
 
 
-def prepare_data(cfg: JobConfig, category: Category, out_dir: Path, *, resuming: bool) -> CategorySamples:
+def prepare_data(
+    cfg: JobConfig, category: Category, out_dir: Path, *, resuming: bool, replace_split: bool = False
+) -> CategorySamples:
     """Load the sheet and images, take the first `num_images`, and split by image.
 
     An existing `split.json` is reused when it covers the same images with the same seed and
-    fractions (so a resumed or re-run category trains and evaluates on the same images).
+    fractions (so a resumed or re-run category trains and evaluates on the same images), unless
+    `replace_split` (a --force retraining) makes a fresh one.
 
     Raises:
         DataError: blocking data problems, or a changed image set under a checkpoint.
@@ -132,15 +148,13 @@ def prepare_data(cfg: JobConfig, category: Category, out_dir: Path, *, resuming:
         max_image_pixels=cfg.data.max_image_pixels,
     )
     if data.status != "ok":
-        errors = [p for p in data.problems if p.severity == "error"]
-        lines = "\n".join(f"  - {p.message}" for p in errors) or f"  - status {data.status}"
-        raise DataError(f"{category.name}: the data cannot be used:\n{lines}")
+        raise DataError(_blocking_text(category, data))
     records = list(data.records)
     if cfg.data.num_images is not None:
         records = records[: cfg.data.num_images]
     names = [r.image_name for r in records]
     fractions = (cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction)
-    split = read_split(out_dir)
+    split = None if replace_split else read_split(out_dir)
     fresh = make_split(names, seed=cfg.data.split_seed, fractions=fractions)
     if (
         split is None
@@ -227,10 +241,13 @@ def batch_loss_sum(
         num_query_tokens=encoder.num_query_tokens,
     )
     feats = features.get([s.image for s in samples])  # (B, Q, H)
-    logits = lm_logits(
-        model, batch["input_ids"].to(device), batch["attention_mask"].to(device), feats
-    )  # (B, T, V)
-    return masked_lm_loss_sum(logits, batch["labels"])
+    # the base's load dtype, read off its (never quantised) input embeddings
+    dtype = base_of(model).get_input_embeddings().weight.dtype
+    with forward_autocast(device, dtype):
+        logits = lm_logits(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), feats
+        )  # (B, T, V)
+    return masked_lm_loss_sum(logits, batch["labels"])  # in fp32, outside autocast
 
 
 def accumulate_step(
@@ -289,8 +306,6 @@ def evaluate_loss(
 
 def set_train_mode(model: Any) -> None:
     """LoRA (and the language model's dropout) in train mode; frozen vision side in eval."""
-    from fada_batch.model import base_of
-
     model.train()
     base = base_of(model)
     for m in (base.vision_model, base.qformer, base.language_projection):
@@ -298,9 +313,22 @@ def set_train_mode(model: Any) -> None:
 
 
 def save_final_model(
-    out_dir: Path, loaded: LoadedModel, cfg: JobConfig, category: Category, questions: list[str], eos: int
+    out_dir: Path,
+    loaded: LoadedModel,
+    cfg: JobConfig,
+    category: Category,
+    questions: list[str],
+    eos: int,
+    *,
+    record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `final_model/` atomically: adapter, tokenizer + processor files, then the marker."""
+    """Write `final_model/` atomically: adapter, tokenizer + processor files, then the marker.
+
+    The marker (`fada_batch.json`) holds what `evaluate` and `ask` need to answer as training's
+    own evaluation does: questions, prompt, EOS, how the base model was loaded (quantization and
+    dtype), and `record` (the generation limit the training answers call for, which step
+    shipped, the training fingerprint).
+    """
     from fada_batch.fsutil import atomic_write_json
 
     target = out_dir / FINAL_MODEL
@@ -317,6 +345,9 @@ def save_final_model(
                 "questions": questions,
                 "prompt_template": cfg.data.prompt_template,
                 "eos_token_id": eos,
+                "quantization": loaded.quantization,  # as resolved (never "auto")
+                "dtype": str(loaded.dtype).removeprefix("torch."),
+                **(record or {}),
                 "created": now_iso(),
             },
         )
@@ -328,6 +359,8 @@ def _base_summary(cfg: JobConfig, category: Category, out_dir: Path) -> dict[str
         "category": category.name,
         "output_dir": str(out_dir),
         "config_hash": cfg.config_hash(),
+        # the config keys that change the adapter: a rerun skips this category only under the same
+        "fingerprint": training_fingerprint(cfg),
         "seed": cfg.train.seed,
         "job_name": cfg.name,
         "slurm": slurm_ids(),
@@ -361,36 +394,41 @@ def train_category(
 ) -> dict[str, Any]:
     """Train one category end to end and return its summary.
 
+    A completed category is returned as it is (skipped) when it was trained under the same
+    training fingerprint (`config.training_fingerprint`); checkpoints are resumed likewise.
+    Nothing replaces a completed category's summary except a completed retraining (--force).
+
     Args:
         cfg: the resolved job config.
         category_name: canonical name or alias.
-        force: retrain a completed category from scratch (old checkpoints removed).
+        force: retrain a completed category from scratch (old checkpoints removed once the
+            data is known to be usable).
         should_stop: polled after each optimizer step; when it returns True a checkpoint is
             saved and StopRequested is raised (the launcher requeues).
         requeues: how many times this task was requeued so far (for the summary).
 
     Raises:
-        DataError: blocking data problems (summary status `invalid_data`).
+        DataError: the data root does not exist (validate's message; nothing written),
+            blocking data problems (summary status `invalid_data`), or the sheet of a completed
+            category is gone.
+        FingerprintMismatch: the folder holds a completed adapter or checkpoints trained under
+            another training config (nothing written; the message lists the keys and the way on).
         StopRequested: stopped on request after a checkpoint (summary status `interrupted`).
         LockedError: another live task trains this category into the same folder.
     """
     category = get_category(category_name)
+    _check_data_root(cfg, category)
     out_dir = ensure_writable(category_output_dir(cfg, category))
     summary = _base_summary(cfg, category, out_dir)
 
-    from fada_batch.categories import find_sheet
-
     if find_sheet(Path(cfg.data.root), category) is None:
-        summary.update(status="awaiting_labels", message=f"no label sheet for {category.name} yet")
-        write_summary(out_dir, summary)
-        log.info("%s: awaiting labels (no sheet); nothing to train", category.name)
-        return summary
-
-    if not force and (previous := _completed(out_dir, category)) is not None:
+        return _awaiting_labels(cfg, category, out_dir, summary)
+    if not force and (previous := _completed(out_dir, category, cfg)) is not None:
         return previous
-    with category_lock(out_dir):
+    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
+    with category_lock(out_dir, job_probe=job_phase):
         # another task may have completed it while this one waited for the lock
-        if not force and (previous := _completed(out_dir, category)) is not None:
+        if not force and (previous := _completed(out_dir, category, cfg)) is not None:
             return previous
         return _train_locked(
             cfg,
@@ -402,6 +440,158 @@ def train_category(
             requeues=requeues,
             progress_stream=progress_stream,
         )
+
+
+def _blocking_text(category: Category, data: Any) -> str:
+    """A category's blocking data problems, worded as `fada-batch validate` words them."""
+    errors = [p for p in data.problems if p.severity == "error"]
+    lines = "\n".join(f"  - {p.message}" for p in errors) or f"  - status {data.status}"
+    return f"{category.name}: the data cannot be used:\n{lines}"
+
+
+def _check_data_root(cfg: JobConfig, category: Category) -> None:
+    """A data root that holds no data at all (missing, empty, not mounted, a mistyped
+    `data.root`) is the command's mistake, not the category's state: refuse before anything is
+    written, with validate's message.
+
+    Raises:
+        DataError: with `fada-batch validate`'s "no data found" message.
+    """
+    from fada_batch.validate import find_no_data
+
+    if (why := find_no_data(Path(cfg.data.root), [category])) is not None:
+        raise DataError(why)
+
+
+def _holds_completed(out_dir: Path) -> dict[str, Any] | None:
+    """The summary of a completed category whose adapter is complete, else None."""
+    try:
+        previous = read_summary(out_dir)
+    except ValueError:
+        return None
+    if previous and previous.get("status") == "completed" and final_model_complete(out_dir):
+        return previous
+    return None
+
+
+def _write_unless_completed(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Write a summary that did not complete, unless a completed one is there (it stays)."""
+    if _holds_completed(out_dir) is not None:
+        log.warning(
+            "%s: %s; the completed summary and adapter in %s are kept",
+            summary.get("category"),
+            summary.get("status"),
+            out_dir,
+        )
+        return
+    write_summary(out_dir, summary)
+
+
+def _awaiting_labels(
+    cfg: JobConfig, category: Category, out_dir: Path, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """No sheet: record `awaiting_labels`, unless the category was completed from a sheet.
+
+    Raises:
+        DataError: the category is completed, so its sheet went missing (or data.root is wrong).
+    """
+    from fada_batch.categories import LABELS_DIR
+
+    labels = Path(cfg.data.root) / LABELS_DIR
+    previous = _holds_completed(out_dir)
+    if previous is not None:
+        raise DataError(
+            f"{category.name}: no label sheet in {labels}, but {out_dir} holds a completed adapter "
+            f"trained from {previous.get('sheet') or 'a sheet'}. Check data.root (now "
+            f"{cfg.data.root}); the completed category is left as it is."
+        )
+    summary.update(status="awaiting_labels", message=f"no label sheet for {category.name} yet (in {labels})")
+    write_summary(out_dir, summary)
+    log.info("%s: awaiting labels (no sheet); nothing to train", category.name)
+    return summary
+
+
+def _fingerprint_from_yaml(path: Path) -> dict[str, Any] | None:
+    """The training fingerprint of a written `config.yaml`, or None when it cannot be read."""
+    from fada_batch.config import ConfigError, config_from_dict, safe_load_yaml
+
+    try:
+        raw = safe_load_yaml(path.read_text()) or {}
+        return training_fingerprint(config_from_dict(raw, source=str(path)))
+    except (OSError, ConfigError, yaml.YAMLError):
+        return None
+
+
+def _mismatch(
+    category: Category, out_dir: Path, what: str, old: dict[str, Any] | None, new: dict[str, Any]
+) -> FingerprintMismatch:
+    diff = (
+        fingerprint_diff(old, new)
+        if old is not None
+        else ["(the earlier config cannot be read: it was written by another version of fada-batch)"]
+    )
+    lines = "\n".join(f"    {d}" for d in diff)
+    return FingerprintMismatch(
+        f"{category.name}: {out_dir} holds {what} trained under another training config; "
+        f"refusing to skip, resume or overwrite it. Keys that differ (then -> now):\n{lines}\n"
+        "Two ways on: retrain here, replacing it, with --force (`fada-batch train ... --force` or "
+        "`fada-batch submit ... --force`); or keep it and write this run elsewhere, e.g. "
+        "-p output.root=outputs/<run name>."
+    )
+
+
+def _completed(out_dir: Path, category: Category, cfg: JobConfig) -> dict[str, Any] | None:
+    """The summary of a category completed under this config's training fingerprint, else None.
+
+    Raises:
+        FingerprintMismatch: it was completed under another training config.
+    """
+    previous = _holds_completed(out_dir)
+    if previous is None:
+        return None
+    then = previous.get("fingerprint") or _fingerprint_from_yaml(out_dir / FINAL_MODEL / CONFIG_FILE)
+    now = training_fingerprint(cfg)
+    if then != now:
+        raise _mismatch(category, out_dir, "a completed adapter", then, now)
+    log.info(
+        "%s: already completed under the same training config (%s); skipping. Use --force to train it again.",
+        category.name,
+        out_dir / FINAL_MODEL,
+    )
+    return previous
+
+
+def _check_checkpoint(cfg: JobConfig, category: Category, out_dir: Path, latest: Path) -> None:
+    """Refuse to resume a checkpoint written under another training fingerprint."""
+    try:
+        then = ckpt.read_state(latest).fingerprint or _fingerprint_from_yaml(latest / CONFIG_FILE)
+    except (OSError, ValueError):
+        return  # unreadable: loading it fails later, and it is quarantined then
+    now = training_fingerprint(cfg)
+    if then != now:
+        raise _mismatch(
+            category, out_dir, f"checkpoints of an unfinished run (latest {latest.name})", then, now
+        )
+
+
+def check_fingerprints(cfg: JobConfig, categories: list[str]) -> None:
+    """Before a submission: every category whose folder holds a completed adapter or
+    checkpoints from another training config, all at once.
+
+    Raises:
+        FingerprintMismatch: listing each such category with its differing keys.
+    """
+    messages = []
+    for name in categories:
+        category = get_category(name)
+        out_dir = category_output_dir(cfg, category)
+        try:
+            if _completed(out_dir, category, cfg) is None and (latest := ckpt.find_latest(out_dir)):
+                _check_checkpoint(cfg, category, out_dir, latest)
+        except FingerprintMismatch as e:
+            messages.append(str(e))
+    if messages:
+        raise FingerprintMismatch("\n\n".join(messages))
 
 
 def run_with_oom_backoff(
@@ -437,22 +627,6 @@ def run_with_oom_backoff(
         on_backoff(micro)
 
 
-def _completed(out_dir: Path, category: Category) -> dict[str, Any] | None:
-    """The summary of a completed category with a complete adapter, else None."""
-    try:
-        previous = read_summary(out_dir)
-    except ValueError:
-        return None
-    if previous and previous.get("status") == "completed" and final_model_complete(out_dir):
-        log.info(
-            "%s: already completed (%s); skipping. Use --force to train it again.",
-            category.name,
-            out_dir / FINAL_MODEL,
-        )
-        return previous
-    return None
-
-
 def _train_locked(
     cfg: JobConfig,
     category: Category,
@@ -466,19 +640,11 @@ def _train_locked(
 ) -> dict[str, Any]:
     t_start = time.time()
     remove_stale_tmp(out_dir)
-    if force:
-        ckpt.remove_all(out_dir)
-        shutil.rmtree(out_dir / FINAL_MODEL, ignore_errors=True)
-        (out_dir / "split.json").unlink(missing_ok=True)
-    latest = ckpt.find_latest(out_dir)
-    first_start, earlier_wall = now_iso(), 0.0
-    if latest is not None:  # a resumed or requeued run: keep the first attempt's start and time
-        try:
-            prev = read_summary(out_dir) or {}
-        except ValueError:
-            prev = {}
-        first_start = prev.get("first_start_time") or prev.get("start_time") or first_start
-        earlier_wall = _earlier_wall_time(prev)
+    reached("setup.locked")
+    latest = None if force else ckpt.find_latest(out_dir)
+    if latest is not None:
+        _check_checkpoint(cfg, category, out_dir, latest)
+    first_start, earlier_wall = _earlier_attempts(out_dir) if latest is not None else (now_iso(), 0.0)
     summary.update(
         status="running",
         start_time=now_iso(),
@@ -487,19 +653,23 @@ def _train_locked(
         earlier_attempts_wall_time_s=round(earlier_wall, 2),
     )
     try:
-        cs = prepare_data(cfg, category, out_dir, resuming=latest is not None)
+        cs = prepare_data(cfg, category, out_dir, resuming=latest is not None, replace_split=force)
     except DataError as e:
         summary.update(status="invalid_data", error=str(e), end_time=now_iso())
-        write_summary(out_dir, summary)
+        _write_unless_completed(out_dir, summary)
         raise
     summary.update(_data_counts(cs))
     if not cs.train:
         summary.update(status="invalid_data", error="no training QA pairs after the split")
-        write_summary(out_dir, summary)
+        _write_unless_completed(out_dir, summary)
         raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
+    if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
+        ckpt.remove_all(out_dir)
+        remove_dir(out_dir / FINAL_MODEL)
     config_yaml = dump_yaml(cfg)
     atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
     write_summary(out_dir, summary)
+    reached("setup.data")
     try:
         return _run_training(
             cfg,
@@ -541,6 +711,15 @@ def _train_locked(
         raise
 
 
+def _earlier_attempts(out_dir: Path) -> tuple[str, float]:
+    """A resumed or requeued run: the first attempt's start time and the earlier attempts' wall time."""
+    try:
+        prev = read_summary(out_dir) or {}
+    except ValueError:
+        prev = {}
+    return prev.get("first_start_time") or prev.get("start_time") or now_iso(), _earlier_wall_time(prev)
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -567,6 +746,340 @@ def _wall_times(t_start: float, earlier_wall: float) -> dict[str, float]:
     return {"wall_time_s": round(wall, 2), "total_wall_time_s": round(earlier_wall + wall, 2)}
 
 
+@dataclass
+class _Run:
+    """One category's training in progress: what the loop reads and updates."""
+
+    cfg: JobConfig
+    category: Category
+    out_dir: Path
+    summary: dict[str, Any]
+    cs: CategorySamples
+    loaded: LoadedModel
+    encoder: Encoder
+    train_enc: list[Encoded]
+    val_enc: list[Encoded]
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    state: ckpt.TrainerState
+    config_yaml: str
+    micro: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    features: FeatureSource | None = None
+    progress: Progress | None = None
+    last_ckpt: Path | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+
+def _setup(
+    cfg: JobConfig,
+    category: Category,
+    out_dir: Path,
+    summary: dict[str, Any],
+    cs: CategorySamples,
+    config_yaml: str,
+) -> _Run:
+    """Load the base model, put LoRA on it, tokenise the samples, make the optimizer."""
+    tc, mc = cfg.train, cfg.model
+    torch.manual_seed(tc.seed)  # LoRA init; dropout RNG continues from here (or the checkpoint)
+    loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization)
+    model = apply_lora_section(loaded, cfg.lora, gradient_checkpointing=mc.gradient_checkpointing)
+    base_config = model.get_base_model().config
+    encoder = Encoder(
+        loaded.processor,
+        num_query_tokens=base_config.num_query_tokens,
+        image_token_id=base_config.image_token_id,
+        eos_token_id=eos_token_id(model, loaded.processor),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro, accum = tc.batch_size, tc.grad_accum_steps
+    steps_per_epoch = math.ceil(len(cs.train) / (micro * accum))
+    total_steps = steps_per_epoch * tc.num_epochs
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    return _Run(
+        cfg=cfg,
+        category=category,
+        out_dir=out_dir,
+        summary=summary,
+        cs=cs,
+        loaded=loaded,
+        encoder=encoder,
+        train_enc=[encoder.encode(s) for s in cs.train],
+        val_enc=[encoder.encode(s) for s in cs.val],
+        optimizer=torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay),
+        params=params,
+        state=ckpt.TrainerState(
+            config_hash=cfg.config_hash(),
+            fingerprint=training_fingerprint(cfg),
+            micro_batch_size=micro,
+            grad_accum_steps=accum,
+        ),
+        config_yaml=config_yaml,
+        micro=micro,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=int(tc.warmup_ratio * total_steps),
+    )
+
+
+def _resume(run: _Run, latest: Path | None) -> Path | None:
+    """Load the latest loadable checkpoint (unusable ones are quarantined); returns it."""
+    while latest is not None:
+        try:
+            state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer)
+            break
+        except ckpt.CheckpointLoadError as e:
+            moved = ckpt.quarantine(latest)
+            log.warning(
+                "%s: %s; moved it to %s and trying the previous one", run.category.name, e, moved.name
+            )
+            latest = ckpt.find_latest(run.out_dir)
+    reached("setup.model")
+    if latest is None:
+        return None
+    now = training_fingerprint(run.cfg)
+    if state.fingerprint and state.fingerprint != now:  # an older checkpoint than the one checked
+        raise _mismatch(run.category, run.out_dir, f"checkpoint {latest.name}", state.fingerprint, now)
+    state.resumes += 1
+    state.config_hash, state.fingerprint = run.cfg.config_hash(), now
+    run.micro = state.micro_batch_size or run.micro  # keep an earlier out-of-memory back-off
+    run.state = state
+    run.last_ckpt = latest
+    reached("setup.resumed", state.global_step)
+    return latest
+
+
+def _checkpoint(run: _Run) -> Path:
+    touch(run.out_dir / ".lock")  # a live task keeps its lock fresh (see fsutil.category_lock)
+    run.last_ckpt = ckpt.save_checkpoint(
+        run.out_dir,
+        model=run.model,
+        optimizer=run.optimizer,
+        state=run.state,
+        config_yaml=run.config_yaml,
+        keep=run.cfg.train.keep_checkpoints,
+    )
+    # the summary's `updated` time now marks this checkpoint: if this attempt dies without a
+    # word (SIGKILL, a node lost), the next one counts its time up to here
+    write_summary(run.out_dir, run.summary)
+    return run.last_ckpt
+
+
+def _validate(run: _Run, *, epoch_end: int | None = None) -> float | None:
+    """Validation loss at the current step (once per step), the best so far, early stopping.
+
+    A new best is written to `best_checkpoint/` before the next checkpoint records it, so a
+    resumed run that replays to this step writes the same best again.
+    """
+    state, tc = run.state, run.cfg.train
+    step = state.global_step
+    if state.val_history and state.val_history[-1][0] == step:
+        val: float | None = state.val_history[-1][1]
+    else:
+        assert run.features is not None
+        val = evaluate_loss(
+            run.model, run.features, run.cs.val, run.val_enc, run.encoder, run.device, run.micro
+        )
+        if val is None:
+            return None
+        state.val_history.append([step, round(val, 6)])
+        if state.best_val_loss is None or val < state.best_val_loss - tc.early_stopping_min_delta:
+            if tc.final_model == "best":
+                ckpt.save_best(run.out_dir, model=run.model, step=step, val_loss=val)
+            state.best_step, state.best_val_loss, state.bad_validations = step, val, 0
+        else:
+            state.bad_validations += 1
+            patience = tc.early_stopping_patience
+            if patience and state.bad_validations >= patience:
+                state.early_stopped = True
+                assert run.progress is not None
+                run.progress.line(
+                    f"early stopping at step {step}: validation loss {val:.4f}, no better than the "
+                    f"best {state.best_val_loss:.4f} (step {state.best_step}) for {patience} validations"
+                )
+    if epoch_end is not None and val is not None:
+        state.val_loss.append([epoch_end, round(val, 6)])
+    return val
+
+
+def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
+    """One optimizer step over `step`'s samples (out-of-memory back-off included)."""
+    tc, state, progress = run.cfg.train, run.state, run.progress
+    assert progress is not None and run.features is not None
+    lr = get_lr(
+        state.global_step,
+        total=run.total_steps,
+        base_lr=tc.learning_rate,
+        warmup=run.warmup,
+        schedule=tc.lr_schedule,
+    )
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    accum = tc.grad_accum_steps
+
+    def halved(new_micro: int) -> None:
+        progress.line(
+            f"CUDA out of memory: micro-batch halved to {new_micro}, "
+            f"{math.ceil(tc.batch_size * accum / new_micro)} micro-batches per optimizer "
+            f"step (same effective batch of {tc.batch_size * accum}); retrying the step"
+        )
+        state.micro_batch_size = new_micro
+
+    features = run.features
+    step_loss, run.micro = run_with_oom_backoff(
+        lambda m: accumulate_step(
+            run.model, features, run.cs.train, run.train_enc, run.encoder, run.device, step, m
+        ),
+        run.micro,
+        optimizer=run.optimizer,
+        device=run.device,
+        on_backoff=halved,
+    )
+    reached("step.grads", state.global_step + 1)  # gradients in, optimizer not stepped
+    if tc.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.samples_seen += len(step)
+    state.loss_curve.append([state.global_step, round(step_loss, 6)])
+    progress.update(state.global_step, step_loss, len(step), epoch)
+    reached("step.done", state.global_step)
+    return step_loss
+
+
+def _train_epoch(
+    run: _Run, epoch: int, should_stop: Callable[[], bool] | None, clock: Callable[[], float]
+) -> int:
+    """The rest of epoch `epoch` (from `state.step_in_epoch`); returns its number of steps.
+
+    Stops early at `total_steps` (max_steps) and at early stopping; on a stop request saves a
+    checkpoint and raises StopRequested.
+    """
+    tc, state = run.cfg.train, run.state
+    steps = epoch_steps(
+        [len(e.input_ids) for e in run.train_enc],
+        seed=tc.seed,
+        epoch=epoch,
+        step_size=tc.batch_size * tc.grad_accum_steps,  # the effective batch, whatever the micro-batch
+        group_by_length=tc.group_by_length,
+    )
+    for s_index in range(state.step_in_epoch, len(steps)):
+        _optimizer_step(run, steps[s_index], epoch)
+        state.step_in_epoch = s_index + 1
+        state.train_time_s = clock()
+        if s_index == len(steps) - 1 or state.global_step >= run.total_steps:
+            break  # the epoch's end: validation and checkpoint follow in `_end_epoch`
+        if tc.eval_every_steps and state.global_step % tc.eval_every_steps == 0:
+            _validate(run)
+            if state.early_stopped:
+                break
+        if should_stop is not None and should_stop():
+            saved = _checkpoint(run)
+            reached("stop.saved", state.global_step)
+            assert run.progress is not None
+            run.progress.line(f"stop requested: saved {saved.name}; exiting for requeue")
+            run.progress.close()
+            raise StopRequested(saved)
+        if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0:
+            _checkpoint(run)
+    return len(steps)
+
+
+def _end_epoch(run: _Run, epoch: int, n_steps: int, clock: Callable[[], float]) -> None:
+    """Validation loss, the epoch's mean training loss, then a checkpoint at the boundary."""
+    state, tc = run.state, run.cfg.train
+    val = _validate(run, epoch_end=epoch + 1)
+    reached("epoch.validated", epoch + 1)
+    epoch_losses = [loss for st, loss in state.loss_curve if st > epoch * run.steps_per_epoch]
+    if epoch_losses:
+        state.epoch_train_loss.append([epoch + 1, round(sum(epoch_losses) / len(epoch_losses), 6)])
+    if state.step_in_epoch >= n_steps:
+        state.epoch = epoch + 1
+        state.step_in_epoch = 0
+    assert run.progress is not None
+    run.progress.line(
+        f"epoch {epoch + 1}/{tc.num_epochs} done at step {state.global_step}: "
+        f"train loss {state.epoch_train_loss[-1][1] if state.epoch_train_loss else float('nan'):.4f}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+    )
+    state.train_time_s = clock()
+    _checkpoint(run)
+
+
+def _loop(run: _Run, should_stop: Callable[[], bool] | None) -> None:
+    """Epochs from where the state stands to the end (all epochs, max_steps or early stopping)."""
+    state, tc = run.state, run.cfg.train
+    t_loop, before = time.time(), state.train_time_s
+
+    def clock() -> float:
+        return before + (time.time() - t_loop)
+
+    epoch = state.epoch
+    while state.global_step < run.total_steps and not state.early_stopped and epoch < tc.num_epochs:
+        n_steps = _train_epoch(run, epoch, should_stop, clock)
+        _end_epoch(run, epoch, n_steps, clock)
+        epoch += 1
+        more = state.global_step < run.total_steps and not state.early_stopped and epoch < tc.num_epochs
+        if should_stop is not None and should_stop() and more:
+            reached("stop.saved", state.global_step)
+            assert run.progress is not None
+            assert run.last_ckpt is not None  # _end_epoch saved one
+            run.progress.line(f"stop requested: saved {run.last_ckpt.name}; exiting for requeue")
+            run.progress.close()
+            raise StopRequested(run.last_ckpt)
+
+
+def _ship(run: _Run) -> dict[str, Any]:
+    """Choose the adapter that becomes `final_model/` (loading the best weights when that is
+    the best one) and say why: the summary's `shipped` block."""
+    state, tc = run.state, run.cfg.train
+    last_val = state.val_history[-1][1] if state.val_history else None
+    if state.early_stopped:
+        ended = f"early stopping: {tc.early_stopping_patience} validations without improvement"
+    elif (
+        state.global_step >= run.total_steps and tc.max_steps is not None and run.total_steps == tc.max_steps
+    ):
+        ended = f"train.max_steps={tc.max_steps} reached"
+    else:
+        ended = f"all {tc.num_epochs} epochs"
+    shipped: dict[str, Any] = {
+        "kind": "last",
+        "step": state.global_step,
+        "val_loss": last_val,
+        "best_step": state.best_step,
+        "best_val_loss": round(state.best_val_loss, 6) if state.best_val_loss is not None else None,
+        "last_step": state.global_step,
+        "training_ended": ended,
+    }
+    if tc.final_model == "last":
+        reason = "train.final_model=last: the last step's adapter"
+    elif state.best_step is None:
+        reason = "no validation loss (no validation pairs): the last step's adapter"
+    elif state.best_step == state.global_step:
+        shipped.update(kind="best", val_loss=shipped["best_val_loss"])
+        reason = f"lowest validation loss ({state.best_val_loss:.4f}) at the last step"
+    else:
+        ckpt.load_best(run.out_dir, model=run.model, step=state.best_step)
+        shipped.update(kind="best", step=state.best_step, val_loss=shipped["best_val_loss"])
+        reason = (
+            f"lowest validation loss ({state.best_val_loss:.4f}) at step {state.best_step} of "
+            f"{state.global_step}; the last step's was {last_val:.4f}"
+        )
+    shipped["reason"] = reason
+    return shipped
+
+
 def _run_training(
     cfg: JobConfig,
     category: Category,
@@ -580,191 +1093,69 @@ def _run_training(
     should_stop: Callable[[], bool] | None,
     progress_stream: Any,
 ) -> dict[str, Any]:
-    tc, mc = cfg.train, cfg.model
-    torch.manual_seed(tc.seed)  # LoRA init; dropout RNG continues from here (or the checkpoint)
-    loaded = load_base_model(mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization)
-    model = apply_lora_section(loaded, cfg.lora, gradient_checkpointing=mc.gradient_checkpointing)
-    device = loaded.device
-    base_config = model.get_base_model().config
-    eos = eos_token_id(model, loaded.processor)
-    encoder = Encoder(
-        loaded.processor,
-        num_query_tokens=base_config.num_query_tokens,
-        image_token_id=base_config.image_token_id,
-        eos_token_id=eos,
-    )
-    train_enc = [encoder.encode(s) for s in cs.train]
-    val_enc = [encoder.encode(s) for s in cs.val]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-
-    micro, accum = tc.batch_size, tc.grad_accum_steps
-    steps_per_epoch = math.ceil(len(cs.train) / (micro * accum))
-    total_steps = steps_per_epoch * tc.num_epochs
-    if tc.max_steps is not None:
-        total_steps = min(total_steps, tc.max_steps)
-    warmup = int(tc.warmup_ratio * total_steps)
-
-    state = ckpt.TrainerState(config_hash=cfg.config_hash(), micro_batch_size=micro, grad_accum_steps=accum)
-    while latest is not None:
-        try:
-            state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
-            break
-        except ckpt.CheckpointLoadError as e:
-            moved = ckpt.quarantine(latest)
-            log.warning("%s: %s; moved it to %s and trying the previous one", category.name, e, moved.name)
-            latest = ckpt.find_latest(out_dir)
-    if latest is not None:
-        state.resumes += 1
-        micro = state.micro_batch_size or micro  # keep an earlier out-of-memory back-off
-        if state.config_hash != cfg.config_hash():
-            log.warning(
-                "%s: resuming %s written under another config (hash %s, now %s)",
-                category.name,
-                latest.name,
-                state.config_hash,
-                cfg.config_hash(),
-            )
-            state.config_hash = cfg.config_hash()
-    trainable, total_params = trainable_parameters(model)
+    run = _setup(cfg, category, out_dir, summary, cs, config_yaml)
+    latest = _resume(run, latest)
+    trainable, total_params = trainable_parameters(run.model)
     summary.update(
-        device=device_info(device),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        last_step=state.global_step,
+        device=device_info(run.device),
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        last_step=run.state.global_step,
     )
     write_summary(out_dir, summary)  # the collector sees where a running task runs
-    progress = Progress(
+    run.progress = Progress(
         label=category.name,
-        total_steps=total_steps,
-        start_step=state.global_step,
-        interval_s=tc.log_every_s,
+        total_steps=run.total_steps,
+        start_step=run.state.global_step,
+        interval_s=cfg.train.log_every_s,
         stream=progress_stream,
     )
-    progress.line(
+    run.progress.line(
         f"{len(cs.train)} train / {len(cs.val)} val QA pairs on {len(cs.split.train)}/"
         f"{len(cs.split.val)} images; {trainable:,} of {total_params:,} parameters train; "
-        f"device {device.type} {str(loaded.dtype).removeprefix('torch.')}; "
-        + (f"resuming from {latest.name} (step {state.global_step})" if latest else "fresh start")
+        f"device {run.device.type} {str(run.loaded.dtype).removeprefix('torch.')}"
+        + (f" {run.loaded.quantization}" if run.loaded.quantization != "none" else "")
+        + "; "
+        + (f"resuming from {latest.name} (step {run.state.global_step})" if latest else "fresh start")
     )
-
-    features = FeatureSource(
-        loaded, cs.image_paths, cache=tc.feature_cache, max_pixels=cfg.data.max_image_pixels
+    run.features = FeatureSource(
+        run.loaded, cs.image_paths, cache=cfg.train.feature_cache, max_pixels=cfg.data.max_image_pixels
     )
     t_feat = time.time()
-    features.warm(cs.split.train + cs.split.val)
+    run.features.warm(cs.split.train + cs.split.val)
     feature_s = time.time() - t_feat
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reached("setup.features")
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    set_train_mode(run.model)
+    _loop(run, should_stop)
+    run.progress.close()
+    return _finish(run, t_start, feature_s, (trainable, total_params))
 
-    def checkpoint_now() -> Path:
-        touch(out_dir / ".lock")  # a live task keeps its lock fresh (see fsutil.category_lock)
-        path = ckpt.save_checkpoint(
-            out_dir,
-            model=model,
-            optimizer=optimizer,
-            state=state,
-            config_yaml=config_yaml,
-            keep=tc.keep_checkpoints,
-        )
-        # the summary's `updated` time now marks this checkpoint: if this attempt dies without
-        # a word (SIGKILL, a node lost), the next one counts its time up to here
-        write_summary(out_dir, summary)
-        return path
 
-    set_train_mode(model)
-    t_loop = time.time()
-    train_time_before = state.train_time_s
-    last_ckpt: Path | None = latest
-    done = state.global_step >= total_steps
-    epoch = state.epoch
-    lengths = [len(e.input_ids) for e in train_enc]
-    while not done and epoch < tc.num_epochs:
-        steps = epoch_steps(
-            lengths, seed=tc.seed, epoch=epoch, step_size=micro * accum, group_by_length=tc.group_by_length
-        )
-        for s_index in range(state.step_in_epoch, len(steps)):
-            step = steps[s_index]
-            lr = get_lr(
-                state.global_step,
-                total=total_steps,
-                base_lr=tc.learning_rate,
-                warmup=warmup,
-                schedule=tc.lr_schedule,
-            )
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-
-            def halved(new_micro: int) -> None:
-                progress.line(
-                    f"CUDA out of memory: micro-batch halved to {new_micro}, "
-                    f"{math.ceil(tc.batch_size * accum / new_micro)} micro-batches per optimizer "
-                    f"step (same effective batch of {tc.batch_size * accum}); retrying the step"
-                )
-                state.micro_batch_size = new_micro
-
-            step_loss, micro = run_with_oom_backoff(
-                lambda m, step=step: accumulate_step(
-                    model, features, cs.train, train_enc, encoder, device, step, m
-                ),
-                micro,
-                optimizer=optimizer,
-                device=device,
-                on_backoff=halved,
-            )
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            state.step_in_epoch = s_index + 1
-            state.samples_seen += len(step)
-            state.loss_curve.append([state.global_step, round(step_loss, 6)])
-            state.train_time_s = train_time_before + (time.time() - t_loop)
-            progress.update(state.global_step, step_loss, len(step), epoch)
-            if state.global_step >= total_steps:
-                done = True
-            if s_index == len(steps) - 1 or done:
-                break
-            if should_stop is not None and should_stop():
-                last_ckpt = checkpoint_now()
-                progress.line(f"stop requested: saved {last_ckpt.name}; exiting for requeue")
-                progress.close()
-                raise StopRequested(last_ckpt)
-            if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0:
-                last_ckpt = checkpoint_now()
-        # end of epoch (or of max_steps): validation loss, then a checkpoint at the boundary
-        val = evaluate_loss(model, features, cs.val, val_enc, encoder, device, micro)
-        epoch_losses = [loss for st, loss in state.loss_curve if st > epoch * steps_per_epoch]
-        if epoch_losses:
-            state.epoch_train_loss.append([epoch + 1, round(sum(epoch_losses) / len(epoch_losses), 6)])
-        if val is not None:
-            state.val_loss.append([epoch + 1, round(val, 6)])
-        if state.step_in_epoch >= len(steps):
-            state.epoch = epoch + 1
-            state.step_in_epoch = 0
-        progress.line(
-            f"epoch {epoch + 1}/{tc.num_epochs} done at step {state.global_step}: "
-            f"train loss {state.epoch_train_loss[-1][1] if state.epoch_train_loss else float('nan'):.4f}"
-            + (f", val loss {val:.4f}" if val is not None else "")
-        )
-        state.train_time_s = train_time_before + (time.time() - t_loop)
-        last_ckpt = checkpoint_now()
-        epoch += 1
-        if should_stop is not None and should_stop() and not done and epoch < tc.num_epochs:
-            progress.line(f"stop requested: saved {last_ckpt.name}; exiting for requeue")
-            progress.close()
-            raise StopRequested(last_ckpt)
-    progress.close()
-
-    final = save_final_model(out_dir, loaded, cfg, category, cs.questions, eos)
+def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]) -> dict[str, Any]:
+    """Ship the chosen adapter (final_model/), evaluate it if asked, and complete the summary."""
+    cfg, state, summary, cs = run.cfg, run.state, run.summary, run.cs
+    tc, mc = cfg.train, cfg.model
+    shipped = _ship(run)
+    answers = answer_length_stats(run.train_enc)
+    eos = run.encoder.eos_token_id
+    record = {
+        "fingerprint": training_fingerprint(cfg),
+        "answer_tokens": answers,  # training answers' lengths in tokens, EOS included
+        "max_new_tokens": answers["max_new_tokens"],  # evaluation's and ask's default limit
+        "shipped": {k: shipped[k] for k in ("kind", "step", "val_loss", "reason")},
+    }
+    final = save_final_model(run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record)
+    reached("final.saved")
     if cfg.eval.after_training:  # answers from the model in memory: no second load
         from fada_batch.evaluate import evaluate_after_training
 
-        summary["eval"] = evaluate_after_training(loaded, cs, out_dir, eos_token_id=eos, cfg=cfg)
+        summary["eval"] = evaluate_after_training(
+            run.loaded, cs, run.out_dir, eos_token_id=eos, cfg=cfg, max_new_tokens=answers["max_new_tokens"]
+        )
     walls = _wall_times(t_start, float(summary.get("earlier_attempts_wall_time_s") or 0.0))
-    wall = walls["wall_time_s"]
-    adapter_bytes = (final / "adapter_model.safetensors").stat().st_size
+    trainable, total_params = counts
     summary.update(
         status="completed",
         end_time=now_iso(),
@@ -774,36 +1165,46 @@ def _run_training(
         epochs=tc.num_epochs,
         epochs_completed=state.epoch,
         steps=state.global_step,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
         batch_size=tc.batch_size,
-        grad_accum_steps=accum,
-        effective_batch_size=tc.batch_size * accum,
-        micro_batch_size=micro,  # smaller than batch_size after an out-of-memory back-off
+        grad_accum_steps=tc.grad_accum_steps,
+        effective_batch_size=tc.batch_size * tc.grad_accum_steps,
+        micro_batch_size=run.micro,  # smaller than batch_size after an out-of-memory back-off
         learning_rate=tc.learning_rate,
         lr_schedule=tc.lr_schedule,
+        warmup_steps=run.warmup,
         samples_seen=state.samples_seen,
         samples_per_s=round(state.samples_seen / state.train_time_s, 3) if state.train_time_s > 0 else None,
         loss_curve=_thin(state.loss_curve, 1000),
         epoch_train_loss=state.epoch_train_loss,
         val_loss=state.val_loss,
+        val_loss_steps=state.val_history,
         final_train_loss=state.epoch_train_loss[-1][1] if state.epoch_train_loss else None,
-        final_val_loss=state.val_loss[-1][1] if state.val_loss else None,
-        peak_memory=peak_memory(device),
-        device=device_info(device),
-        dtype=str(loaded.dtype).removeprefix("torch."),
-        quantization=loaded.quantization,
+        final_val_loss=state.val_history[-1][1] if state.val_history else None,
+        best_step=state.best_step,
+        best_val_loss=shipped["best_val_loss"],
+        early_stopped=state.early_stopped,
+        shipped=shipped,
+        answer_tokens=answers,
+        peak_memory=peak_memory(run.device),
+        device=device_info(run.device),
+        dtype=str(run.loaded.dtype).removeprefix("torch."),
+        quantization=run.loaded.quantization,
         base_model=mc.name_or_path,
         feature_cache=tc.feature_cache,
         trainable_parameters=trainable,
         total_parameters=total_params,
         resumes=state.resumes,
         adapter_path=str(final),
-        adapter_bytes=adapter_bytes,
-        last_checkpoint=str(last_ckpt) if last_ckpt else None,
+        adapter_bytes=(final / "adapter_model.safetensors").stat().st_size,
+        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None,
     )
-    write_summary(out_dir, summary)
-    progress.line(f"done in {wall:.1f} s; adapter in {final}")
+    write_summary(run.out_dir, summary)
+    reached("final.summary")
+    run.progress.line(  # type: ignore[union-attr]
+        f"done in {walls['wall_time_s']:.1f} s; adapter of step {shipped['step']} ({shipped['reason']}) in {final}"
+    )
     return summary
 
 

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fada_batch.categories import get_category
+from fada_batch.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
 from fada_batch.config import JobConfig
 from fada_batch.dataset import CategoryData, load_category
+
+
+class NoDataError(ValueError):
+    """The data root holds no data at all: missing, empty, or not the expected layout."""
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Preflight:
     """The pre-flight result of a job: one CategoryData per requested category."""
 
     results: list[CategoryData]
+    data_root: Path | None = None
+    no_data: str | None = None  # why the data root holds no data at all (see `find_no_data`)
 
     @property
     def ready(self) -> list[CategoryData]:
@@ -36,6 +42,59 @@ class Preflight:
     def to_dict(self) -> list[dict[str, Any]]:
         return [d.to_dict() for d in self.results]
 
+    def nothing_ready(self) -> str | None:
+        """Why no requested category can train (None when one can): no data at all, or every
+        category awaiting labels or blocked; the text names where it looked."""
+        if self.no_data:
+            return self.no_data
+        if self.ready or not self.results:
+            return None
+        awaiting = [d for d in self.results if d.status == "awaiting_labels"]
+        if len(awaiting) == len(self.results):
+            images = sum(1 for d in self.results if d.image_dir is not None)
+            where = self.data_root / LABELS_DIR if self.data_root else LABELS_DIR
+            return (
+                f"nothing is ready: the data root is there ({images} of {len(awaiting)} category "
+                f"image folders found) but no category has a label sheet yet; looked in {where} "
+                f"for {awaiting[0].expected_sheet.name} and the other categories' sheets"
+            )
+        return (
+            f"nothing is ready: {len(self.blocked)} blocked by data problems, {len(awaiting)} awaiting labels"
+        )
+
+
+def find_no_data(data_root: Path, categories: list[Category]) -> str | None:
+    """Why `data_root` holds no data at all, naming the folders expected there; None when
+    either of its two folders is there.
+
+    Tells a missing root, a file, an empty folder (a share or a container bind that is not
+    mounted here looks like that) and a folder of other things apart.
+    """
+    images, labels = data_root / IMAGES_DIR, data_root / LABELS_DIR
+    if images.is_dir() or labels.is_dir():
+        return None
+    if not data_root.exists():
+        why = f"the data root {data_root} does not exist here (not mounted, or not bound into the container?)"
+    elif not data_root.is_dir():
+        why = f"the data root {data_root} is not a folder"
+    else:
+        try:
+            entries = sorted(p.name for p in data_root.iterdir())
+        except OSError as e:
+            entries, why = [], f"the data root {data_root} cannot be listed ({e.strerror})"
+        else:
+            why = f"the data root {data_root} is empty (is the share, or the container's bind, mounted?)"
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            why = f"the data root {data_root} holds neither '{IMAGES_DIR}/' nor '{LABELS_DIR}/' (it holds {shown})"
+    names = ",".join(c.folder for c in categories) if len(categories) > 1 else categories[0].folder
+    return (
+        f"no data found: {why}. Looked for the scans in {images}/{{{names}}}/ and the label "
+        f"sheets in {labels}/<Category>{SHEET_SUFFIX}. Fix: set data.root (or -p data.root=DIR) "
+        "to the folder that holds both; in a container, bind that folder in "
+        "(podman/docker -v DIR:DIR:ro, apptainer --bind DIR)."
+    )
+
 
 def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_images: bool = True) -> Preflight:
     """Load every requested category's data (sheets parsed, images checked), never raising
@@ -46,6 +105,11 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
     """
     names = categories if categories is not None else list(cfg.data.categories)
     cats = [get_category(n.strip()) for n in names]
+    root = Path(cfg.data.root)
+    if cats and (no_data := find_no_data(root, cats)) is not None:
+        # one message, not one "data root not found" per category
+        results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
+        return Preflight(results, data_root=root, no_data=no_data)
     seen: set[str] = set()
     results = []
     for cat in cats:
@@ -61,11 +125,14 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
                 max_image_pixels=cfg.data.max_image_pixels,
             )
         )
-    return Preflight(results)
+    return Preflight(results, data_root=root)
 
 
 def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
-    """A human-readable table: one line per category, then its problems."""
+    """A human-readable table: one line per category, then its problems (or, when there is
+    no data at all, why and where it looked)."""
+    if pf.no_data:
+        return f"error: {pf.no_data}"
     lines = [f"{'category':<18} {'status':<16} {'images':>7} {'QA pairs':>9}  answers per question"]
     for d in pf.results:
         s = d.stats
@@ -80,4 +147,6 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
             lines.append(f"    ... and {len(shown) - max_problems} more (see --json)")
     ready, waiting, blocked = len(pf.ready), len(pf.awaiting), len(pf.blocked)
     lines.append(f"\n{ready} ready, {waiting} awaiting labels, {blocked} blocked by data problems")
+    if (why := pf.nothing_ready()) is not None:
+        lines.append(f"error: {why}")
     return "\n".join(lines)

@@ -399,8 +399,7 @@ def seed_model(
         modules_to_save=[],
         gradient_checkpointing=True,
     )
-    if want == "none":
-        model.enable_input_require_grads()  # as prepare_model_for_kbit_training does for 8-bit
+    model.enable_input_require_grads()  # as prepare_model_for_kbit_training did in the seed's recipe
     return model, want, notes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One BLAS/OpenMP thread per process: tests start several processes at once (SLURM tasks,
 # kill/resume runs) and oversubscribed cores made tiny-model steps 20-40x slower here.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is available and are skipped (with the reason) where
+    it is not, whatever `-m` selects: `make test` runs them on a GPU machine, and neither
+    `make test` nor `make test-fast` starts the full-size GPU benchmark on a CPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in gpu:
+        item.add_marker(skip)
 
 
 def _cache_root() -> Path:
@@ -65,6 +82,23 @@ def job_factory(tiny_model_dir: Path, demo_root: Path, tmp_path: Path):
         return config_from_dict(raw)
 
     return make
+
+
+@pytest.fixture()
+def wait_stopped():
+    """`wait_stopped(proc)`: wait until the child process `proc` is frozen by SIGSTOP (state T
+    in /proc; see fada_batch.killpoints' FADA_STOP_AT), failing if it ends first."""
+
+    def wait(proc: subprocess.Popen, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before its stop point"
+            if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the process did not reach its stop point in {timeout_s} s")
+
+    return wait
 
 
 TESTCLUSTER = REPO / "slurm" / "testcluster"

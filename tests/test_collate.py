@@ -9,9 +9,11 @@ import torch
 
 from fada_batch.collate import (
     IGNORE_INDEX,
+    Encoded,
     Encoder,
     Sample,
     TokenLayoutError,
+    answer_length_stats,
     collate,
     masked_lm_loss_sum,
 )
@@ -136,12 +138,42 @@ def test_processor_without_query_tokens_is_refused(loaded):
     proc = copy.copy(loaded.processor)
     proc.num_query_tokens = None
     cfg = loaded.model.config
-    with pytest.raises(TokenLayoutError, match="ignoring the image"):
+    with pytest.raises(TokenLayoutError, match="would ignore the image") as e:
         Encoder(
             proc, num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id, eos_token_id=2
         )
+    # the whole fix: both the processor's count and the config's image token id
+    assert "fada-batch stage-model" in str(e.value) and '"image_token_index"' in str(e.value)
+    with pytest.raises(TokenLayoutError, match="has no image_token_index"):
+        Encoder(loaded.processor, num_query_tokens=cfg.num_query_tokens, image_token_id=None, eos_token_id=2)
     proc.num_query_tokens = cfg.num_query_tokens + 1
     with pytest.raises(TokenLayoutError, match="different checkpoints"):
         Encoder(
             proc, num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id, eos_token_id=2
         )
+
+
+def test_tokenizer_that_does_not_prepend_bos_is_refused(loaded):
+    """OPT was trained with BOS (`</s>`) first; a tokenizer without it would shift every row."""
+    import copy
+
+    cfg = loaded.model.config
+    kwargs = {
+        "num_query_tokens": cfg.num_query_tokens,
+        "image_token_id": cfg.image_token_id,
+        "eos_token_id": 2,
+    }
+    Encoder(loaded.processor, **kwargs)  # the model's own tokenizer prepends it
+    proc = copy.copy(loaded.processor)
+    proc.tokenizer = copy.deepcopy(loaded.processor.tokenizer)
+    proc.tokenizer.add_bos_token = False
+    assert proc.tokenizer("a")["input_ids"][0] != proc.tokenizer.bos_token_id
+    with pytest.raises(TokenLayoutError, match=r"does not start a text with its BOS token \(bos_token_id=2"):
+        Encoder(proc, **kwargs)
+
+
+def test_answer_length_stats_give_the_generation_limit():
+    rows = [Encoded(input_ids=list(range(10 + n)), prompt_len=10) for n in (2, 3, 5, 40)]
+    stats = answer_length_stats(rows)
+    assert stats == {"max": 40, "p99": 40, "mean": 12.5, "max_new_tokens": 50}  # 40 + 40 / 4
+    assert answer_length_stats(rows[:1])["max_new_tokens"] == 2 + 8  # a margin of at least 8

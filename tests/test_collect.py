@@ -370,7 +370,7 @@ def _running_copy(real_run, tmp_path: Path) -> Path:
         ("other-host", 60, False, "running", "last write"),
         ("other-host", STALE_AFTER_S + 60, False, "incomplete", "nothing written for"),
         (None, 0, False, "incomplete", "no task holds the lock"),
-        ("self", 0, True, "incomplete", "still marked running"),
+        ("self", 0, True, "stopped", "still marked running"),
     ],
 )
 def test_running_or_incomplete(real_run, tmp_path, holder, age_s, finished, state, words):

@@ -104,8 +104,9 @@ def test_eval_files_cover_every_question(margin_runs):
             assert all(0.0 <= block[m] <= 1.0 for m in METRIC_NAMES)
     assert metrics["n_images"] == len(split["test"]) == round(MARGIN_IMAGES * 0.15)
     assert metrics["n_pairs"] == sum(metrics["adapter"][q]["n"] for q in QUESTIONS)
+    recorded = read_adapter_info(out / FINAL_MODEL).max_new_tokens  # from the training answers
     assert metrics["settings"] == {
-        "max_new_tokens": 32,
+        "max_new_tokens": recorded,
         "num_beams": 1,
         "batch_size": 16,
         "do_sample": False,

@@ -84,8 +84,7 @@ def test_ours_only_in_bf16_gives_our_figures_and_process_memory(tmp_path):
     assert result["ours"]["dtype"] == "bfloat16" and result["ours"]["process_peak_rss_gb"] > 0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # skipped without CUDA by conftest.py
 def test_full_run_on_gpu(tmp_path):
     out = tmp_path / "gpu_benchmark.json"
     proc = run_script("--out", str(out), timeout=600)

@@ -69,7 +69,7 @@ def image() -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(slurm_conf, image, demo_root, tmp_path_factory):
+def runs(image, slurm_conf, demo_root, tmp_path_factory):
     """Two submissions at once: the demo job in the image, and one without FADA_* inside."""
     from fada_batch.config import config_from_dict, load_job
 

@@ -15,9 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from fada_batch import killpoints
 from fada_batch.config import dump_yaml
 from fada_batch.launch import make_plan, submit
+from fada_batch.train import train_category
 from fada_batch.validate import preflight
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,30 +235,45 @@ def test_failures_do_not_stop_others_and_are_named(slurm_conf, job_factory, demo
 
 
 @pytest.mark.slurm
-def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_factory):
+def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_factory, tmp_path, monkeypatch):
     """A 1-minute limit: the warning signal comes ~25 s in; the task checkpoints, is requeued,
-    and finishes from where it stopped, with the steps of one continuous run."""
-    cfg = job_factory(
-        {
-            **CLUSTER,
-            "cluster.time_min": 1,
-            "cluster.max_requeues": 20,
-            "train.num_epochs": 200,
-            "data.num_images": 60,
-            "train.batch_size": 8,
-            "train.checkpoint_every_steps": 0,
-        }
-    )
+    and resumes from the step it saved at the stop (traced by fada_batch.killpoints in the
+    SLURM tasks themselves), ending with the adapter of one uninterrupted run."""
+    overrides = {
+        **CLUSTER,
+        "cluster.time_min": 1,
+        "cluster.max_requeues": 20,
+        "train.num_epochs": 200,
+        "data.num_images": 60,
+        "train.batch_size": 8,
+        "train.checkpoint_every_steps": 0,
+        "eval.after_training": False,
+    }
+    cfg = job_factory(overrides)
+    trace = tmp_path / "points reached.txt"
+    monkeypatch.setenv(killpoints.TRACE_ENV, str(trace))  # sbatch passes it to every attempt
     record = submit(cfg, executor="slurm", categories=["Femur"])
+    monkeypatch.delenv(killpoints.TRACE_ENV)
+    # meanwhile, on the node's other CPU, the same training without interruption
+    ref = train_category(job_factory(overrides, out=tmp_path / "uninterrupted"), "Femur")
     wait_done(record["array_job_id"], timeout_s=900)
-    s = json.loads((Path(cfg.output.root) / "blip2_femur" / "training_summary.json").read_text())
+    out = Path(cfg.output.root) / "blip2_femur"
+    s = json.loads((out / "training_summary.json").read_text())
     assert s["status"] == "completed", s.get("error")
-    assert s["requeues"] >= 1 and s["resumes"] >= 1
-    split = json.loads((Path(cfg.output.root) / "blip2_femur" / "split.json").read_text())
-    n_train = s["qa_pairs"]["train"]
-    steps_per_epoch = -(-n_train // 8)
-    assert s["steps"] == steps_per_epoch * 200
+    points = trace.read_text().split()
+    stopped = [int(p.split("@")[1]) for p in points if p.startswith("stop.saved@")]
+    resumed = [int(p.split("@")[1]) for p in points if p.startswith("setup.resumed@")]
+    assert stopped, "no stop was traced: the time-limit signal never reached training"
+    assert resumed == stopped, points  # each requeued attempt resumed where the stopped one saved
+    assert s["requeues"] == len(stopped) and s["resumes"] == len(stopped)
+    assert s["steps"] == ref["steps"] == s["steps_per_epoch"] * 200
+    split = json.loads((out / "split.json").read_text())
     assert len(split["train"]) == s["images"]["train"]
+    got = load_file(str(out / "final_model" / "adapter_model.safetensors"))
+    want = load_file(str(Path(ref["adapter_path"]) / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.slurm

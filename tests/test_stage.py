@@ -416,3 +416,60 @@ def test_unknown_repository_is_a_clear_error(fake_hub, tmp_path: Path):
     assert r.returncode == 1
     assert "no model 'Salesforce/no-such-model' on the hub" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- old revisions -------------------------------------------------------------------------
+
+
+def _make_old_revision(folder: Path) -> None:
+    """What an old hub revision of a BLIP-2 repository lacks: the processor's num_query_tokens,
+    config.json's image_token_index and the tokenizer's <image> token."""
+    proc = json.loads((folder / "processor_config.json").read_text())
+    del proc["num_query_tokens"]
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    config = json.loads((folder / "config.json").read_text())
+    del config["image_token_index"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<image>"]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def test_an_old_revision_is_brought_up_to_date(model_copy: Path, tmp_path: Path, capsys):
+    """Staged, an old revision's processor gets the query-token count and its config the
+    <image> id; it then trains with image tokens. Unstaged, the Encoder names the whole fix."""
+    from fada_batch.collate import Encoder, TokenLayoutError
+    from fada_batch.model import load_base_model
+
+    _make_old_revision(model_copy)
+    unstaged = load_base_model(str(model_copy), device="cpu")
+    cfg = unstaged.model.config
+    assert unstaged.processor.num_query_tokens is None and cfg.image_token_id is None
+    with pytest.raises(TokenLayoutError) as e:
+        Encoder(unstaged.processor, num_query_tokens=4, image_token_id=cfg.image_token_id, eos_token_id=2)
+    for part in ("has no num_query_tokens", "has no image_token_index", "fada-batch stage-model"):
+        assert part in str(e.value), part
+
+    target = tmp_path / "staged"
+    assert main(["stage-model", "--model", str(model_copy), "--to", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert "brought up to date (an old revision): processor num_query_tokens = 4" in printed
+    assert "config.json image_token_index = 724" in printed
+    assert len(json.loads((target / MARKER_NAME).read_text())["updated"]) == 2
+    staged = load_base_model(str(target), device="cpu")
+    cfg = staged.model.config
+    assert (staged.processor.num_query_tokens, cfg.image_token_id) == (4, 724)
+    enc = Encoder(staged.processor, num_query_tokens=4, image_token_id=cfg.image_token_id, eos_token_id=2)
+    assert enc.prompt_ids("Question: a? Answer:")[:4] == [724] * 4
+
+
+def test_an_old_revision_that_cannot_be_updated_gives_the_whole_fix(model_copy: Path, tmp_path: Path):
+    _make_old_revision(model_copy)
+    _set_json(model_copy / "config.json", text_config={
+        **json.loads((model_copy / "config.json").read_text())["text_config"], "vocab_size": 724
+    })  # fmt: skip
+    with pytest.raises(StageError) as e:
+        stage_model(str(model_copy), tmp_path / "staged")
+    for part in ('"num_query_tokens": N', '"image_token_index"', "below text_config.vocab_size (724)"):
+        assert part in str(e.value), part
+    assert not (tmp_path / "staged").exists()
