@@ -132,6 +132,25 @@ def requeued(job_id: str) -> bool:
     return any(r["State"] == "REQUEUED" for r in sacct(job_id, duplicates=True))
 
 
+# SLURM sends SIGCONT and then the warning to every process of the job step. podman forwards
+# each signal with a short-lived `runc kill` child, which is a process of the step too: when
+# the warning reaches that child (still forwarding SIGCONT), the child dies of it, podman logs
+# this line and the task never sees the warning (Apptainer's tasks get signals directly).
+PODMAN_LOST_SIGNAL = re.compile(
+    r"forwarding signal 18 to container \w+: .*failed: signal: user defined signal 2"
+)
+
+
+def skip_if_podman_lost_the_warning(log: str, job_id: str) -> None:
+    m = PODMAN_LOST_SIGNAL.search(log)
+    if m and not requeued(job_id):
+        pytest.skip(f"podman lost SLURM's warning signal on its way into the container: {m.group(0)}")
+
+
+def requeued_or_lost(logs: Path, job_id: str) -> bool:
+    return requeued(job_id) or bool(PODMAN_LOST_SIGNAL.search(task_log(logs, job_id)))
+
+
 def image_code_line(log: str) -> str:
     m = re.search(r"\[fada-batch\] fada_batch (\S+) from (\S+) \(python", log)
     assert m, "the task logs which fada_batch it runs"
@@ -143,7 +162,10 @@ def test_demo_job_runs_in_the_image_and_a_requeued_task_resumes_there(runs):
     cfg, record = runs["demo"]
     root, logs, tasks = Path(cfg.output.root), Path(cfg.output.root) / "logs", record["tasks"]
     assert sorted(tasks) == ["Abdomen", "Femur"]
-    wait_for("Femur requeued at its time limit", lambda: requeued(tasks["Femur"]), 600, every_s=1)
+    wait_for(
+        "Femur requeued at its time limit", lambda: requeued_or_lost(logs, tasks["Femur"]), 600, every_s=1
+    )
+    skip_if_podman_lost_the_warning(task_log(logs, tasks["Femur"]), tasks["Femur"])
     run(["scontrol", "update", f"JobId={tasks['Femur']}", "TimeLimit=10"])
     rows = wait_done(record["array_job_id"], 1500, expected=2)
     coll = wait_done(record["collector_job_id"], 300)
@@ -178,6 +200,7 @@ def test_without_the_request_variable_the_requeue_is_an_error_not_a_quiet_failur
     cfg, record = runs["no_request"]
     root, task = Path(cfg.output.root), record["tasks"]["Femur"]
     wait_done(record["array_job_id"], 600)
+    skip_if_podman_lost_the_warning(task_log(root / "logs", task), task)
     assert [r["State"] for r in sacct(task, duplicates=True)] == ["FAILED"]
     s = summary(root, "Femur")
     assert s["status"] == "failed" and s["stop_reason"] == "requeue_failed", s
