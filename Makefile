@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast test-container lint format clean
 
 # A virtual environment with the pinned dependencies of requirements.lock. torch is installed
 # first on its own: pip takes the CPU build 2.13.0 from this machine's disk (an unpinned torch
@@ -23,10 +23,23 @@ demo: setup
 # Tests marked `gpu` run where CUDA is available and skip where not (tests/conftest.py), in
 # both targets; tests/test_markers.py checks that with each target's own command line.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slurm and not slow"
+	$(BIN)/python -m pytest -m "not slurm and not slow and not container"
+
+# The container check (CI runs it after `make test`): build the CPU test image of
+# container/Dockerfile with podman on a Debian base made here from Debian's packages
+# (scripts/build_test_image.py; base and dependency layers cached), then run the tests marked
+# `container` against it, the SLURM array in the image included. Needs podman, buildah,
+# mmdebstrap and runc (.ci/run installs them) and root.
+CONTAINER_ENV ?= /var/tmp/fada-container/test.env
+test-container: setup
+	@start=$$(date +%s); \
+	$(BIN)/python scripts/build_test_image.py --env-file $(CONTAINER_ENV) \
+	  && . $(CONTAINER_ENV) && $(BIN)/python -m pytest -m container; \
+	rc=$$?; echo "container check: $$(( $$(date +%s) - start )) s wall (image build + container tests), exit $$rc"; \
+	exit $$rc
 
 lint: setup
 	$(BIN)/ruff check fada_batch tests scripts

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -208,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser(
+        "requeue-failed",
+        help="record in a task's summary that its batch script could not requeue it (the "
+        "batch scripts call this; see fada_batch/requeue.py)",
+    )
+    p.add_argument("request", help="the task's requeue request file ($FADA_REQUEUE_REQUEST)")
+    p.add_argument("--error", required=True, help="what failed (scontrol's output)")
+    p.set_defaults(func=cmd_requeue_failed)
+
     p = sub.add_parser("show-config", help="print the resolved job config (after overrides)")
     _add_job_args(p)
     p.set_defaults(func=cmd_show_config)
@@ -228,9 +236,10 @@ def _job_categories(cfg) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
-    limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task
-    requeues itself with `scontrol requeue` (up to cluster.max_requeues) and resumes there."""
+    limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task is
+    requeued (up to cluster.max_requeues; see fada_batch/requeue.py) and resumes there."""
     from fada_batch.launch import match_threads_to_allocation
+    from fada_batch.requeue import restart_count
     from fada_batch.train import StopRequested, train_category
 
     cfg = _load(args)
@@ -255,35 +264,77 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     try:
         summary = train_category(
-            cfg, category, force=args.force, should_stop=lambda: bool(caught), requeues=requeues
+            cfg, category, force=args.force, should_stop=lambda: bool(caught), requeues=restart_count()
         )
     except StopRequested as e:
         print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
-        if caught and caught[0] == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID"):
-            return _requeue_self(cfg.cluster.max_requeues, requeues)
-        return EXIT_REQUEUED
+        return _after_stop(cfg, category, e.checkpoint, caught[0] if caught else None)
     _print_result(summary)
     return EXIT_OK
 
 
-def _requeue_self(max_requeues: int, requeues: int) -> int:
-    """`scontrol requeue` this (array) job; the requeued run resumes from the checkpoint."""
-    env = os.environ
-    if requeues >= max_requeues:
-        print(
-            f"not requeued: already requeued {requeues} times (cluster.max_requeues={max_requeues})",
-            file=sys.stderr,
+def _after_stop(cfg, category: str, checkpoint: Path | None, signum: int | None) -> int:
+    """Record why `train` stopped; after the warning signal under SLURM, have it requeued."""
+    from fada_batch import requeue
+    from fada_batch.categories import get_category
+    from fada_batch.train import category_output_dir
+
+    cat = get_category(category)
+    out_dir = category_output_dir(cfg, cat)
+    resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
+    under_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+    if signum != signal.SIGUSR1 or not under_slurm:
+        reason, message = (
+            ("preempted", requeue.terminated_message(resume))
+            if under_slurm
+            else ("user", f"stopped by signal {signum}; run the same command again to resume")
         )
+        requeue.record_stop(
+            out_dir, status="interrupted", stop_reason=reason, message=message, checkpoint=checkpoint
+        )
+        return EXIT_REQUEUED
+    done, limit = requeue.restart_count(), cfg.cluster.max_requeues
+    if done >= limit:
+        msg = requeue.limit_message("time_limit", requeues=done, max_requeues=limit, resume=resume)
+        requeue.record_stop(
+            out_dir, status="interrupted", stop_reason="requeue_limit", message=msg, checkpoint=checkpoint
+        )
+        print(f"{cat.name}: ERROR: {msg}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    job = env["SLURM_JOB_ID"]
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
-    print(f"requeued job {job} ({requeues + 1} of at most {max_requeues})", file=sys.stderr, flush=True)
+    try:
+        how = requeue.request_requeue(out_dir, cat.name, checkpoint, "time_limit")
+    except requeue.RequeueError as e:
+        requeue.record_stop(
+            out_dir,
+            status="failed",
+            stop_reason="requeue_failed",
+            message=requeue.failed_message(str(e), resume),
+            checkpoint=checkpoint,
+            error=str(e),
+        )
+        print(f"{cat.name}: ERROR: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    msg = requeue.requeue_message("time_limit", how=how, requeues=done, max_requeues=limit, resume=resume)
+    requeue.record_stop(
+        out_dir, status="interrupted", stop_reason="time_limit", message=msg, checkpoint=checkpoint
+    )
+    print(f"{cat.name}: {msg}", file=sys.stderr, flush=True)
     return EXIT_REQUEUED
+
+
+def cmd_requeue_failed(args: argparse.Namespace) -> int:
+    """A batch script's `scontrol requeue` failed: the task's summary says so (failed)."""
+    from fada_batch.requeue import record_host_failure
+
+    try:
+        summary = record_host_failure(Path(args.request), args.error)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{summary.get('category')}: {summary.get('message')}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

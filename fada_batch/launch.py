@@ -3,9 +3,11 @@
 This is the only module that imports submitit. It never touches tensors: each array task is a
 `TrainTask` (a `submitit.helpers.Checkpointable`) that calls `train.train_category` for one
 category. On the time-limit warning signal or a preemption the task asks training to stop at
-the next optimizer step, training saves a checkpoint, and submitit requeues the task; the
-requeued task resumes from the latest checkpoint it finds in the category's output folder at
-run time (nothing about checkpoints is baked into the pickle).
+the next optimizer step, training saves a checkpoint, submitit pickles the task's
+`checkpoint()` and the task is requeued: by the batch script on the host when the task asks
+for it (the task may run in an image without a SLURM client), else with `scontrol` (see
+`fada_batch.requeue`). The requeued task resumes from the latest checkpoint it finds in the
+category's output folder at run time (nothing about checkpoints is baked into the pickle).
 
     fada-batch submit --job job/full.yaml [--categories A,B] [--dry-run] [--executor local]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shlex
 import signal
 import sys
@@ -23,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.job_environment import SignalHandler
+from submitit.slurm.slurm import SlurmJobEnvironment
 
+from fada_batch import requeue
 from fada_batch.collect import JOB_FILE
 from fada_batch.config import JobConfig, config_from_dict, dump_yaml
 from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
@@ -49,30 +55,116 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __init__(self) -> None:
         self._stop = False
         self._signum: int | None = None
+        self._started = time.time()
 
     def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
         from fada_batch.logsetup import setup_logging
         from fada_batch.train import StopRequested, train_category
 
+        self._started = time.time()
         setup_logging()  # a fresh process: none of the CLI's logging set-up is here
+        print(f"[fada-batch] {code_origin()}", flush=True)
         cfg = config_from_dict(job, source="submitted job")
         match_threads_to_allocation()
         handler = _install_stop_handler(self)
-        requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         try:
             return train_category(
-                cfg, category, force=force, should_stop=lambda: self._stop, requeues=requeues
+                cfg,
+                category,
+                force=force,
+                should_stop=lambda: self._stop,
+                requeues=requeue.restart_count(),
             )
-        except StopRequested:
-            # The checkpoint is on disk; now let submitit's own handler pickle `checkpoint()`'s
-            # DelayedSubmission and requeue the task (or give up after max_requeues time-outs).
-            if handler is not None and self._signum is not None:
-                handler(self._signum, None)
+        except StopRequested as e:
+            self._after_stop(cfg, category, e.checkpoint, handler)
             raise
 
     def checkpoint(self, job: dict[str, Any], category: str, force: bool = False) -> Any:
         """What submitit resubmits: a fresh task, never `force` (that would discard progress)."""
         return submitit.helpers.DelayedSubmission(TrainTask(), job, category, False)
+
+    def _after_stop(self, cfg: JobConfig, category: str, checkpoint: Path | None, handler: Any) -> None:
+        """The checkpoint is on disk: record why the task stopped and have it requeued.
+
+        After the warning signal, submitit's own handler pickles `checkpoint()`'s
+        DelayedSubmission and requeues, through `requeue.request_requeue` (the batch script on
+        the host when the task asks it, else scontrol). After SIGTERM, SLURM itself decides.
+
+        Raises:
+            requeue.RequeueLimitError: `cluster.max_requeues` reached (summary: requeue_limit).
+            requeue.RequeueError: the requeue could not happen (summary: failed, requeue_failed).
+            SystemExit: requeued (submitit's exit after a requeue).
+        """
+        from fada_batch.categories import get_category
+        from fada_batch.train import category_output_dir
+
+        out_dir = category_output_dir(cfg, get_category(category))
+        resume = requeue.resume_hint(cfg.name, get_category(category).name, checkpoint)
+        if self._signum == signal.SIGTERM:
+            requeue.record_stop(
+                out_dir,
+                status="interrupted",
+                stop_reason="preempted",
+                message=requeue.terminated_message(resume),
+                checkpoint=checkpoint,
+            )
+            return
+        owner = getattr(handler, "__self__", None)
+        if self._signum is None or handler is None:
+            return  # not under submitit (debug executor): nothing to requeue
+        if not isinstance(owner, SignalHandler) or not isinstance(owner.env, SlurmJobEnvironment):
+            handler(self._signum, None)  # the local executor: its own checkpoint-and-restart
+            return
+        reason = requeue.classify_signal(
+            self._signum,
+            warning_signal=signal.SIGUSR2,
+            left_s=requeue.seconds_left(),
+            elapsed_s=time.time() - self._started,
+            time_limit_s=cfg.cluster.time_min * 60,
+            signal_delay_s=cfg.cluster.signal_delay_s,
+        )
+        done, limit = requeue.restart_count(), cfg.cluster.max_requeues
+        if done >= limit:
+            msg = requeue.limit_message(reason, requeues=done, max_requeues=limit, resume=resume)
+            requeue.record_stop(
+                out_dir, status="interrupted", stop_reason="requeue_limit", message=msg, checkpoint=checkpoint
+            )
+            print(f"[fada-batch] ERROR: {category}: {msg}", file=sys.stderr, flush=True)
+            raise requeue.RequeueLimitError(f"{category}: {msg}")
+
+        def requeue_now(_countdown: int) -> None:  # submitit's JobEnvironment._requeue hook
+            how = requeue.request_requeue(out_dir, category, checkpoint, reason)
+            msg = requeue.requeue_message(reason, how=how, requeues=done, max_requeues=limit, resume=resume)
+            requeue.record_stop(
+                out_dir, status="interrupted", stop_reason=reason, message=msg, checkpoint=checkpoint
+            )
+            print(f"[fada-batch] {category}: {msg}", flush=True)
+
+        owner.env._requeue = requeue_now
+        try:
+            handler(self._signum, None)  # pickles checkpoint(), calls requeue_now, exits
+        except Exception as e:  # SystemExit (requeued) passes through
+            why = f"{type(e).__name__}: {e}" if not isinstance(e, requeue.RequeueError) else str(e)
+            requeue.record_stop(
+                out_dir,
+                status="failed",
+                stop_reason="requeue_failed",
+                message=requeue.failed_message(why, resume),
+                checkpoint=checkpoint,
+                error=why,
+            )
+            print(f"[fada-batch] ERROR: {category}: {why}", file=sys.stderr, flush=True)
+            raise requeue.RequeueError(f"{category}: {why}") from e
+
+
+def code_origin() -> str:
+    """Which fada_batch this process runs: version, folder and Python (an image's or a checkout's)."""
+    import fada_batch
+
+    return (
+        f"fada_batch {fada_batch.__version__} from {Path(fada_batch.__file__).resolve().parent} "
+        f"(python {platform.python_version()} {sys.executable})"
+    )
 
 
 def match_threads_to_allocation() -> int | None:
@@ -95,23 +187,27 @@ def match_threads_to_allocation() -> int | None:
 
 
 def _install_stop_handler(task: TrainTask) -> Any:
-    """Replace submitit's USR2 handler by one that only flags a stop; return the original.
+    """Replace submitit's USR2 and SIGTERM handlers by one that only flags a stop; return
+    submitit's USR2 handler.
 
-    submitit's handler would requeue and exit at once, mid-step; training instead saves a
-    checkpoint at the next optimizer step and then calls the original handler.
+    submitit's USR2 handler would requeue and exit at once, mid-step, and it ignores SIGTERM
+    (SLURM's preemption or `scontrol requeue`, KillWait seconds before SIGKILL); training
+    instead saves a checkpoint at the next optimizer step, then `_after_stop` goes on.
     """
-    sig = signal.SIGUSR2
-    original = signal.getsignal(sig)
+    original = signal.getsignal(signal.SIGUSR2)
     if not callable(original):  # not under submitit (debug executor): nothing to requeue
         return None
 
     def flag(signum: int, _frame: Any) -> None:
         task._stop = True
-        task._signum = signum
-        print(f"[fada-batch] caught signal {signum}: checkpointing at the next step", flush=True)
+        if task._signum is None:
+            task._signum = signum
+        name = signal.Signals(signum).name
+        print(f"[fada-batch] caught {name}: checkpointing at the next step", flush=True)
 
     try:
-        signal.signal(sig, flag)
+        signal.signal(signal.SIGUSR2, flag)
+        signal.signal(signal.SIGTERM, flag)
     except ValueError:  # not the main thread
         return None
     return original
@@ -130,6 +226,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
     from fada_batch.slurmjobs import job_phase
 
     setup_logging()
+    print(f"[fada-batch] {code_origin()}", flush=True)
     cfg = config_from_dict(job, source="submitted job")
     # runs after the array ended (afterany): a category that has not completed is stopped
     result = collect(
@@ -345,9 +442,21 @@ def submit(
     return record
 
 
+def requeue_script_lines(cfg: JobConfig, log_dir: Path) -> dict[str, list[str]]:
+    """The array's batch-script lines around the task's step (submitit's setup/teardown):
+    the task asks for its requeue, the batch script on the host requeues it (see
+    `fada_batch.requeue`), with the task's own Python (`cluster.python`, an image's) to
+    record in the summary a requeue that failed."""
+    python = cfg.cluster.python or shlex.quote(sys.executable)
+    return {
+        "slurm_setup": requeue.batch_setup_lines(log_dir),
+        "slurm_teardown": requeue.batch_teardown_lines(f"{python} -m fada_batch"),
+    }
+
+
 def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: bool) -> dict[str, Any]:
     ex = _executor(cfg, "slurm", plan.log_dir)
-    ex.update_parameters(**plan.slurm)
+    ex.update_parameters(**plan.slurm, **requeue_script_lines(cfg, plan.log_dir))
     array_id = None
     task_ids: dict[str, str] = {}
     if plan.submit:

@@ -692,6 +692,7 @@ def _train_locked(
         latest_now = ckpt.find_latest(out_dir)
         summary.update(
             status="interrupted",
+            stop_reason="user",
             end_time=now_iso(),
             checkpoint=str(latest_now) if latest_now else None,
             message="stopped by the user (SIGINT); run the same command again to resume",
@@ -1033,6 +1034,8 @@ def _loop(run: _Run, should_stop: Callable[[], bool] | None) -> None:
         if should_stop is not None and should_stop() and more:
             reached("stop.saved", state.global_step)
             assert run.progress is not None
+            assert run.last_ckpt is not None  # _end_epoch saved one
+            run.progress.line(f"stop requested: saved {run.last_ckpt.name}; exiting for requeue")
             run.progress.close()
             raise StopRequested(run.last_ckpt)
 

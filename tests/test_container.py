@@ -97,6 +97,26 @@ def def_file() -> tuple[dict[str, str], dict[str, str]]:
     return header, {k: textwrap.dedent("\n".join(v)).strip() + "\n" for k, v in sections.items()}
 
 
+def docker_args() -> dict[str, str]:
+    """The Dockerfile's build arguments and their defaults."""
+    return dict(rest.split("=", 1) for word, rest in dockerfile() if word == "ARG" and "=" in rest)
+
+
+def def_arguments() -> dict[str, str]:
+    """The .def's build arguments (%arguments: their defaults, Apptainer >= 1.2)."""
+    _header, sections = def_file()
+    return dict(line.split("=", 1) for line in sections["arguments"].split())
+
+
+def torch_checks(text: str, arg: str) -> list[str]:
+    """The TORCH_BUILD check of a recipe: its `case` on the value and its `python -c` check."""
+    text = text.replace("\\\n", " ")
+    q = re.escape(arg)
+    found = re.findall(rf'case "{q}" in .*? esac', text)
+    found += re.findall(rf"python -c 'import sys, torch;.*?' \"{q}\"", text)
+    return found
+
+
 def pip_installs(commands: list[str]) -> list[list[str]]:
     """The argument lists of every `pip install` in shell command lines."""
     found = []
@@ -199,6 +219,62 @@ def test_base_image_is_pinned_to_the_locked_torch():
     assert tag.endswith("-runtime")
 
 
+def test_default_build_asserts_cuda_torch_and_the_def_has_the_same_switch():
+    """TORCH_BUILD=cuda by default in both recipes, and the same checks: the `case` refuses
+    other values, the `python -c` fails unless torch's build is the one asked for."""
+    assert docker_args()["TORCH_BUILD"] == "cuda" and def_arguments()["TORCH_BUILD"] == "cuda"
+    docker = torch_checks(DOCKERFILE.read_text(), "${TORCH_BUILD}")
+    _header, sections = def_file()
+    apptainer = torch_checks(sections["post"], "{{ TORCH_BUILD }}")
+    assert len(docker) == 2, "the Dockerfile checks TORCH_BUILD and then torch's build"
+    assert [c.replace("{{ TORCH_BUILD }}", "${TORCH_BUILD}") for c in apptainer] == docker
+    post = sections["post"]
+    assert post.index("case ") < post.index("pip install") < post.index("python -c 'import sys, torch")
+
+
+@pytest.fixture()
+def user_step(tmp_path: Path):
+    """The Dockerfile's user RUN, run by bash with pipefail (the Dockerfile's SHELL) against
+    stand-ins for getent/userdel/useradd/mkdir/chown that log their calls."""
+    shell = json.loads(next(rest for word, rest in dockerfile() if word == "SHELL"))
+    run = next(rest for word, rest in dockerfile() if word == "RUN" and "useradd" in rest)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    for tool in ("getent", "userdel", "useradd", "mkdir", "chown"):
+        script = bindir / tool
+        body = f'echo "{tool} $*" >> "{calls}"\n'
+        if tool == "getent":  # the passwd entry of FAKE_UID_OWNER's uid, or exit 2 as getent does
+            body += '[ -n "$FAKE_UID_OWNER" ] || exit 2\necho "$FAKE_UID_OWNER:x:$3:$3::/home/$FAKE_UID_OWNER:/bin/sh"\n'
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(0o755)
+
+    def go(owner: str) -> tuple[int, list[str]]:
+        env = {"PATH": f"{bindir}:/usr/bin:/bin", "FADA_UID": "1000", "FAKE_UID_OWNER": owner}
+        r = subprocess.run([*shell, run], env=env, capture_output=True, text=True, timeout=30)
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        calls.unlink(missing_ok=True)
+        return r.returncode, lines
+
+    return go
+
+
+def test_user_step_on_a_base_without_that_uid(user_step):
+    """Debian and Ubuntu 22.04 have no uid 1000: getent exits 2, which under pipefail ended
+    the build before; now the user is simply created."""
+    code, calls = user_step("")
+    assert code == 0, calls
+    assert calls[0] == "getent passwd 1000" and not any(c.startswith("userdel") for c in calls)
+    assert "useradd --create-home --uid 1000 --user-group --shell /bin/bash fada" in calls
+
+
+def test_user_step_frees_the_uid_on_a_base_that_has_it(user_step):
+    code, calls = user_step("ubuntu")  # Ubuntu 24.04's user with uid 1000
+    assert code == 0, calls
+    assert calls[1] == "userdel --remove ubuntu"
+    assert "useradd --create-home --uid 1000 --user-group --shell /bin/bash fada" in calls
+
+
 # --- one lock for the image, the README's set-up and CI ------------------------------------------
 
 
@@ -245,22 +321,29 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
     recipe = SingularityParser(str(DEFFILE)).recipe
     layer = next(iter(recipe.values()))
     base = docker_base()
-    assert layer.fromHeader == base
+    # the base is a build argument, as in the Dockerfile, with the Dockerfile's default
+    assert layer.fromHeader == "{{ base_image }}"  # spython lower-cases image names
+    assert def_arguments() == {"BASE_IMAGE": base, "TORCH_BUILD": docker_args()["TORCH_BUILD"]}
     assert layer.cmd == 'exec fada-batch "$@"'
     assert layer.test, "%test is parsed"
     labels = dict(line.split(None, 1) for line in layer.labels)
     assert labels["org.opencontainers.image.title"] == "fada-batch"
-    assert labels["org.opencontainers.image.base.name"] == base
+    assert labels["org.opencontainers.image.base.name"] == "{{ BASE_IMAGE }}"
 
     header, sections = def_file()
-    assert header == {"Bootstrap": "docker", "From": base}
+    assert header == {"Bootstrap": "docker", "From": "{{ BASE_IMAGE }}"}
     assert {"help", "labels", "files", "environment", "post", "runscript", "test"} <= set(sections)
     assert "fada-batch" in sections["help"]
-    # Same environment as the image.
+    # Same environment as the image: every ENV of the Dockerfile; the caches per user under
+    # the same folder (Apptainer shares the node's /tmp between users).
     env = dict(e.split("=", 1) for e in layer.environ)
     docker = docker_env()
-    for key in ("HF_HUB_OFFLINE", "HF_HOME", "FADA_BATCH_DIR"):
-        assert env[key] == docker[key], key
+    assert set(docker) <= set(env), set(docker) - set(env)
+    for key, value in docker.items():
+        if key in ("MPLCONFIGDIR", "XDG_CACHE_HOME"):
+            assert env[key] == f'"{value}-$(id -u)"', key
+        else:
+            assert env[key] == value, key
     # Same files installed, to the same place.
     files = [line.split() for line in sections["files"].splitlines()]
     workdir = docker["FADA_BATCH_DIR"]
@@ -270,10 +353,26 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
     }
     docker_sources = {s for s in docker_sources if not any(s.startswith(f"{o}/") for o in docker_sources)}
     assert {src for src, _ in files} == docker_sources
-    # The same build-time steps after the install.
+    # The same build-time steps after the install: the version, and the tiny model in the same
+    # folder (the .def with the CLI; the Dockerfile with the function the CLI calls, in a layer
+    # of its own that stays cached while the package changes).
     run = " ".join(rest for word, rest in dockerfile() if word == "RUN")
-    for step in ("fada-batch --version", "fada-batch make-tiny-model /opt/fada-batch/models/tiny-blip2"):
-        assert step in run and step in sections["post"], step
+    assert "fada-batch --version" in run and "fada-batch --version" in sections["post"]
+    tiny = "/opt/fada-batch/models/tiny-blip2"
+    assert f"fada-batch make-tiny-model {tiny}" in sections["post"]
+    assert f"make_tiny_model(Path(sys.argv[1])))' {tiny}" in run
+
+
+def test_tiny_model_layer_copies_every_module_the_tiny_model_imports():
+    """The Dockerfile builds the tiny model from a few modules copied alone: they must be all
+    that `fada_batch.tiny` imports of the package (else the build fails there)."""
+    code = "import sys, fada_batch.tiny; print(' '.join(sorted(m for m in sys.modules if m.startswith('fada_batch'))))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    needed = {m.replace(".", "/") + (".py" if "." in m else "/__init__.py") for m in r.stdout.split()}
+    copy = next(
+        rest.split() for word, rest in dockerfile() if word == "COPY" and "fada_batch/tiny.py" in rest
+    )
+    assert set(copy[:-1]) == needed
 
 
 def test_runscript_and_test_call_the_entrypoint():
