@@ -379,7 +379,7 @@ class SeedDataset:
     prompt padded to 256 tokens, and tokenised answer padded to 128 as separate `labels`.
 
     The answer's pads are NOT masked with -100: that is the seed's bug (its loss lands on
-    padding, see shared/BLIP2-NOTES.md). It is reproduced here for timing only, so the seed's
+    padding, see docs/blip2.md). It is reproduced here for timing only, so the seed's
     work per step is what it was; nothing trains with it.
     """
 
@@ -488,7 +488,7 @@ def time_trainer(
         callbacks=[StepTimes()],
     )
     # Trainer counts FLOPs for its logs through the model's main input (`pixel_values` for
-    # BLIP-2), which crashes on inputs without it (shared/BLIP2-NOTES.md); it is only logged.
+    # BLIP-2), which crashes on inputs without it (docs/blip2.md, HF Trainer); it is only logged.
     trainer.floating_point_ops = lambda inputs: 0
     trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line goes to stdout
     with PeakMemory(device) as mem:

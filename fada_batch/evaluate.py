@@ -9,7 +9,7 @@ base model's answers come from the same PeftModel with the adapter switched off
 (`disable_adapter()`). The majority baseline answers every question with its most frequent
 training answer (`metrics.majority_answers`).
 
-Generation (see shared/BLIP2-NOTES.md): each row is `[<image> * N] <bos> prompt`
+Generation (see docs/blip2.md): each row is `[<image> * N] <bos> prompt`
 (`collate.Encoder.prompt_ids`), LEFT-padded so that every row's last token is its own last
 prompt token (with right padding, batched rows came back empty); the frozen image features go
 where the `<image>` tokens are (as `model.lm_logits` does); the language model's `generate`
