@@ -34,6 +34,7 @@ from fada_batch.collate import Encoder, Sample
 from fada_batch.fsutil import category_lock
 from fada_batch.metrics import aggregate, majority_answers, question_label
 from fada_batch.slurmjobs import job_phase
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -788,8 +789,8 @@ def trained_categories(cfg: Any) -> list[str]:
 def format_metrics(category: str, metrics: dict[str, Any]) -> str:
     """A plain-text table: exact match per question for adapter, base and majority, and F1."""
     head = (
-        f"{category}: {metrics['n_pairs']} question/answer pairs on {metrics['n_images']} held-out "
-        f"images ({metrics['settings']['split']})"
+        f"{category}: {plural(metrics['n_pairs'], 'question/answer pair')} on "
+        f"{plural(metrics['n_images'], 'held-out image')} ({metrics['settings']['split']})"
     )
     lines = [head, f"  {'':8} {'adapter EM':>10} {'base EM':>8} {'majority EM':>11} {'adapter F1':>10}"]
     for q in metrics["adapter"]:
