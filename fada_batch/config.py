@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from fada_batch.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+from fada_batch.text import plural
 
 
 @dataclass
@@ -572,8 +573,7 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> JobConfi
             heads = {k.rsplit(".", 1)[0] if "." in k else None for k in unmatched}
             scope = None if None in heads else {h for h in heads if h is not None}
             hint = "\nValid keys:\n" + format_valid_keys(scope)
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        raise ConfigError(f"{source}: {count} in the job config:\n{lines}{hint}")
+        raise ConfigError(f"{source}: {plural(len(problems), 'problem')} in the job config:\n{lines}{hint}")
     return cfg
 
 
