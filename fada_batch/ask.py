@@ -30,6 +30,7 @@ from fada_batch.evaluate import (
     read_adapter_info,
 )
 from fada_batch.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image_rgb
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class Asker:
             except OSError as e:
                 problems.append(f"  - {p}: {e.strerror or e}")
         if problems:
-            raise AskError(f"{len(problems)} image(s) cannot be read:\n" + "\n".join(problems))
+            raise AskError(f"{plural(len(problems), 'image')} cannot be read:\n" + "\n".join(problems))
         keys = {str(p): p for p in paths}
         items = [(str(p), self.template.format(question=q)) for p in paths for q in texts]
         adapter, base = answer_both(

@@ -45,6 +45,7 @@ from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_categor
 from fada_batch.collate import Encoded, Encoder, Sample
 from fada_batch.config import JobConfig
 from fada_batch.model import LoadedModel, apply_lora_section, base_of, eos_token_id, load_base_model
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def category_inputs(cfg: JobConfig, encoder: Encoder, category: str, n_samples: 
     samples = samples_for(list(data.records), names, list(data.questions), cfg.data.prompt_template)
     if len(samples) < n_samples:
         raise ValueError(
-            f"{category} has {len(samples)} question/answer pairs; the bench needs {n_samples}: "
+            f"{category} has {plural(len(samples), 'question/answer pair')}; the bench needs {n_samples}: "
             "use fewer --steps or a smaller train.batch_size"
         )
     samples = samples[:n_samples]
@@ -309,7 +310,9 @@ def bench_ours(
     )
     plan = [s for s in plan if len(s) == step_size][: warmup + steps]
     if len(plan) < warmup + steps:
-        raise ValueError(f"{len(inputs.samples)} samples make only {len(plan)} full steps of {step_size}")
+        raise ValueError(
+            f"{plural(len(inputs.samples), 'sample')} make only {plural(len(plan), 'full step')} of {step_size}"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     set_train_mode(model)
@@ -379,7 +382,7 @@ class SeedDataset:
     prompt padded to 256 tokens, and tokenised answer padded to 128 as separate `labels`.
 
     The answer's pads are NOT masked with -100: that is the seed's bug (its loss lands on
-    padding, see shared/BLIP2-NOTES.md). It is reproduced here for timing only, so the seed's
+    padding, see docs/blip2.md). It is reproduced here for timing only, so the seed's
     work per step is what it was; nothing trains with it.
     """
 
@@ -488,7 +491,7 @@ def time_trainer(
         callbacks=[StepTimes()],
     )
     # Trainer counts FLOPs for its logs through the model's main input (`pixel_values` for
-    # BLIP-2), which crashes on inputs without it (shared/BLIP2-NOTES.md); it is only logged.
+    # BLIP-2), which crashes on inputs without it (docs/blip2.md, HF Trainer); it is only logged.
     trainer.floating_point_ops = lambda inputs: 0
     trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line goes to stdout
     with PeakMemory(device) as mem:
@@ -527,7 +530,7 @@ def bench_seed(
     model.enable_input_require_grads()
     n = warmup + samples
     if len(inputs.samples) < n:
-        raise ValueError(f"the seed needs {n} samples, the inputs hold {len(inputs.samples)}")
+        raise ValueError(f"the seed needs {plural(n, 'sample')}, the inputs hold {len(inputs.samples)}")
     dataset = SeedDataset(inputs, loaded.processor, n=n, max_pixels=cfg.data.max_image_pixels)
     timing = time_trainer(
         model,
@@ -1032,7 +1035,9 @@ def format_report(result: dict[str, Any]) -> str:
     m, inp = result["machine"], result["inputs"]
     where = m.get("name", m.get("type"))
     if m.get("type") == "cpu":
-        where = f"CPU {m['cpu_model']} ({m['cpus']} CPUs, {m['torch_threads']} torch threads)"
+        where = (
+            f"CPU {m['cpu_model']} ({plural(m['cpus'], 'CPU')}, {plural(m['torch_threads'], 'torch thread')})"
+        )
     elif m.get("memory_gb"):
         where = f"{where} ({m['memory_gb']} GB)"
     fl, ours = result["flops_per_sample"], result["ours"]
@@ -1040,7 +1045,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"bench: job {result['job']}, model {result['model']}",
         f"device: {where}; torch {m['versions'].get('torch')}, transformers "
         f"{m['versions'].get('transformers')}",
-        f"inputs: {inp['source']}, {inp['samples']} samples on {inp['images']} images "
+        f"inputs: {inp['source']}, {plural(inp['samples'], 'sample')} on {plural(inp['images'], 'image')} "
         f"({inp['image_size']} px), {inp['tokens_min']}-{inp['tokens_max']} tokens per sample "
         f"(mean {inp['tokens_mean']}, {inp['num_query_tokens']} of them image tokens)",
         f"per sample: vision forward / language-model forward = {fl['vision_over_lm']} "

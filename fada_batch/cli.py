@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from fada_batch import __version__
+from fada_batch.text import plural
 
 log = logging.getLogger("fada_batch")
 
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept a --base-model other than the adapter's (the same model staged elsewhere)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the model (default auto: the GPU when CUDA has one, else the CPU)",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -147,12 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="save a small pretrained BLIP-2 for tests and the demo")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights, the tokenizer's corpus order and the pretraining scans (default 0, "
+        "what the tests and the demo use)",
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("make-demo-data", help="write a synthetic data set in the real layout")
     p.add_argument("dir", help="data root to create (holds 'Fetal Ultrasound/' ...)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scans and their answers (default 0)")
     p.set_defaults(func=cmd_make_demo_data)
 
     p = sub.add_parser(
@@ -249,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not 0 <= args.task_index < len(cats):
             print(
                 f"error: --task-index {args.task_index} is out of range: the job has "
-                f"{len(cats)} categories ({', '.join(cats)})",
+                f"{plural(len(cats), 'category', 'categories')} ({', '.join(cats)})",
                 file=sys.stderr,
             )
             return EXIT_USAGE
@@ -368,7 +380,7 @@ def _print_result(summary: dict) -> None:
     cat = summary.get("category")
     if status == "completed":
         print(
-            f"{cat}: completed, {summary.get('steps')} steps, final train loss "
+            f"{cat}: completed, {plural(summary.get('steps'), 'step')}, final train loss "
             f"{summary.get('final_train_loss')}, val loss {summary.get('final_val_loss')}; "
             f"adapter: {summary.get('adapter_path')}"
         )
@@ -521,6 +533,7 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fada_batch.bench import format_report, make_bench_model, run_bench
+    from fada_batch.model import ModelFolderMissing
 
     cfg = _load(args)
     if args.make_bench_model:
@@ -535,6 +548,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             images=args.images,
             threads=args.threads,
         )
+    except ModelFolderMissing:  # the CPU bench job's model is one the bench builds itself
+        name = cfg.model.name_or_path
+        print(
+            f"error: the model folder {name} (model.name_or_path) does not exist. If it is to be "
+            "the random-weight CPU benchmark model (as in job/bench-cpu.yaml), run the same command "
+            "with --make-bench-model: the bench builds it there first (~30 MB). For a real model, "
+            f"stage it there: `fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to {name}`.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,7 +7,7 @@ tokens, prompt, padding), so the loss covers the answer only. Nothing is ever tr
 cut row would lose image tokens or the answer.
 
 The seed tokenised the answer apart from the prompt and padded both to fixed lengths, so its
-loss landed on padding positions (see shared/BLIP2-NOTES.md); this module is the fix.
+loss landed on padding positions (see docs/blip2.md); this module is the fix.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, 
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
 from fada_batch.report import fmt_duration
 from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
+from fada_batch.text import plural
 
 SCHEMA_VERSION = 1
 EVAL_FILE = Path("eval") / "metrics.json"
@@ -648,7 +649,7 @@ def collect_category(
 def _completed(r: CategoryResult, summary: dict[str, Any], problems: list[str]) -> None:
     r.state = "completed"
     epochs = r.epochs_completed or r.epochs
-    done = [f"{r.steps} steps" if r.steps is not None else "", f"{epochs} epochs" if epochs else ""]
+    done = [plural(r.steps, "step") if r.steps is not None else "", plural(epochs, "epoch") if epochs else ""]
     r.detail = ", ".join(x for x in done if x) or "completed"
     if r.wall_time_s is not None:
         r.detail += f" in {fmt_duration(r.wall_time_s)}"

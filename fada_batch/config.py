@@ -2,8 +2,9 @@
 
     cfg = load_job("job/validation.yaml", overrides=["num_epochs=3", "model.quantization=none"])
 
-Every problem (unknown keys, wrong types, bad values) is collected and reported together, with
-the list of valid keys. The seed's papermill parameter names work as short aliases
+Every problem (unknown keys, wrong types, bad values) is collected and reported together. An
+unknown key gets the closest valid keys ("did you mean 'train.num_epochs'?"); when none is
+close, the valid keys are listed. The seed's papermill parameter names work as short aliases
 (`num_images`, `num_epochs`, `batch_size`, `learning_rate`).
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from fada_batch.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+from fada_batch.text import plural
 
 
 @dataclass
@@ -241,16 +243,22 @@ def _coerce(value: Any, t: Any, key: str, problems: list[str]) -> Any:
     raise AssertionError(f"unsupported config annotation {t!r} for {key}")
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str], unmatched: list[str]) -> Any:
+    """`cls` from `raw`; problems are appended, unknown keys with no close match to `unmatched`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            problems.append(f"unknown key {dotted!r}{hint}")
+            # a misspelt section: name each key in it (`trian.num_epochs`), not just the section
+            inner = _flatten(value, f"{dotted}.") if isinstance(value, dict) and value else {dotted: value}
+            for unknown in inner:
+                close = suggest_keys(unknown, section=unknown == dotted and isinstance(value, dict))
+                hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+                problems.append(f"unknown key {unknown!r}{hint}")
+                if not close:
+                    unmatched.append(unknown)
             continue
         t = hints[key]
         if dataclasses.is_dataclass(t):
@@ -259,10 +267,82 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> 
             if not isinstance(value, dict):
                 problems.append(f"{dotted}: expected a section (mapping), got {value!r}")
                 continue
-            kwargs[key] = _build(t, value, f"{dotted}.", problems)
+            kwargs[key] = _build(t, value, f"{dotted}.", problems, unmatched)
         else:
             kwargs[key] = _coerce(value, t, dotted, problems)
     return cls(**kwargs)
+
+
+# Names other tools use (peft, HF TrainingArguments, sbatch) for one of our keys: suggested
+# for an unknown key, never accepted in its place.
+KNOWN_ELSEWHERE: dict[str, str] = {
+    "lr": "train.learning_rate",
+    "epochs": "train.num_epochs",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "warmup_steps": "train.warmup_ratio",
+    "gpus": "cluster.gpus_per_task",
+    "mem": "cluster.mem_gb",
+    "time": "cluster.time_min",
+}
+
+
+def suggest_keys(dotted: str, *, section: bool = False, limit: int = 3) -> list[str]:
+    """The valid keys closest to an unknown dotted key, best first (empty when none is close).
+
+    Looks at the whole dotted key (`trian.num_epochs` -> `train.num_epochs`), at its last part
+    in every section (`num_epoch`, `model.max_steps` -> `train.max_steps`), at names other tools
+    use (`lr`), and, for a mapping (`section`), at the section names (`modle` -> `model`).
+    Keys in the unknown key's own section come first.
+    """
+    keys = valid_keys()
+    leaf = dotted.rsplit(".", 1)[-1]
+    own = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
+    found: list[str] = []
+    if section:
+        sections = [f.name for f in fields(JobConfig) if f.name != "name"]
+        found += difflib.get_close_matches(leaf, sections, n=1, cutoff=0.6)
+    if leaf in KNOWN_ELSEWHERE:
+        found.append(KNOWN_ELSEWHERE[leaf])
+    found += difflib.get_close_matches(dotted, keys, n=limit, cutoff=0.8)
+    leaves: dict[str, list[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    for near in difflib.get_close_matches(leaf, list(leaves), n=limit, cutoff=0.7):
+        found += leaves[near]
+    if len(leaf) >= 3:  # a whole word of a key: `gpus` -> `gpus_per_task`, `seed` -> `split_seed`
+        found += [k for name, ks in leaves.items() if leaf in name.split("_") for k in ks]
+    unique = list(dict.fromkeys(k for k in found if k != dotted))
+    if own and any(k.startswith(own) for k in unique):  # a near miss in its own section wins
+        unique = [k for k in unique if k.startswith(own)]
+    return unique[:limit]
+
+
+def format_valid_keys(sections: set[str] | None = None, width: int = 100) -> str:
+    """The valid keys, one line per section (only `sections` when given; else all, and the
+    short aliases)."""
+    import textwrap
+
+    by_section: dict[str, list[str]] = {}
+    for k in valid_keys():
+        head, _, tail = k.rpartition(".")
+        by_section.setdefault(head, []).append(tail)
+    lines = []
+    for head, names in by_section.items():
+        if sections is not None and head not in sections:
+            continue
+        label = f"{head}: " if head else ""
+        lines += textwrap.wrap(
+            label + ", ".join(names), width=width, initial_indent="    ", subsequent_indent="        "
+        )
+    if sections is None:
+        aliases = "Short aliases: " + ", ".join(f"{a} -> {k}" for a, k in ALIASES.items())
+        lines += textwrap.wrap(aliases, width=width, subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
@@ -482,20 +562,18 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> JobConfi
             _set_dotted(tree, k, v)
         else:
             tree[k] = v
-    cfg = _build(JobConfig, tree, "", problems)
+    unmatched: list[str] = []
+    cfg = _build(JobConfig, tree, "", problems, unmatched)
     if not problems:
         _check_rules(cfg, problems)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        unknown = any(p.startswith("unknown key") for p in problems)
         hint = ""
-        if unknown:
-            hint = (
-                "\nValid keys are:\n    "
-                + "\n    ".join(valid_keys())
-                + f"\nShort aliases: {', '.join(f'{a} -> {k}' for a, k in ALIASES.items())}"
-            )
-        raise ConfigError(f"{source}: {len(problems)} problem(s) in the job config:\n{lines}{hint}")
+        if unmatched:  # no close match for some key: list the valid ones (of its section)
+            heads = {k.rsplit(".", 1)[0] if "." in k else None for k in unmatched}
+            scope = None if None in heads else {h for h in heads if h is not None}
+            hint = "\nValid keys:\n" + format_valid_keys(scope)
+        raise ConfigError(f"{source}: {plural(len(problems), 'problem')} in the job config:\n{lines}{hint}")
     return cfg
 
 

@@ -48,6 +48,7 @@ from fada_batch.images import (
 )
 from fada_batch.problems import Problem, count_by_code, has_errors, make_problem
 from fada_batch.sheets import Sheet, SheetRow, read_sheet
+from fada_batch.text import plural
 
 Status = Literal["ok", "awaiting_labels", "error"]
 
@@ -229,7 +230,7 @@ def load_category(
         data.problems.append(
             make_problem(
                 "no_usable_images",
-                f"None of the {len(sheet.listed_names)} images listed in the sheet can be used "
+                f"None of the {plural(len(sheet.listed_names), 'image')} listed in the sheet can be used "
                 f"(see the warnings above); nothing is left to train {cat.name} on.",
                 fix=f"put the listed images in '{data.image_dir}' or correct the names in the sheet.",
                 file=data.sheet_path,
@@ -306,8 +307,8 @@ def _report_not_listed(data: CategoryData, sheet: Sheet, on_disk: list[Path]) ->
     data.problems.append(
         make_problem(
             "images_not_listed",
-            f"{len(unlisted)} image(s) in the folder are not listed in '{sheet.path.name}' and are "
-            f"not used: {shown}{more}.",
+            f"{plural(len(unlisted), 'image')} in the folder {'is' if len(unlisted) == 1 else 'are'} not "
+            f"listed in '{sheet.path.name}' and not used: {shown}{more}.",
             fix="add a row for each image that should be used; nothing if they are meant to stay out.",
             file=data.image_dir,
         )

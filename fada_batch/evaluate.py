@@ -9,7 +9,7 @@ base model's answers come from the same PeftModel with the adapter switched off
 (`disable_adapter()`). The majority baseline answers every question with its most frequent
 training answer (`metrics.majority_answers`).
 
-Generation (see shared/BLIP2-NOTES.md): each row is `[<image> * N] <bos> prompt`
+Generation (see docs/blip2.md): each row is `[<image> * N] <bos> prompt`
 (`collate.Encoder.prompt_ids`), LEFT-padded so that every row's last token is its own last
 prompt token (with right padding, batched rows came back empty); the frozen image features go
 where the `<image>` tokens are (as `model.lm_logits` does); the language model's `generate`
@@ -34,6 +34,7 @@ from fada_batch.collate import Encoder, Sample
 from fada_batch.fsutil import category_lock
 from fada_batch.metrics import aggregate, majority_answers, question_label
 from fada_batch.slurmjobs import job_phase
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -788,8 +789,8 @@ def trained_categories(cfg: Any) -> list[str]:
 def format_metrics(category: str, metrics: dict[str, Any]) -> str:
     """A plain-text table: exact match per question for adapter, base and majority, and F1."""
     head = (
-        f"{category}: {metrics['n_pairs']} question/answer pairs on {metrics['n_images']} held-out "
-        f"images ({metrics['settings']['split']})"
+        f"{category}: {plural(metrics['n_pairs'], 'question/answer pair')} on "
+        f"{plural(metrics['n_images'], 'held-out image')} ({metrics['settings']['split']})"
     )
     lines = [head, f"  {'':8} {'adapter EM':>10} {'base EM':>8} {'majority EM':>11} {'adapter F1':>10}"]
     for q in metrics["adapter"]:

@@ -34,6 +34,7 @@ from fada_batch.collect import JOB_FILE
 from fada_batch.config import JobConfig, config_from_dict, dump_yaml
 from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
 from fada_batch.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
+from fada_batch.text import plural
 from fada_batch.validate import NoDataError, Preflight, preflight
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,19 @@ class Plan:
     log_dir: Path
     output_root: Path
     slurm: dict[str, Any] = field(default_factory=dict)
+    completed: list[str] = field(default_factory=list)  # under this training config: not run
+    resumes: dict[str, str] = field(default_factory=dict)  # category -> checkpoint it resumes from
+
+    def leave_out_completed(self, found: dict[str, str], completed_mark: str) -> None:
+        """Take categories completed under this training config out of the tasks to run (their
+        task would only skip them) and note which checkpoint each other one resumes from.
+
+        Args:
+            found: `train.check_fingerprints`' answer; `completed_mark` is its COMPLETED.
+        """
+        self.completed = [c for c in self.submit if found.get(c) == completed_mark]
+        self.resumes = {c: v for c, v in found.items() if v != completed_mark and c in self.submit}
+        self.submit = [c for c in self.submit if c not in self.completed]
 
     def describe(self) -> str:
         lines = []
@@ -269,8 +283,21 @@ class Plan:
         for name, problems in self.blocked.items():
             lines.append(f"blocked by data problems (not submitted): {name}")
             lines.extend(f"    {p}" for p in problems[:10])
-        order = ", ".join(f"{c} ({self.sizes[c]} images)" for c in self.submit)
-        lines.append(f"{len(self.submit)} task(s), in this order: {order or '-'}")
+        if self.completed:
+            lines.append(
+                f"completed under this training config (skipped; --force trains again): {', '.join(self.completed)}"
+            )
+        order = ", ".join(
+            f"{c} ({plural(self.sizes[c], 'image')}"
+            + (f", resumes from {self.resumes[c]})" if c in self.resumes else ")")
+            for c in self.submit
+        )
+        if self.submit:
+            lines.append(f"{plural(len(self.submit), 'task')} to run, in this order: {order}")
+        else:
+            lines.append(
+                "no task to run" + (": every ready category has completed" if self.completed else "")
+            )
         lines.append(f"executor: {self.executor}; logs: {self.log_dir}; outputs: {self.output_root}")
         if self.executor == "slurm":
             flags = " ".join(f"{k}={v}" for k, v in self.slurm.items() if v not in (None, {}, ""))
@@ -394,14 +421,14 @@ def submit(
     if pf.no_data:
         raise NoDataError(pf.no_data)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
-    print(plan.describe(), file=out, flush=True)
     if not force:  # refuse now, not in each task: completed/checkpointed under another config
-        from fada_batch.train import check_fingerprints
+        from fada_batch.train import COMPLETED, check_fingerprints
 
-        check_fingerprints(cfg, plan.submit)
+        plan.leave_out_completed(check_fingerprints(cfg, plan.submit), COMPLETED)
+    print(plan.describe(), file=out, flush=True)
     if dry_run:
         print("dry run: nothing submitted", file=out, flush=True)
-        return {"dry_run": True, "plan": plan.submit}
+        return {"dry_run": True, "plan": plan.submit, "completed": plan.completed}
     if (why := pf.nothing_ready()) is not None:
         raise NoDataError(f"{why}; nothing submitted")
     if executor == "slurm":
@@ -417,6 +444,7 @@ def submit(
         "submitted": now_iso(),
         "executor": executor,
         "categories": plan.submit,
+        "completed_earlier": plan.completed,
         "awaiting_labels": plan.awaiting,
         "blocked": plan.blocked,
         "log_dir": str(plan.log_dir),
@@ -481,7 +509,7 @@ def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: boo
     coll.update_parameters(**coll_params)
     collector = coll.submit(run_collect, job, plan.requested)
     print(
-        f"array job {array_id} ({len(plan.submit)} tasks), collector job {collector.job_id} "
+        f"array job {array_id} ({plural(len(plan.submit), 'task')}), collector job {collector.job_id} "
         f"(after the array ends)\nlogs: {plan.log_dir}\noutputs: {plan.output_root}/blip2_<category>/",
         flush=True,
     )

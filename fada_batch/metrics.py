@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from fada_batch.categories import NUM_QUESTIONS
-from fada_batch.text import clean_answer, normalize_for_match
+from fada_batch.text import clean_answer, normalize_for_match, plural
 
 # The keys of `score_pair`, in the order the summary lists them.
 METRIC_NAMES: tuple[str, ...] = ("exact_match", "token_f1", "bleu1", "rouge_l")
@@ -312,7 +312,9 @@ def aggregate(rows: Iterable[Mapping[str, object] | EvalRow]) -> dict[str, dict[
         per_question[index].append(score_pair(prediction, reference))  # type: ignore[arg-type]
 
     if problems:
-        raise ValueError(f"cannot aggregate {len(problems)} of {n_rows} rows:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"cannot aggregate {len(problems)} of {plural(n_rows, 'row')}:\n  " + "\n  ".join(problems)
+        )
     if n_rows == 0:
         raise ValueError("cannot aggregate an empty set of rows: there is nothing to average.")
 

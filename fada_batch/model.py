@@ -21,11 +21,17 @@ from typing import Any
 
 import torch
 
+from fada_batch.text import plural
+
 log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
     """The base model or processor could not be loaded; the message says how to fix it."""
+
+
+class ModelFolderMissing(ModelLoadError):
+    """model.name_or_path is a local path (absolute, `./`, `~`) where no folder exists."""
 
 
 @dataclass
@@ -80,6 +86,20 @@ def check_model_folder(path: Path) -> list[str]:
     if not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         missing.append("tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return missing
+
+
+def _is_path(name_or_path: str) -> bool:
+    """A local path rather than a hub id (`load_job` makes `./x` and `~/x` absolute)."""
+    return name_or_path.startswith(("/", ".", "~"))
+
+
+def _missing_folder_text(name: str) -> str:
+    return (
+        f"the model folder {name} (model.name_or_path) does not exist. Point model.name_or_path at "
+        f"a model folder, or make one there: `fada-batch stage-model --model Salesforce/blip2-opt-2.7b "
+        f"--to {name}` on a machine with internet, or `fada-batch make-tiny-model {name}` for the "
+        "demo's tiny model."
+    )
 
 
 def _offline() -> bool:
@@ -250,12 +270,15 @@ def load_base_model(
     size and the GPU's memory; the choice and why are kept on the returned LoadedModel).
 
     Raises:
+        ModelFolderMissing: `name_or_path` is a local path where nothing exists.
         ModelLoadError: missing or incomplete model (what is missing and how to stage it).
     """
     from transformers import Blip2ForConditionalGeneration
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    if _is_path(name_or_path) and not _is_local(name_or_path):
+        raise ModelFolderMissing(_missing_folder_text(name_or_path))
     if _is_local(name_or_path):
         missing = check_model_folder(Path(name_or_path).expanduser())
         if missing:
@@ -356,7 +379,7 @@ def check_trainable_in_language_model(model: Any) -> None:
     if not outside:
         return
     lines = [
-        f"  - {key} puts trainable weights in {len(mods)} module(s) of the image side, e.g. "
+        f"  - {key} puts trainable weights in {plural(len(mods), 'module')} of the image side, e.g. "
         + ", ".join(sorted(mods)[:4])
         for key, mods in outside.items()
     ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fada_batch.text import plural
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -378,7 +379,8 @@ def resume_all(cats: list[dict[str, Any]]) -> list[str]:
 
 def _totals_line(t: dict[str, Any]) -> str:
     by = t.get("by_state") or {}
-    line = f"{t.get('done', 0)} of {t.get('categories', 0)} categories done, {t.get('failed', 0)} failed, "
+    total = plural(t.get("categories", 0), "category", "categories")
+    line = f"{t.get('done', 0)} of {total} done, {t.get('failed', 0)} failed, "
     if t.get("stopped"):
         line += f"{t['stopped']} stopped unfinished (need a rerun), "
     line += (

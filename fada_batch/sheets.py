@@ -64,7 +64,7 @@ from openpyxl.utils import get_column_letter
 from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
 from fada_batch.images import name_key
 from fada_batch.problems import Problem, has_errors, make_problem, shorten
-from fada_batch.text import clean_answer
+from fada_batch.text import clean_answer, plural
 
 HEADER_SEARCH_ROWS = 10  # the header row is looked for in this many first rows
 IMAGE_NAME_HEADERS = frozenset({"imagename", "imagenames", "image", "imagefile", "imagefilename", "filename"})
@@ -348,7 +348,7 @@ def _parse_header(
         sheet.problems.append(
             make_problem(
                 "missing_question_column",
-                f"Question column(s) {', '.join(missing)} missing from the header. "
+                f"Question column{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing from the header. "
                 f"Columns found: {_columns_found(header)}.",
                 fix=f"add a column for each of {', '.join(missing)} with the header 'Qn' or "
                 "'Qn: question text' (n = 1..8), even if its answers are empty.",
@@ -478,7 +478,7 @@ def _read_rows(
             sheet.problems.append(
                 make_problem(
                     "question_all_empty",
-                    f"Every answer to Q{q + 1} is empty ({len(sheet.rows)} rows); the model "
+                    f"Every answer to Q{q + 1} is empty ({plural(len(sheet.rows), 'row')}); the model "
                     "will not learn this question for this category.",
                     fix=f"fill in the Q{q + 1} answers; nothing if the question does not apply.",
                     file=path,

@@ -51,6 +51,7 @@ from typing import Any
 from fada_batch import __version__
 from fada_batch.fsutil import TMP_MARK, atomic_write_json, replace_dir
 from fada_batch.model import ModelLoadError, check_model_folder
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,9 @@ def format_report(result: StageResult) -> str:
         else f"staged {source} into {result.path}"
     )
     lines = [
-        f"{head} ({result.files} files, {result.size_bytes / 1e9:.2f} GB)",
+        f"{head} ({plural(result.files, 'file')}, {result.size_bytes / 1e9:.2f} GB)",
         f"verified: config (BLIP-2, {v.num_query_tokens} query tokens), processor (tokenizer + "
-        f"image processor), {v.tensors} weight tensors in {len(v.weight_files)} file(s) "
+        f"image processor), {plural(v.tensors, 'weight tensor')} in {plural(len(v.weight_files), 'file')} "
         + (
             "loaded on the CPU"
             if v.full_load
@@ -638,7 +639,9 @@ def _processor_problems(processor: Any, config: Any) -> list[str]:
         problems.append(f"the tokenizer's {image_token} id is {image_id}, the model config says {want}")
     vocab = config.text_config.vocab_size
     if len(tok) > vocab:
-        problems.append(f"the tokenizer has {len(tok)} tokens, more than the model's vocab_size {vocab}")
+        problems.append(
+            f"the tokenizer has {plural(len(tok), 'token')}, more than the model's vocab_size {vocab}"
+        )
     return problems
 
 
@@ -659,16 +662,16 @@ def _check_weights_on_meta(path: Path) -> tuple[int, list[str]]:
     )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} weight(s) missing from the checkpoint: {_listed(missing)}")
+        problems.append(f"{plural(len(missing), 'weight')} missing from the checkpoint: {_listed(missing)}")
     if mismatched:
-        problems.append(f"{len(mismatched)} weight(s) with the wrong shape: {_listed(mismatched)}")
+        problems.append(f"{plural(len(mismatched), 'weight')} with the wrong shape: {_listed(mismatched)}")
     if problems:
         raise StageError(f"the model folder {path} is incomplete: " + "; ".join(problems) + ".")
     warnings = []
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         warnings.append(
-            f"{len(unexpected)} tensor(s) in the checkpoint that Blip2ForConditionalGeneration does "
+            f"{plural(len(unexpected), 'tensor')} in the checkpoint that Blip2ForConditionalGeneration does "
             f"not use (ignored when loading): {_listed(unexpected)}"
         )
     return len(model.state_dict()), warnings

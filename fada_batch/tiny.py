@@ -9,7 +9,7 @@ learn image-dependent answers. It then saves model and processor with `save_pret
 `Blip2ForConditionalGeneration.from_pretrained(out_dir)` and
 `AutoProcessor.from_pretrained(out_dir)` work offline, like the real checkpoint's folder.
 
-Why this recipe (measured; see shared/BLIP2-NOTES.md):
+Why this recipe (measured; docs/blip2.md has the trials behind it):
 
 - A random-init tiny BLIP-2 carries almost no image information through its frozen vision
   side, so LoRA-only training learns image-dependent answers for some seeds only.

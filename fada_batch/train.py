@@ -69,6 +69,7 @@ from fada_batch.summary import (
     slurm_ids,
     write_summary,
 )
+from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -540,8 +541,14 @@ def _mismatch(
     )
 
 
-def _completed(out_dir: Path, category: Category, cfg: JobConfig) -> dict[str, Any] | None:
-    """The summary of a category completed under this config's training fingerprint, else None.
+COMPLETED = "completed"  # check_fingerprints: completed under the same training config
+
+
+def _completed(
+    out_dir: Path, category: Category, cfg: JobConfig, *, quiet: bool = False
+) -> dict[str, Any] | None:
+    """The summary of a category completed under this config's training fingerprint, else None
+    (logged as skipped unless `quiet`).
 
     Raises:
         FingerprintMismatch: it was completed under another training config.
@@ -553,6 +560,8 @@ def _completed(out_dir: Path, category: Category, cfg: JobConfig) -> dict[str, A
     now = training_fingerprint(cfg)
     if then != now:
         raise _mismatch(category, out_dir, "a completed adapter", then, now)
+    if quiet:
+        return previous
     log.info(
         "%s: already completed under the same training config (%s); skipping. Use --force to train it again.",
         category.name,
@@ -574,24 +583,33 @@ def _check_checkpoint(cfg: JobConfig, category: Category, out_dir: Path, latest:
         )
 
 
-def check_fingerprints(cfg: JobConfig, categories: list[str]) -> None:
-    """Before a submission: every category whose folder holds a completed adapter or
-    checkpoints from another training config, all at once.
+def check_fingerprints(cfg: JobConfig, categories: list[str]) -> dict[str, str]:
+    """Before a submission: what each category's task would do with its folder, and every
+    category whose folder holds a completed adapter or checkpoints from another training
+    config, all at once.
 
+    Returns:
+        category -> `COMPLETED` (its task would skip it) or the name of the checkpoint it
+        would resume from; categories that would start fresh are left out.
     Raises:
         FingerprintMismatch: listing each such category with its differing keys.
     """
     messages = []
+    found: dict[str, str] = {}
     for name in categories:
         category = get_category(name)
         out_dir = category_output_dir(cfg, category)
         try:
-            if _completed(out_dir, category, cfg) is None and (latest := ckpt.find_latest(out_dir)):
+            if _completed(out_dir, category, cfg, quiet=True) is not None:
+                found[name] = COMPLETED
+            elif latest := ckpt.find_latest(out_dir):
                 _check_checkpoint(cfg, category, out_dir, latest)
+                found[name] = latest.name
         except FingerprintMismatch as e:
             messages.append(str(e))
     if messages:
         raise FingerprintMismatch("\n\n".join(messages))
+    return found
 
 
 def run_with_oom_backoff(
@@ -905,7 +923,7 @@ def _validate(run: _Run, *, epoch_end: int | None = None) -> float | None:
                 assert run.progress is not None
                 run.progress.line(
                     f"early stopping at step {step}: validation loss {val:.4f}, no better than the "
-                    f"best {state.best_val_loss:.4f} (step {state.best_step}) for {patience} validations"
+                    f"best {state.best_val_loss:.4f} (step {state.best_step}) for {plural(patience, 'validation')}"
                 )
     if epoch_end is not None and val is not None:
         state.val_loss.append([epoch_end, round(val, 6)])
@@ -1046,13 +1064,13 @@ def _ship(run: _Run) -> dict[str, Any]:
     state, tc = run.state, run.cfg.train
     last_val = state.val_history[-1][1] if state.val_history else None
     if state.early_stopped:
-        ended = f"early stopping: {tc.early_stopping_patience} validations without improvement"
+        ended = f"early stopping: {plural(tc.early_stopping_patience, 'validation')} without improvement"
     elif (
         state.global_step >= run.total_steps and tc.max_steps is not None and run.total_steps == tc.max_steps
     ):
         ended = f"train.max_steps={tc.max_steps} reached"
     else:
-        ended = f"all {tc.num_epochs} epochs"
+        ended = f"all {plural(tc.num_epochs, 'epoch')}" if tc.num_epochs != 1 else "1 epoch"
     shipped: dict[str, Any] = {
         "kind": "last",
         "step": state.global_step,
@@ -1112,7 +1130,7 @@ def _run_training(
     )
     run.progress.line(
         f"{len(cs.train)} train / {len(cs.val)} val QA pairs on {len(cs.split.train)}/"
-        f"{len(cs.split.val)} images; {trainable:,} of {total_params:,} parameters train; "
+        f"{plural(len(cs.split.val), 'image')}; {trainable:,} of {total_params:,} parameters train; "
         f"device {run.device.type} {str(run.loaded.dtype).removeprefix('torch.')}"
         + (f" {run.loaded.quantization}" if run.loaded.quantization != "none" else "")
         + "; "

@@ -19,7 +19,7 @@ from fada_batch.bench import (
     per_sample_flops,
     sbatch_time,
 )
-from fada_batch.config import config_from_dict
+from fada_batch.config import config_from_dict, load_job
 from fada_batch.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,7 +179,8 @@ def test_bench_baseline_prints_figures_estimates_and_ratio(bench_model_dir, demo
     assert femur["total_s"] > femur["train_s"] > 0 and femur["seed_total_s"] > 0
     assert f"{'Femur':<18}" in out and femur["sbatch_time"] in out
     longest = max(e["time_min"] for e in result["estimates"])
-    assert f"-p cluster.time_min={longest} (configured: 240)" in out
+    configured = load_job(REPO / "job" / "demo.yaml").cluster.time_min
+    assert f"-p cluster.time_min={longest} (configured: {configured})" in out
 
 
 def test_bench_on_a_category_with_given_image_count(bench_model_dir, demo_root, tmp_path, capsys):
@@ -196,3 +197,16 @@ def test_bench_on_a_category_with_given_image_count(bench_model_dir, demo_root, 
 def test_bench_refuses_a_category_without_data(bench_model_dir, demo_root, capsys):
     assert cli.main(bench_args(bench_model_dir, demo_root, "--steps", "1", "--category", "Cervix")) == 2
     assert "Cervix" in capsys.readouterr().err
+
+
+def test_bench_without_its_model_names_make_bench_model(tmp_path, capsys):
+    """A fresh clone has no models/bench-blip2: the error names --make-bench-model (the fix for
+    job/bench-cpu.yaml) and stage-model for a real model, not a hub download of a path."""
+    absent = tmp_path / "models" / "bench-blip2"
+    args = ["bench", "--job", str(REPO / "job" / "bench-cpu.yaml"), "-p", f"model.name_or_path={absent}"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"the model folder {absent} (model.name_or_path) does not exist" in err
+    assert "run the same command with --make-bench-model" in err
+    assert f"fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to {absent}" in err
+    assert "HF_HUB_OFFLINE" not in err and not absent.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,18 +64,67 @@ def test_overrides_and_seed_aliases():
 
 
 def test_unknown_key_is_refused_with_valid_keys_listed(tmp_path: Path):
+    """No close match: the valid keys are listed, of the key's own section when it has one,
+    else all of them grouped by section, with the aliases."""
     job = tmp_path / "bad.yaml"
-    job.write_text("train:\n  num_epoch: 3\n  learning_rate: 1e-4\nmodle: {}\n")
+    job.write_text("train:\n  zzz: 3\n  learning_rate: 1e-4\n")
     with pytest.raises(ConfigError) as e:
         load_job(job)
     msg = str(e.value)
-    assert "unknown key 'train.num_epoch'" in msg
-    assert "did you mean 'train.num_epochs'" in msg
-    assert "unknown key 'modle'" in msg
-    assert "Valid keys are:" in msg
-    for key in ("train.num_epochs", "data.num_images", "model.quantization", "lora.r"):
-        assert key in msg
-    assert str(job) in msg
+    assert str(job) in msg and "1 problem in the job config" in msg
+    assert "unknown key 'train.zzz'\n" in msg and "did you mean" not in msg
+    assert "Valid keys:\n    train: num_epochs, batch_size, " in msg
+    assert "data:" not in msg and "Short aliases" not in msg  # only the section it was in
+    with pytest.raises(ConfigError) as e:
+        load_job(job, overrides=["bogus=1"])
+    msg = str(e.value)
+    assert "2 problems" in msg and "unknown key 'bogus'" in msg
+    for line in ("    name", "    data: root, categories, num_images,", "    lora: r, alpha, dropout,"):
+        assert f"\n{line}" in msg, line
+    assert "Short aliases: num_images -> data.num_images" in msg
+    listed = msg.split("Valid keys:", 1)[1]
+    for key in valid_keys():  # every key, each once, under its section
+        head, _, leaf = key.rpartition(".")
+        assert re.search(
+            rf"(^|\n)    {head + ': ' if head else ''}[^\n]*\b{leaf}\b", listed.replace("\n        ", " ")
+        ), key
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("train.num_epoch", ["train.num_epochs"]),  # a near miss in its section
+        ("trian.num_epochs", ["train.num_epochs"]),  # a misspelt section
+        ("num_epoch", ["train.num_epochs"]),  # the leaf without its section
+        ("epochs", ["train.num_epochs"]),
+        ("max_steps", ["train.max_steps"]),
+        ("model.max_steps", ["train.max_steps"]),  # the right leaf in the wrong section
+        ("model.quantisation", ["model.quantization"]),
+        ("data.rot", ["data.root"]),  # own section first: not output.root
+        ("eval.max_tokens", ["eval.max_new_tokens"]),
+        ("cluster.gpus", ["cluster.gpus_per_task"]),  # a whole word of the key
+        ("lr", ["train.learning_rate"]),  # names other tools use
+        ("train.lr", ["train.learning_rate"]),
+        ("lora_r", ["lora.r"]),
+        ("lora_alpha", ["lora.alpha"]),
+    ],
+)
+def test_unknown_key_close_to_a_valid_one_gets_did_you_mean_and_no_list(key: str, meant: list[str]):
+    with pytest.raises(ConfigError) as e:
+        load_job(Path("job/demo.yaml"), overrides=[f"{key}=1"])
+    msg = str(e.value)
+    assert f"unknown key {key!r} (did you mean {' or '.join(map(repr, meant))}?)" in msg
+    assert "Valid keys" not in msg and len(msg.splitlines()) == 2  # no list of 61 keys
+
+
+def test_a_misspelt_section_names_each_key_in_it():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"modle": {"device": "cpu"}, "evl": {}, "train": {"num_epoch": 3}})
+    msg = str(e.value)
+    assert "unknown key 'modle.device' (did you mean 'model.device'?)" in msg
+    assert "unknown key 'evl' (did you mean 'eval'?)" in msg
+    assert "unknown key 'train.num_epoch' (did you mean 'train.num_epochs'?)" in msg
+    assert "Valid keys" not in msg
 
 
 def test_wrong_types_and_values_are_all_reported():
@@ -87,7 +137,7 @@ def test_wrong_types_and_values_are_all_reported():
             }
         )
     msg = str(e.value)
-    assert "4 problem(s)" in msg
+    assert "4 problems in the job config" in msg
     assert "train.num_epochs: expected an integer, got 'three'" in msg
     assert "train.batch_size: expected an integer" in msg
     assert "'16bit' is not one of 'auto', 'none', '8bit', '4bit'" in msg

@@ -190,7 +190,7 @@ def test_images_on_disk_not_listed(root: Path) -> None:
     data = femur(root, names, [["a", *ANSWERS]])
     p = only(data, "images_not_listed")
     assert p.severity == "warning" and data.status == "ok"
-    assert "7 image(s) in the folder are not listed in 'Femur_image_list.xlsx'" in p.message
+    assert "7 images in the folder are not listed in 'Femur_image_list.xlsx' and not used" in p.message
     assert "extra_0.png, extra_1.png, extra_2.png, extra_3.png, extra_4.png and 2 more" in p.message
     assert "add a row for each image" in p.message
     assert data.stats.images_not_listed == 7

@@ -184,3 +184,42 @@ def test_force_on_unusable_data_keeps_the_completed_adapter(job_factory, tmp_pat
         train_category(cfg, "Femur", force=True)
     assert _summary(cfg)["end_time"] == done["end_time"] and _summary(cfg)["status"] == "completed"
     assert (folder / "final_model" / "adapter_model.safetensors").is_file()
+
+
+def test_submit_shows_and_runs_only_what_would_actually_run(job_factory, tmp_path):
+    """A category completed under the same training config is shown as skipped, not as a task,
+    by --dry-run, and is not run by the submission itself; one with a checkpoint is shown
+    resuming from it. --force puts the completed one back."""
+    import io
+
+    from fada_batch.launch import submit
+
+    cfg = job_factory({**VALIDATION, "train.checkpoint_every_steps": 1}, out=tmp_path / "out")
+    done = train_category(cfg, "Femur")
+    with pytest.raises(StopRequested):
+        train_category(cfg, "Thorax", should_stop=lambda: True)  # a checkpoint after one step
+    latest = list_checkpoints(Path(cfg.output.root) / "blip2_thorax")[-1][1].name
+    categories = ["Abdomen", "Femur", "Thorax"]
+
+    buf = io.StringIO()
+    record = submit(cfg, categories=categories, executor="slurm", dry_run=True, out=buf)
+    assert record == {"dry_run": True, "plan": ["Abdomen", "Thorax"], "completed": ["Femur"]}
+    text = buf.getvalue()
+    assert "completed under this training config (skipped; --force trains again): Femur" in text
+    assert (
+        f"2 tasks to run, in this order: Abdomen (6 images), Thorax (6 images, resumes from {latest})" in text
+    )
+
+    buf = io.StringIO()
+    forced = submit(cfg, categories=categories, executor="slurm", dry_run=True, force=True, out=buf)
+    assert forced["plan"] == ["Abdomen", "Femur", "Thorax"] and forced["completed"] == []
+    assert "completed under" not in buf.getvalue()
+
+    buf = io.StringIO()
+    ran = submit(cfg, categories=categories, executor="debug", out=buf)
+    assert ran["results"] == {"Abdomen": "completed", "Thorax": "completed"}  # Femur did not run
+    assert ran["completed_earlier"] == ["Femur"] and _summary(cfg)["end_time"] == done["end_time"]
+
+    buf = io.StringIO()
+    again = submit(cfg, categories=categories, executor="slurm", dry_run=True, out=buf)
+    assert again["plan"] == [] and "no task to run: every ready category has completed" in buf.getvalue()

@@ -106,6 +106,24 @@ def test_plan_counts_the_images_a_task_will_train_on(job_factory):
     assert "Abdomen (5 images)" in plan.describe()
 
 
+def test_demo_jobs_slurm_plan_is_a_cpu_task(demo_root, tiny_model_dir, tmp_path, capsys):
+    """`submit --job job/demo.yaml --dry-run`: no GPU, one CPU, 2 GB (a demo task peaked at
+    0.47 GB), a short limit; the collector asks for no more."""
+    from fada_batch.cli import main
+    from fada_batch.config import load_job
+    from fada_batch.launch import slurm_parameters
+
+    params = slurm_parameters(load_job(REPO / "job" / "demo.yaml"))
+    assert "gpus_per_node" not in params
+    assert (params["cpus_per_task"], params["mem_gb"], params["timeout_min"]) == (1, 2, 15)
+    paths = [f"data.root={demo_root}", f"model.name_or_path={tiny_model_dir}", f"output.root={tmp_path}"]
+    args = ["submit", "--job", str(REPO / "job" / "demo.yaml"), "--dry-run"]
+    assert main([*args, *(x for p in paths for x in ("-p", p))]) == 0
+    out = capsys.readouterr().out
+    slurm = next(line for line in out.splitlines() if line.startswith("slurm: "))
+    assert "cpus_per_task=1" in slurm and "mem_gb=2" in slurm and "gpu" not in slurm
+
+
 def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, capsys, monkeypatch):
     # submitit's local executor would hand its tasks CUDA_VISIBLE_DEVICES="" (no GPU)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
@@ -172,7 +190,7 @@ def test_dry_run_submits_nothing(slurm_conf, job_factory, capsys):
     cfg = job_factory(CLUSTER)
     before = jobs_in_queue()
     record = submit(cfg, executor="slurm", dry_run=True)
-    assert record == {"dry_run": True, "plan": ["Abdomen", "Femur", "Thorax"]}
+    assert record == {"dry_run": True, "plan": ["Abdomen", "Femur", "Thorax"], "completed": []}
     assert jobs_in_queue() == before
     assert not (Path(cfg.output.root) / "submission.json").exists()
     out = capsys.readouterr().out

@@ -399,6 +399,16 @@ def test_missing_and_incomplete_model_folder(tmp_path, monkeypatch, tiny_model_d
     assert "HF_HUB_OFFLINE=1" in str(e.value) and "fada-batch stage-model" in str(e.value)
 
 
+def test_a_missing_model_folder_says_so_and_how_to_make_one(tmp_path):
+    from fada_batch.model import ModelFolderMissing
+
+    absent = tmp_path / "no model"
+    with pytest.raises(ModelFolderMissing) as e:
+        load_base_model(str(absent), device="cpu")
+    assert f"the model folder {absent} (model.name_or_path) does not exist" in str(e.value)
+    assert f"`fada-batch make-tiny-model {absent}`" in str(e.value)
+
+
 def test_validate_cli_reports_every_problem_and_exit_status(job_factory, demo_root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(demo_root, data)

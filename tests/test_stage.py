@@ -69,7 +69,7 @@ def test_stage_from_a_local_folder_verifies_and_prints_name_or_path(
     assert f"    name_or_path: {target}\n" in out
     assert f"-p model.name_or_path={target}" in out
     assert "verified: config (BLIP-2, 4 query tokens)" in out
-    assert "123 weight tensors in 1 file(s)" in out
+    assert "123 weight tensors in 1 file" in out
     for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
         assert (target / name).is_file(), name
     marker = json.loads((target / MARKER_NAME).read_text())
@@ -201,7 +201,7 @@ INCOMPLETE = {
     ),
     "a weight missing": (
         _drop_tensor,
-        r"1 weight\(s\) missing from the checkpoint: language_model.model.decoder.layers.0.fc1.weight",
+        r"1 weight missing from the checkpoint: language_model.model.decoder.layers.0.fc1.weight",
     ),
     "processor does not match model": (
         lambda d: _set_json(d / "processor_config.json", num_query_tokens=8),

@@ -86,7 +86,7 @@ def test_config_and_processor_agree(
     assert tok.pad_token_id == config.text_config.pad_token_id == PAD_ID
     assert tok.eos_token_id == config.text_config.eos_token_id == BOS_EOS_ID
     assert model.generation_config.eos_token_id == BOS_EOS_ID
-    # Dropout would swamp the small image signal (see BLIP2-NOTES.md).
+    # Dropout would swamp the small image signal (see docs/blip2.md, the tiny model).
     assert config.qformer_config.hidden_dropout_prob == 0.0
     assert config.qformer_config.attention_probs_dropout_prob == 0.0
     assert config.vision_config.attention_dropout == 0.0
