@@ -358,6 +358,16 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
         problems.append("data.train_fraction must be > 0")
     if d.num_images is not None and d.num_images < 1:
         problems.append(f"data.num_images must be >= 1 or null (all), got {d.num_images}")
+    c = cfg.cluster
+    # SLURM may send the warning up to ~30 s earlier than asked: a warning in the first half
+    # of the run would reach a task still starting (before its handler: killed)
+    timed = isinstance(c.time_min, int) and isinstance(c.signal_delay_s, int) and c.time_min > 0
+    if timed and not 0 < c.signal_delay_s < c.time_min * 30:
+        problems.append(
+            f"cluster.signal_delay_s must be > 0 and under half of cluster.time_min "
+            f"({c.time_min} min = {c.time_min * 60} s), got {c.signal_delay_s}: the task needs "
+            "the warning late enough to have started and early enough to save a checkpoint"
+        )
     if "{question}" not in d.prompt_template:
         problems.append("data.prompt_template must contain '{question}'")
     for name in d.categories:

@@ -8,22 +8,26 @@ happens unless one of these environment variables is set, which only the tests d
     FADA_KILL_AT=<point>[@<where>]   SIGKILL this process on reaching that point
     FADA_STOP_AT=<point>[@<where>]   SIGSTOP it there (frozen mid-write until SIGCONT)
     FADA_TRACE_POINTS=<file>         append every point reached to <file>, one label a line
+    FADA_STEP_PAUSE_S=<seconds>      sleep that long after each optimizer step (`step.done`), so
+                                     a run lasts a known time on any CPU (time-limit tests)
 
 A label is the point's name, plus `@<where>` when it has one (an optimizer step, or the name
 of the folder being swapped): `step.done@12`, `swap.aside@final_model`. A bare name in
 `FADA_KILL_AT` or `FADA_STOP_AT` matches every point of that name, whatever its `where`.
 
-Cost when none is set: three dictionary look-ups per call, a few calls per step.
+Cost when none is set: four dictionary look-ups per call, a few calls per step.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 KILL_ENV = "FADA_KILL_AT"
 STOP_ENV = "FADA_STOP_AT"
 TRACE_ENV = "FADA_TRACE_POINTS"
+PAUSE_ENV = "FADA_STEP_PAUSE_S"
 
 
 def label(point: str, where: object = None) -> str:
@@ -37,7 +41,8 @@ def reached(point: str, where: object = None) -> None:
     kill_at = os.environ.get(KILL_ENV)
     stop_at = os.environ.get(STOP_ENV)
     trace = os.environ.get(TRACE_ENV)
-    if not kill_at and not stop_at and not trace:
+    pause = os.environ.get(PAUSE_ENV)
+    if not kill_at and not stop_at and not trace and not pause:
         return
     text = label(point, where)
     if trace:
@@ -49,3 +54,5 @@ def reached(point: str, where: object = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if stop_at in (text, point):
         os.kill(os.getpid(), signal.SIGSTOP)
+    if pause and point == "step.done":
+        time.sleep(float(pause))

@@ -73,12 +73,35 @@ class TrainTask(submitit.helpers.Checkpointable):
                 cfg,
                 category,
                 force=force,
-                should_stop=lambda: self._stop,
+                should_stop=lambda: self._should_stop(cfg.cluster.signal_delay_s),
                 requeues=requeue.restart_count(),
             )
         except StopRequested as e:
             self._after_stop(cfg, category, e.checkpoint, handler)
             raise
+
+    def _should_stop(self, signal_delay_s: float) -> bool:
+        """Polled after every optimizer step: a stop signal came, or the job's own clock says
+        the time limit is `signal_delay_s` away.
+
+        The clock (the job's end time, which the batch script read with squeue) stands in for
+        SLURM's warning signal, which can be lost on its way into a container (podman forwards
+        each signal through a short-lived child that the next signal of the job step can
+        kill) or come late (slurmctld looks at limits every 30 s). It is then handled as the
+        warning: checkpoint, then requeue.
+        """
+        if self._stop:
+            return True
+        left = requeue.seconds_left()
+        if left is not None and left <= signal_delay_s:
+            self._stop = True
+            self._signum = signal.SIGUSR2
+            print(
+                f"[fada-batch] {left:.0f} s left before the job's time limit "
+                f"(cluster.signal_delay_s={signal_delay_s:g}): checkpointing at the next step",
+                flush=True,
+            )
+        return self._stop
 
     def checkpoint(self, job: dict[str, Any], category: str, force: bool = False) -> Any:
         """What submitit resubmits: a fresh task, never `force` (that would discard progress)."""

@@ -150,6 +150,10 @@ def test_cross_field_rules():
         config_from_dict({"data": {"categories": ["Brain"]}})
     with pytest.raises(ConfigError, match=r"train\.num_epochs must be >= 1"):
         config_from_dict({"train": {"num_epochs": 0}})
+    # a warning in the first half of a 1-minute run would reach a task still starting
+    with pytest.raises(ConfigError, match=r"cluster\.signal_delay_s must be > 0 and under half"):
+        config_from_dict({"cluster": {"time_min": 1, "signal_delay_s": 55}})
+    assert config_from_dict({"cluster": {"time_min": 1, "signal_delay_s": 20}}).cluster.signal_delay_s == 20
 
 
 def test_bad_override_syntax():

@@ -266,6 +266,11 @@ HUB = (
     "tiny model from a local folder and from a fake hub instead"
 )
 NOT_RUN: dict[str, str] = {
+    # README.md
+    "make test-container": (
+        "the container check itself: .ci/run runs it after the tests (it builds the image with "
+        "podman and runs tests/test_image.py and tests/test_image_cluster.py against it)"
+    ),
     # container/README.md
     "docker build -f container/Dockerfile -t fada-batch .": NO_ENGINE,
     "apptainer build fada-batch.sif container/fada-batch.def": NO_ENGINE,

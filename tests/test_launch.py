@@ -254,14 +254,21 @@ def test_failures_do_not_stop_others_and_are_named(slurm_conf, job_factory, demo
 
 @pytest.mark.slurm
 def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_factory, tmp_path, monkeypatch):
-    """A 1-minute limit: the warning signal comes ~25 s in; the task checkpoints, is requeued,
-    and resumes from the step it saved at the stop (traced by fada_batch.killpoints in the
-    SLURM tasks themselves), ending with the adapter of one uninterrupted run."""
+    """A 1-minute limit: 20 s before it (the job's clock, or SLURM's warning signal, whichever
+    comes first) the task checkpoints, is requeued, and resumes from the step it saved at the
+    stop (traced by fada_batch.killpoints in the SLURM tasks themselves), ending with the
+    adapter of one uninterrupted run.
+
+    The SLURM run pauses 0.1 s after each of its 420 steps (FADA_STEP_PAUSE_S), so it lasts
+    over 42 s of training on any CPU: more than one attempt can hold (each trains for at most
+    ~35 s between its start-up and the stop 20 s before the limit), and only a few on an idle
+    one."""
     overrides = {
         **CLUSTER,
         "cluster.time_min": 1,
+        "cluster.signal_delay_s": 20,
         "cluster.max_requeues": 20,
-        "train.num_epochs": 200,
+        "train.num_epochs": 10,
         "data.num_images": 60,
         "train.batch_size": 8,
         "train.checkpoint_every_steps": 0,
@@ -270,8 +277,10 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
     cfg = job_factory(overrides)
     trace = tmp_path / "points reached.txt"
     monkeypatch.setenv(killpoints.TRACE_ENV, str(trace))  # sbatch passes it to every attempt
+    monkeypatch.setenv(killpoints.PAUSE_ENV, "0.1")
     record = submit(cfg, executor="slurm", categories=["Femur"])
     monkeypatch.delenv(killpoints.TRACE_ENV)
+    monkeypatch.delenv(killpoints.PAUSE_ENV)
     # meanwhile, on the node's other CPU, the same training without interruption
     ref = train_category(job_factory(overrides, out=tmp_path / "uninterrupted"), "Femur")
     wait_done(record["array_job_id"], timeout_s=900)
@@ -284,7 +293,7 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
     assert stopped, "no stop was traced: the time-limit signal never reached training"
     assert resumed == stopped, points  # each requeued attempt resumed where the stopped one saved
     assert s["requeues"] == len(stopped) and s["resumes"] == len(stopped)
-    assert s["steps"] == ref["steps"] == s["steps_per_epoch"] * 200
+    assert s["steps"] == ref["steps"] == s["steps_per_epoch"] * 10
     split = json.loads((out / "split.json").read_text())
     assert len(split["train"]) == s["images"]["train"]
     got = load_file(str(out / "final_model" / "adapter_model.safetensors"))

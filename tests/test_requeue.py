@@ -198,3 +198,28 @@ def test_batch_script_requeues_on_request_and_keeps_the_step_status(
         assert "ERROR: scontrol requeue 100_7 failed: refused" in r.stderr
     else:
         assert not marks.exists()
+
+
+def test_the_jobs_clock_stops_the_task_when_the_warning_signal_is_lost(monkeypatch, capsys):
+    """Without any signal, a task whose job ends within `signal_delay_s` stops at its next step
+    as if the warning had come (a signal lost on its way into a container, or a late one)."""
+    from fada_batch.launch import TrainTask
+
+    task = TrainTask()
+    monkeypatch.delenv(requeue.END_ENV, raising=False)
+    assert task._should_stop(20) is False  # end time unknown (not under the batch script)
+    monkeypatch.setenv(requeue.END_ENV, str(int(time.time()) + 300))
+    assert task._should_stop(20) is False and task._signum is None  # 5 minutes left
+    monkeypatch.setenv(requeue.END_ENV, str(int(time.time()) + 15))
+    assert task._should_stop(20) is True
+    assert task._signum == USR2  # handled as the time-limit warning: checkpoint, then requeue
+    assert "before the job's time limit" in capsys.readouterr().out
+    reason = requeue.classify_signal(
+        task._signum,
+        warning_signal=USR2,
+        left_s=requeue.seconds_left(),
+        elapsed_s=40,
+        time_limit_s=60,
+        signal_delay_s=20,
+    )
+    assert reason == "time_limit"
