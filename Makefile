@@ -22,11 +22,14 @@ demo: setup
 
 # Tests marked `gpu` run where CUDA is available and skip where not (tests/conftest.py), in
 # both targets; tests/test_markers.py checks that with each target's own command line.
+# Two pytest-xdist workers (one per core; tests use one thread each): the SLURM tests run on
+# one worker in turn while the other runs the rest, file by file (tests/conftest.py's scheduler).
+XDIST ?= -n 2 --dist loadfile
 test: setup
-	$(BIN)/python -m pytest -m "not container"
+	$(BIN)/python -m pytest $(XDIST) -m "not container"
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slurm and not slow and not container"
+	$(BIN)/python -m pytest $(XDIST) -m "not slurm and not slow and not container"
 
 # The container check (CI runs it after `make test`): build the CPU test image of
 # container/Dockerfile with podman on a Debian base made here from Debian's packages
@@ -37,7 +40,7 @@ CONTAINER_ENV ?= /var/tmp/fada-container/test.env
 test-container: setup
 	@start=$$(date +%s); \
 	$(BIN)/python scripts/build_test_image.py --env-file $(CONTAINER_ENV) \
-	  && . $(CONTAINER_ENV) && $(BIN)/python -m pytest -m container; \
+	  && . $(CONTAINER_ENV) && $(BIN)/python -m pytest $(XDIST) -m container; \
 	rc=$$?; echo "container check: $$(( $$(date +%s) - start )) s wall (image build + container tests), exit $$rc"; \
 	exit $$rc
 

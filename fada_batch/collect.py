@@ -567,6 +567,15 @@ def _read(r: CategoryResult, folder: Path, problems: list[str]) -> tuple[dict[st
     return summary, True
 
 
+def _status_now(folder: Path) -> str | None:
+    """The summary's status as it is on disk now (None when it cannot be read)."""
+    try:
+        summary = read_summary(folder)
+    except Exception:  # unreadable now: the caller keeps what it read before
+        return None
+    return summary.get("status") if isinstance(summary, dict) else None
+
+
 def collect_category(
     category: Category,
     folder: Path,
@@ -620,6 +629,20 @@ def collect_category(
             said = f"interrupted at {where}" + (f": {reason}" if reason else "")
         else:
             alive, why = task_alive(folder, now=now, job_probe=job_probe, finished=finished)
+            if not alive and _status_now(folder) != "running":
+                # the task finished between our reading its summary and its lock (it writes
+                # its last summary, then lets the lock go): read the folder again
+                return collect_category(
+                    category,
+                    folder,
+                    requested=requested,
+                    data_root=data_root,
+                    problems=problems,
+                    finished=finished,
+                    now=now,
+                    job_probe=job_probe,
+                    run=run,
+                )
             if alive:
                 r.state, r.detail = "running", f"running at {where}: {why}"
             elif finished:

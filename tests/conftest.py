@@ -7,6 +7,8 @@ checkout builds it once. Fixture paths carry spaces and quotes, like the real da
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import subprocess
 import time
@@ -23,6 +25,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One BLAS/OpenMP thread per process: tests start several processes at once (SLURM tasks,
 # kill/resume runs) and oversubscribed cores made tiny-model steps 20-40x slower here.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@functools.cache
+def _uses_slurm(test_file: str) -> bool:
+    """Whether a test file has tests on the SLURM cluster (its source asks for it)."""
+    text = (REPO / test_file).read_text(errors="replace")
+    return "slurm_conf" in text or "mark.slurm" in text
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two pytest-xdist workers with `--dist loadfile`, here with one change:
+    every file with SLURM tests is one unit of work, so one worker runs them one after another
+    (the one test node has 2 CPUs, and some tests assert on its queue) while the other runs the
+    rest file by file (a module's fixtures, a trained adapter say, are built once).
+    (`--dist loadgroup` would do it with marks, but pytest-xdist 3.8 cannot rename pytest
+    9.2's node ids, so its groups are ignored.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileOrSlurm(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            test_file = nodeid.split("::", 1)[0]
+            return "SLURM tests" if _uses_slurm(test_file) else test_file
+
+    return FileOrSlurm(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,7 +78,12 @@ def tiny_model_dir() -> Path:
     """A saved tiny pretrained BLIP-2 (model + processor) folder."""
     from fada_batch.tiny import make_tiny_model
 
-    return make_tiny_model(_cache_root() / "tiny-blip2")
+    root = _cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    # Each xdist worker has its own session: the first builds, the other waits and reuses it.
+    with open(root / ".tiny-blip2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return make_tiny_model(root / "tiny-blip2")
 
 
 @pytest.fixture(scope="session")

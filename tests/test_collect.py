@@ -392,6 +392,32 @@ def test_running_or_incomplete(real_run, tmp_path, holder, age_s, finished, stat
     assert lock.exists() == (holder is not None)  # the lock is read, never taken or removed
 
 
+def test_a_task_that_finishes_while_it_is_read_is_completed_not_incomplete(real_run, tmp_path, monkeypatch):
+    """The summary read says running; by the time the lock is read the task has written its
+    completed summary and let the lock go. The collector reads the folder again instead of
+    reporting a category that just completed as incomplete."""
+    import fada_batch.collect as collect_mod
+
+    folder = tmp_path / "root" / "blip2_femur"
+    shutil.copytree(real_run["root"] / "blip2_femur", folder)
+    done = (folder / "training_summary.json").read_text()
+    (folder / "training_summary.json").write_text(json.dumps({**json.loads(done), "status": "running"}))
+    (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    real_task_alive = collect_mod.task_alive
+    calls = []
+
+    def finishes_meanwhile(folder_, **kw):
+        calls.append(folder_)
+        (folder_ / "training_summary.json").write_text(done)  # its last summary, then the lock goes
+        (folder_ / ".lock").unlink()
+        return real_task_alive(folder_, **kw)
+
+    monkeypatch.setattr(collect_mod, "task_alive", finishes_meanwhile)
+    (c,) = collect(tmp_path / "root", categories=["Femur"]).categories
+    assert calls == [folder]
+    assert c.state == "completed", c.detail
+
+
 def test_awaiting_labels_without_summary(tmp_path, demo_root):
     root = tmp_path / "out"
     result = collect(root, categories=["Femur", "Cervix"], data_root=demo_root)  # nothing started

@@ -53,7 +53,7 @@ def test_gpu_tests_run_where_cuda_is_and_skip_where_not(target, cuda, tmp_path):
     args = [*make_pytest_args(target), "-c", str(REPO / "pyproject.toml"), "-p", "no:cacheprovider"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU unless the fake says so
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", *args, "-rs", "-v", str(probe)],
+        [sys.executable, "-m", "pytest", *args, "-rA", str(probe)],
         capture_output=True,
         text=True,
         env=env,
@@ -62,8 +62,14 @@ def test_gpu_tests_run_where_cuda_is_and_skip_where_not(target, cuda, tmp_path):
         check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "test_plain PASSED" in run.stdout, run.stdout
+
+    # the short summary (-rA) reads the same with and without pytest-xdist's workers
+    def passed(name: str) -> bool:
+        return re.search(rf"^PASSED \S*test_probe\.py::{name}$", run.stdout, re.M) is not None
+
+    assert passed("test_plain"), run.stdout
     if cuda:
-        assert "test_needs_cuda PASSED" in run.stdout, run.stdout
+        assert passed("test_needs_cuda"), run.stdout
     else:
-        assert "test_needs_cuda SKIPPED" in run.stdout and "needs a CUDA GPU" in run.stdout, run.stdout
+        assert not passed("test_needs_cuda"), run.stdout
+        assert re.search(r"SKIPPED \[1\] \S*test_probe\.py:\d+: needs a CUDA GPU", run.stdout), run.stdout

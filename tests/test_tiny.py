@@ -19,6 +19,7 @@ from fada_batch.tiny import (
     MARKER_NAME,
     PAD_ID,
     RECIPE_VERSION,
+    TinyRecipe,
     image_features,
     is_complete,
     make_tiny_model,
@@ -37,11 +38,28 @@ def offline() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, offline: None) -> Path:
-    """One tiny model for the whole module (the build is the slow part, ~30 s)."""
-    out = tmp_path_factory.mktemp("tiny") / "tiny 'blip2'"
-    assert make_tiny_model(out, seed=0) == out
-    return out
+def model_dir(tiny_model_dir: Path, offline: None) -> Path:
+    """The session's tiny model: `make_tiny_model(..., seed=0)` with the default recipe, the
+    very build checked here (built by the first test that needs it; 30-60 s), so the suite
+    does not pay for the same build twice. `test_a_fresh_build_...` builds one of its own."""
+    return tiny_model_dir
+
+
+def test_a_fresh_build_is_complete_and_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    """The build path itself, on every run (the cached model may be from an earlier one), with
+    a small recipe (few steps, a small pool) into a folder whose name has a space and quotes."""
+    small = TinyRecipe(steps=6, pool_size=64, batch_size=8, text_batch_size=4, warmup_steps=2)
+    out = tmp_path / "tiny 'blip2'"
+    assert make_tiny_model(out, seed=3, recipe=small) == out
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    marker = json.loads((out / MARKER_NAME).read_text())
+    assert marker["seed"] == 3 and marker["recipe"]["steps"] == 6
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "temporary build folder left behind"
+    assert is_complete(out, seed=3, recipe=small) and not is_complete(out, seed=3)
+    model = Blip2ForConditionalGeneration.from_pretrained(out)
+    assert model.config.num_query_tokens == small.num_query_tokens
+    AutoProcessor.from_pretrained(out)
 
 
 @pytest.fixture(scope="module")
