@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "requeue-failed",
         help="record in a task's summary that its batch script could not requeue it (the "
-        "batch scripts call this; see fada_batch/requeue.py)",
+        "batch scripts call this; see fada_batch/run/requeue.py)",
     )
     p.add_argument("request", help="the task's requeue request file ($FADA_REQUEUE_REQUEST)")
     p.add_argument("--error", required=True, help="what failed (scontrol's output)")
@@ -241,7 +241,7 @@ def _load(args: argparse.Namespace):
 
 
 def _job_categories(cfg) -> list[str]:
-    from fada_batch.categories import get_category
+    from fada_batch.data.categories import get_category
 
     return [get_category(c).name for c in cfg.data.categories]
 
@@ -249,10 +249,10 @@ def _job_categories(cfg) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
     limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task is
-    requeued (up to cluster.max_requeues; see fada_batch/requeue.py) and resumes there."""
-    from fada_batch.launch import match_threads_to_allocation
-    from fada_batch.requeue import restart_count
-    from fada_batch.train import StopRequested, train_category
+    requeued (up to cluster.max_requeues; see fada_batch/run/requeue.py) and resumes there."""
+    from fada_batch.run.launch import match_threads_to_allocation
+    from fada_batch.run.requeue import restart_count
+    from fada_batch.training.recipe import StopRequested, train_category
 
     cfg = _load(args)
     match_threads_to_allocation()
@@ -289,9 +289,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _after_stop(cfg, category: str, checkpoint: Path | None, signum: int | None) -> int:
     """Record why `train` stopped; after the warning signal under SLURM, have it requeued."""
-    from fada_batch import requeue
-    from fada_batch.categories import get_category
-    from fada_batch.train import category_output_dir
+    from fada_batch.data.categories import get_category
+    from fada_batch.run import requeue
+    from fada_batch.training.recipe import category_output_dir
 
     cat = get_category(category)
     out_dir = category_output_dir(cfg, cat)
@@ -338,7 +338,7 @@ def _after_stop(cfg, category: str, checkpoint: Path | None, signum: int | None)
 
 def cmd_requeue_failed(args: argparse.Namespace) -> int:
     """A batch script's `scontrol requeue` failed: the task's summary says so (failed)."""
-    from fada_batch.requeue import record_host_failure
+    from fada_batch.run.requeue import record_host_failure
 
     try:
         summary = record_host_failure(Path(args.request), args.error)
@@ -350,9 +350,9 @@ def cmd_requeue_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fada_batch.launch import SubmitError, submit
-    from fada_batch.slurmjobs import SlurmUnavailable
-    from fada_batch.validate import NoDataError
+    from fada_batch.data.validate import NoDataError
+    from fada_batch.run.launch import SubmitError, submit
+    from fada_batch.run.slurmjobs import SlurmUnavailable
 
     cfg = _load(args)
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
@@ -391,9 +391,9 @@ def _print_result(summary: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make the tiny model and the demo data when absent, then run the job the way a
     workstation does (`submit --executor local`), ending with the collector's report."""
-    from fada_batch.demo import make_demo_data
-    from fada_batch.launch import submit
-    from fada_batch.tiny import make_tiny_model
+    from fada_batch.run.launch import submit
+    from fada_batch.tools.demo import make_demo_data
+    from fada_batch.tools.tiny import make_tiny_model
 
     cfg = _load(args)
     model_dir = Path(cfg.model.name_or_path)
@@ -411,7 +411,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fada_batch.validate import format_table, preflight
+    from fada_batch.data.validate import format_table, preflight
 
     cfg = _load(args)
     names = [c.strip() for c in args.categories.split(",")] if args.categories else None
@@ -427,9 +427,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from fada_batch.collect import collect
-    from fada_batch.report import text_table, write_report
-    from fada_batch.slurmjobs import job_phase
+    from fada_batch.run.collect import collect
+    from fada_batch.run.report import text_table, write_report
+    from fada_batch.run.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
@@ -461,7 +461,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fada_batch.evaluate import (
+    from fada_batch.data.images import ImageError
+    from fada_batch.evaluation.evaluate import (
         AdapterError,
         EvaluationError,
         evaluate_category,
@@ -470,7 +471,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         trained_categories,
     )
     from fada_batch.fsutil import LockedError
-    from fada_batch.images import ImageError
 
     cfg = _load(args)
     try:
@@ -495,8 +495,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from fada_batch.ask import Asker, AskError, format_answers, image_files
-    from fada_batch.evaluate import AdapterError, GenerationSettings
+    from fada_batch.evaluation.ask import Asker, AskError, format_answers, image_files
+    from fada_batch.evaluation.evaluate import AdapterError, GenerationSettings
 
     try:
         images = image_files(Path(args.image))
@@ -516,7 +516,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from fada_batch.tiny import make_tiny_model
+    from fada_batch.tools.tiny import make_tiny_model
 
     path = make_tiny_model(Path(args.dir), seed=args.seed)
     print(f"tiny model saved in {path} (use model.name_or_path: {path})")
@@ -524,7 +524,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from fada_batch.demo import make_demo_data
+    from fada_batch.tools.demo import make_demo_data
 
     info = make_demo_data(Path(args.dir), seed=args.seed)
     print(f"demo data written to {args.dir}: {info}")
@@ -532,8 +532,8 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fada_batch.bench import format_report, make_bench_model, run_bench
-    from fada_batch.model import ModelFolderMissing
+    from fada_batch.tools.bench import format_report, make_bench_model, run_bench
+    from fada_batch.training.model import ModelFolderMissing
 
     cfg = _load(args)
     if args.make_bench_model:
@@ -576,7 +576,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_model(args: argparse.Namespace) -> int:
-    from fada_batch.stage import format_report, stage_model
+    from fada_batch.tools.stage import format_report, stage_model
 
     result = stage_model(
         args.model, Path(args.to), revision=args.revision, force=args.force, full_load=args.full_load
@@ -594,12 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from fada_batch.categories import UnknownCategoryError
-    from fada_batch.checkpoint import CheckpointWriteError
     from fada_batch.config import ConfigError
+    from fada_batch.data.categories import UnknownCategoryError
     from fada_batch.fsutil import LockedError, NotWritableError
-    from fada_batch.model import ModelLoadError
-    from fada_batch.train import DataError
+    from fada_batch.training.checkpoint import CheckpointWriteError
+    from fada_batch.training.model import ModelLoadError
+    from fada_batch.training.recipe import DataError
 
     try:
         return args.func(args)

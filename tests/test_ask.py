@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fada_batch.ask import Asker, AskError
-from fada_batch.categories import STANDARD_QUESTIONS
 from fada_batch.cli import main
-from fada_batch.train import FINAL_MODEL, train_category
+from fada_batch.data.categories import STANDARD_QUESTIONS
+from fada_batch.evaluation.ask import Asker, AskError
+from fada_batch.training.recipe import FINAL_MODEL, train_category
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,9 +34,9 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def femur_adapter(tiny_model_dir, demo_root, tmp_path_factory):
     """(final_model folder, {image name: {Q: adapter prediction}}, {image name: file})."""
-    from fada_batch.categories import get_category
     from fada_batch.config import config_from_dict, load_job
-    from fada_batch.train import prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.training.recipe import prepare_data
 
     raw = load_job(Path(__file__).resolve().parent.parent / "job" / "demo.yaml").to_dict()
     raw["data"].update(root=str(demo_root), num_images=24)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fada_batch import cli
-from fada_batch.bench import (
+from fada_batch.config import config_from_dict, load_job
+from fada_batch.tools.bench import (
     BenchModelRecipe,
     build_bench_model,
     estimate,
@@ -19,8 +20,7 @@ from fada_batch.bench import (
     per_sample_flops,
     sbatch_time,
 )
-from fada_batch.config import config_from_dict, load_job
-from fada_batch.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
+from fada_batch.training.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -33,16 +33,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_batch import cli
-from fada_batch.collect import EXIT_FAILED, EXIT_OK, STALE_AFTER_S, collect
 from fada_batch.config import config_from_dict, dump_yaml, load_job
-from fada_batch.report import (
+from fada_batch.run.collect import EXIT_FAILED, EXIT_OK, STALE_AFTER_S, collect
+from fada_batch.run.report import (
     make_plots,
     render_csv,
     render_html,
     render_markdown,
     write_report,
 )
-from fada_batch.train import StopRequested, train_category
+from fada_batch.training.recipe import StopRequested, train_category
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = [
@@ -129,7 +129,7 @@ def build_real_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
         train_category(cfg, "Thorax", should_stop=_stop_after(3), requeues=1)
     with pytest.raises(RuntimeError, match="out of memory"):
         train_category(cfg, "Standard_NT", should_stop=_stop_after(2, fail=True))
-    from fada_batch.train import DataError
+    from fada_batch.training.recipe import DataError
 
     with pytest.raises(DataError):
         train_category(cfg, "Trans-ventricular")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fada_batch.config import config_from_dict, dump_yaml, load_job
-from fada_batch.train import FINAL_MODEL, train_category
+from fada_batch.training.recipe import FINAL_MODEL, train_category
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,10 +35,10 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def test_the_limit_is_what_the_training_answers_need_and_is_recorded(trained):
-    from fada_batch.categories import get_category
-    from fada_batch.evaluate import load_adapter, make_encoder, read_adapter_info
-    from fada_batch.model import load_base_model
-    from fada_batch.train import prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.evaluation.evaluate import load_adapter, make_encoder, read_adapter_info
+    from fada_batch.training.model import load_base_model
+    from fada_batch.training.recipe import prepare_data
 
     cfg, summary, out = trained
     cs = prepare_data(cfg, get_category("Femur"), out, resuming=True)
@@ -81,9 +81,9 @@ def test_answers_cut_off_by_the_limit_are_counted(trained, tmp_path, capsys):
 
 
 def test_ask_takes_the_recorded_limit_unless_told(trained, demo_root, capsys):
-    from fada_batch.ask import Asker
     from fada_batch.cli import main
-    from fada_batch.evaluate import GenerationSettings, read_adapter_info
+    from fada_batch.evaluation.ask import Asker
+    from fada_batch.evaluation.evaluate import GenerationSettings, read_adapter_info
 
     _cfg, _summary, out = trained
     recorded = read_adapter_info(out / FINAL_MODEL).max_new_tokens

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch import fsutil, slurmjobs
+from fada_batch import fsutil
 from fada_batch.fsutil import JobPhase, LockedError, category_lock, judge_holder, lock_identity
-from fada_batch.slurmjobs import job_phase
+from fada_batch.run import slurmjobs
+from fada_batch.run.slurmjobs import job_phase
 
 OTHER_NODE = {"host": "gpu-node-a.invalid", "pid": 4242, "pid_ns": None, "purpose": "trained"}
 
@@ -211,7 +212,7 @@ _REQUEUE_ME = """
 import json, os, subprocess, sys, time
 from pathlib import Path
 from fada_batch.fsutil import LockedError, category_lock
-from fada_batch.slurmjobs import job_phase
+from fada_batch.run.slurmjobs import job_phase
 
 folder = Path(sys.argv[1]) / os.environ["SLURM_ARRAY_TASK_ID"]
 lock = folder / ".lock"
@@ -264,7 +265,7 @@ def test_requeued_array_task_takes_over_its_own_lock(slurm_conf, tmp_path):
 def test_training_asks_slurm_about_the_lock_holder(slurm_conf, job_factory):
     """`train_category` passes the real probe: a running job's lock (another node) stops it,
     naming the job; once that job is cancelled the category trains."""
-    from fada_batch.train import train_category
+    from fada_batch.training.recipe import train_category
 
     cfg = job_factory({"train.num_epochs": 1, "data.num_images": 6})
     folder = Path(cfg.output.root) / "blip2_femur"

@@ -22,14 +22,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fada_batch.checkpoint as ckpt_mod
+import fada_batch.training.checkpoint as ckpt_mod
 from fada_batch import killpoints
-from fada_batch.checkpoint import CheckpointWriteError, list_checkpoints
 from fada_batch.cli import main as cli_main
 from fada_batch.config import dump_yaml
 from fada_batch.fsutil import LockedError, NotWritableError, category_lock
-from fada_batch.model import ModelLoadError, load_base_model
-from fada_batch.train import FINAL_MARKER, FINAL_MODEL, train_category
+from fada_batch.training.checkpoint import CheckpointWriteError, list_checkpoints
+from fada_batch.training.model import ModelLoadError, load_base_model
+from fada_batch.training.recipe import FINAL_MARKER, FINAL_MODEL, train_category
 
 QUICK = {"train.num_epochs": 2, "data.num_images": 12, "train.checkpoint_every_steps": 1}
 
@@ -43,7 +43,7 @@ def _train_cmd(job: Path, category: str) -> list[str]:
 # transformers (on 2 busy cores), so the 25 attempts below cost seconds each, not minutes.
 _FORKER = """
 import json, os, sys
-import fada_batch.cli, fada_batch.train, fada_batch.evaluate
+import fada_batch.cli, fada_batch.training.recipe, fada_batch.evaluation.evaluate
 from transformers import Blip2ForConditionalGeneration
 print("ready", flush=True)
 for line in sys.stdin:
@@ -400,7 +400,7 @@ def test_missing_and_incomplete_model_folder(tmp_path, monkeypatch, tiny_model_d
 
 
 def test_a_missing_model_folder_says_so_and_how_to_make_one(tmp_path):
-    from fada_batch.model import ModelFolderMissing
+    from fada_batch.training.model import ModelFolderMissing
 
     absent = tmp_path / "no model"
     with pytest.raises(ModelFolderMissing) as e:
@@ -450,7 +450,7 @@ def test_write_probe_swept_by_the_lock_holder_is_not_an_error(tmp_path, monkeypa
 def test_category_completed_while_waiting_for_the_lock_is_not_retrained(job_factory, monkeypatch):
     """Checked before and again under the lock: a task that found the category running, then
     got the lock after the other task completed it, returns the completed summary untouched."""
-    import fada_batch.train as train_mod
+    import fada_batch.training.recipe as train_mod
 
     cfg = job_factory(QUICK)
     done = train_category(cfg, "Femur")

@@ -45,8 +45,8 @@ def test_feature_cache_memory_formula_matches_the_model_and_the_cache(tiny_model
     cache really holds one (query tokens, hidden) tensor per image in the model's dtype."""
     import torch
 
-    from fada_batch.features import FeatureSource
-    from fada_batch.model import load_base_model
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.model import load_base_model
 
     sb = _benchmark()
     spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT.parent / "gpu_benchmark.py")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from fada_batch.launch import log_dir, submit
+from fada_batch.run.launch import log_dir, submit
 
 
 def test_an_8bit_task_log_holds_a_handful_of_warnings_not_one_per_matmul(job_factory):
@@ -47,7 +47,7 @@ def test_setup_logging_lets_a_repeated_library_warning_through_once(caplog):
     bnb.warning("another message")
     logging.getLogger("transformers.modeling_utils").warning("library noise")
     for _ in range(3):
-        logging.getLogger("fada_batch.train").warning("ours: every one is shown")
+        logging.getLogger("fada_batch.training.recipe").warning("ours: every one is shown")
     texts = [r.getMessage() for r in caplog.records]
     assert sum("MatMul8bitLt" in t for t in texts) == 1
     assert "another message" in texts and "library noise" not in texts

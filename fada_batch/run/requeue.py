@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.fsutil import atomic_write_json
-from fada_batch.summary import now_iso, read_summary, write_summary
+from fada_batch.training.summary import now_iso, read_summary, write_summary
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
     print(format_report(result))
 
 `bench_ours` trains the production path for a fixed number of optimizer steps: the
-frozen-feature cache (`features.FeatureSource`), length-grouped steps (`train.epoch_steps`),
-dynamic padding (`collate`), the token-mean loss over each step (`train.accumulate_step`) and
+frozen-feature cache (`features.FeatureSource`), length-grouped steps (`recipe.epoch_steps`),
+dynamic padding (`collate`), the token-mean loss over each step (`recipe.accumulate_step`) and
 AdamW. It reports samples/s, tokens/s and peak memory; the feature cache is timed apart,
 because it runs once per image and is reused by 8 questions in every epoch.
 
@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
-from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_category
-from fada_batch.collate import Encoded, Encoder, Sample
 from fada_batch.config import JobConfig
-from fada_batch.model import LoadedModel, apply_lora_section, base_of, eos_token_id, load_base_model
+from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_category
 from fada_batch.text import plural
+from fada_batch.training.collate import Encoded, Encoder, Sample
+from fada_batch.training.model import LoadedModel, apply_lora_section, base_of, eos_token_id, load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def synthetic_inputs(
     """
     import numpy as np
 
-    from fada_batch.demo import SIDES, render_scan
+    from fada_batch.tools.demo import SIDES, render_scan
 
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -131,8 +131,8 @@ def category_inputs(cfg: JobConfig, encoder: Encoder, category: str, n_samples: 
     Raises:
         ValueError: the category's data cannot be used or holds too few pairs.
     """
-    from fada_batch.dataset import load_category
-    from fada_batch.train import samples_for
+    from fada_batch.data.dataset import load_category
+    from fada_batch.training.recipe import samples_for
 
     data = load_category(
         Path(cfg.data.root),
@@ -281,8 +281,8 @@ def bench_ours(
     The samples' images go through the feature cache first (timed apart, per image). On CUDA
     out of memory the micro-batch is halved and the step retried, as in training.
     """
-    from fada_batch.features import FeatureSource
-    from fada_batch.train import (
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.recipe import (
         accumulate_step,
         epoch_steps,
         micro_batches,
@@ -396,7 +396,7 @@ class SeedDataset:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from fada_batch.images import load_image_rgb
+        from fada_batch.data.images import load_image_rgb
 
         s = self.inputs.samples[i]
         image = load_image_rgb(self.inputs.image_paths[s.image], max_pixels=self.max_pixels)
@@ -608,7 +608,7 @@ def sbatch_time(seconds: float) -> str:
 
 def category_counts(cfg: JobConfig) -> dict[str, tuple[str, int, int]]:
     """Category -> (status, usable images, QA pairs) from the pre-flight (images not opened)."""
-    from fada_batch.validate import preflight
+    from fada_batch.data.validate import preflight
 
     return {
         d.category.name: (d.status, d.stats.images_usable, d.stats.qa_pairs)
@@ -822,7 +822,7 @@ def _free() -> None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Where the figures come from: the device, CPU, threads and library versions."""
-    from fada_batch.summary import device_info, library_versions
+    from fada_batch.training.summary import device_info, library_versions
 
     info = device_info(device)
     info.pop("host", None)
@@ -962,8 +962,8 @@ def build_bench_model(recipe: BenchModelRecipe, *, seed: int = 0) -> tuple[Any, 
         OPTConfig,
     )
 
-    from fada_batch.demo import all_answers
-    from fada_batch.tiny import BOS_EOS_ID, PAD_ID, build_processor, build_tokenizer
+    from fada_batch.tools.demo import all_answers
+    from fada_batch.tools.tiny import BOS_EOS_ID, PAD_ID, build_processor, build_tokenizer
 
     torch.manual_seed(seed)
     prompts = [f"Question: {q} Answer:" for q in STANDARD_QUESTIONS]

@@ -41,11 +41,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.data.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
-from fada_batch.report import fmt_duration
-from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
+from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
+from fada_batch.training.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
 
 SCHEMA_VERSION = 1
 EVAL_FILE = Path("eval") / "metrics.json"
@@ -162,13 +162,13 @@ class CollectResult:
 
     def text(self) -> str:
         """A short plain-text table for a terminal or a job log."""
-        from fada_batch.report import text_table
+        from fada_batch.run.report import text_table
 
         return text_table(self.to_dict())
 
     def write_report(self, out_dir: Path | None = None) -> dict[str, Path]:
         """Write report.md/.html, results.csv and collected.json (default: the output root)."""
-        from fada_batch.report import write_report
+        from fada_batch.run.report import write_report
 
         return write_report(self.to_dict(), Path(out_dir or self.output_root))
 
@@ -354,7 +354,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
 
 def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
     """Progress of an unfinished category from its latest complete checkpoint."""
-    from fada_batch.checkpoint import find_latest, read_state
+    from fada_batch.training.checkpoint import find_latest, read_state
 
     latest = find_latest(folder)
     if latest is None:

@@ -2,8 +2,8 @@
 
 `load_category` is the single entry point for training and for the pre-flight check
 (`fada-batch validate`): it finds the sheet and the image folder (aliases and misspellings
-included), reads the sheet (`fada_batch.sheets`), resolves and checks every listed image
-(`fada_batch.images`) and returns a `CategoryData` with the usable records, every problem
+included), reads the sheet (`fada_batch.data.sheets`), resolves and checks every listed image
+(`fada_batch.data.images`) and returns a `CategoryData` with the usable records, every problem
 found and the counts. It raises only for an unknown category name.
 
 Status:
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fada_batch.categories import (
+from fada_batch.data.categories import (
     IMAGES_DIR,
     LABELS_DIR,
     NUM_QUESTIONS,
@@ -35,7 +35,7 @@ from fada_batch.categories import (
     find_sheet,
     get_category,
 )
-from fada_batch.images import (
+from fada_batch.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_WARN_PIXELS,
     ImageError,
@@ -46,8 +46,8 @@ from fada_batch.images import (
     name_key,
     resolve_image,
 )
-from fada_batch.problems import Problem, count_by_code, has_errors, make_problem
-from fada_batch.sheets import Sheet, SheetRow, read_sheet
+from fada_batch.data.problems import Problem, count_by_code, has_errors, make_problem
+from fada_batch.data.sheets import Sheet, SheetRow, read_sheet
 from fada_batch.text import plural
 
 Status = Literal["ok", "awaiting_labels", "error"]

@@ -2,7 +2,7 @@
 
 `read_sheet` never raises for bad data: it returns a `Sheet` whose `problems` say what is
 wrong, where (file, Excel row, column, value) and how to fix it. Codes and severities are
-listed in `fada_batch.problems.CODES`; an error blocks the category, a warning skips or
+listed in `fada_batch.data.problems.CODES`; an error blocks the category, a warning skips or
 converts one item and is counted.
 
 The layout read: the first worksheet; a header row holding an ``Image Name`` column and
@@ -42,7 +42,7 @@ Decisions (code, severity):
 - Excel error values such as ``#N/A`` (``formula_error_answer``, warning): skipped.
 - A question whose answers are all empty (``question_all_empty``, warning): the other
   questions still train; the category as a whole is blocked only when no answer at all is
-  usable (checked by `fada_batch.dataset`).
+  usable (checked by `fada_batch.data.dataset`).
 - Empty image name on a row with answers (``empty_image_name``, warning): row skipped.
   Entirely empty rows are skipped silently (hand-made sheets end in many).
 - Empty answers (empty cell, whitespace, ``nan`` written by pandas) are None and counted in
@@ -61,9 +61,9 @@ from pathlib import Path
 from openpyxl import load_workbook
 from openpyxl.utils import get_column_letter
 
-from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
-from fada_batch.images import name_key
-from fada_batch.problems import Problem, has_errors, make_problem, shorten
+from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
+from fada_batch.data.images import name_key
+from fada_batch.data.problems import Problem, has_errors, make_problem, shorten
 from fada_batch.text import clean_answer, plural
 
 HEADER_SEARCH_ROWS = 10  # the header row is looked for in this many first rows

@@ -35,7 +35,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 from PIL import Image
 
-from fada_batch.problems import Problem, make_problem
+from fada_batch.data.problems import Problem, make_problem
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,6 @@ from typing import Any
 import torch
 import yaml
 
-from fada_batch import checkpoint as ckpt
-from fada_batch.categories import Category, find_sheet, get_category
-from fada_batch.collate import Encoded, Encoder, Sample, answer_length_stats, collate, masked_lm_loss_sum
 from fada_batch.config import (
     FingerprintMismatch,
     JobConfig,
@@ -36,7 +33,8 @@ from fada_batch.config import (
     fingerprint_diff,
     training_fingerprint,
 )
-from fada_batch.features import FeatureSource
+from fada_batch.data.categories import Category, find_sheet, get_category
+from fada_batch.data.split import Split, make_split, read_split, write_split
 from fada_batch.fsutil import (
     atomic_dir,
     atomic_write_text,
@@ -47,7 +45,19 @@ from fada_batch.fsutil import (
     touch,
 )
 from fada_batch.killpoints import reached
-from fada_batch.model import (
+from fada_batch.run.slurmjobs import job_phase
+from fada_batch.text import plural
+from fada_batch.training import checkpoint as ckpt
+from fada_batch.training.collate import (
+    Encoded,
+    Encoder,
+    Sample,
+    answer_length_stats,
+    collate,
+    masked_lm_loss_sum,
+)
+from fada_batch.training.features import FeatureSource
+from fada_batch.training.model import (
     LoadedModel,
     apply_lora_section,
     base_of,
@@ -57,10 +67,8 @@ from fada_batch.model import (
     load_base_model,
     trainable_parameters,
 )
-from fada_batch.progress import Progress
-from fada_batch.slurmjobs import job_phase
-from fada_batch.split import Split, make_split, read_split, write_split
-from fada_batch.summary import (
+from fada_batch.training.progress import Progress
+from fada_batch.training.summary import (
     device_info,
     library_versions,
     now_iso,
@@ -69,7 +77,6 @@ from fada_batch.summary import (
     slurm_ids,
     write_summary,
 )
-from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +147,7 @@ def prepare_data(
     Raises:
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
-    from fada_batch.dataset import load_category
+    from fada_batch.data.dataset import load_category
 
     data = load_category(
         Path(cfg.data.root),
@@ -458,7 +465,7 @@ def _check_data_root(cfg: JobConfig, category: Category) -> None:
     Raises:
         DataError: with `fada-batch validate`'s "no data found" message.
     """
-    from fada_batch.validate import find_no_data
+    from fada_batch.data.validate import find_no_data
 
     if (why := find_no_data(Path(cfg.data.root), [category])) is not None:
         raise DataError(why)
@@ -496,7 +503,7 @@ def _awaiting_labels(
     Raises:
         DataError: the category is completed, so its sheet went missing (or data.root is wrong).
     """
-    from fada_batch.categories import LABELS_DIR
+    from fada_batch.data.categories import LABELS_DIR
 
     labels = Path(cfg.data.root) / LABELS_DIR
     previous = _holds_completed(out_dir)
@@ -1167,7 +1174,7 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
     final = save_final_model(run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record)
     reached("final.saved")
     if cfg.eval.after_training:  # answers from the model in memory: no second load
-        from fada_batch.evaluate import evaluate_after_training
+        from fada_batch.evaluation.evaluate import evaluate_after_training
 
         summary["eval"] = evaluate_after_training(
             run.loaded, cs, run.out_dir, eos_token_id=eos, cfg=cfg, max_new_tokens=answers["max_new_tokens"]
