@@ -50,7 +50,7 @@ def test_sbatch_time_adds_margin_and_rounds_up_to_five_minutes():
 
 
 def test_estimate_arithmetic_by_hand():
-    cfg = config_from_dict({"train": {"num_epochs": 3}, "cluster": {"time_min": 4}})
+    cfg = config_from_dict({"train": {"num_epochs": 3}, "cluster": {"time_min": 4, "signal_delay_s": 60}})
     counts = {"Abdomen": ("given", 100, 800), "Cervix": ("awaiting_labels", 0, 0)}
     abdomen, cervix = estimate(cfg, 10.0, 0.5, load_s=20.0, counts=counts)
     # 800 pairs: 640 train, 80 val (0.8 / 0.1); features of 90 train+val images at 0.5 s
