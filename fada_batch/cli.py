@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -247,15 +245,12 @@ def _job_categories(cfg) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
-    limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task is
-    requeued (up to cluster.max_requeues; see fada_batch/run/requeue.py) and resumes there."""
-    from fada_batch.run.launch import match_threads_to_allocation
-    from fada_batch.run.requeue import restart_count
-    from fada_batch.training.recipe import StopRequested, train_category
+    """Train one category (`run.task.run_category_on_signals`): under plain sbatch, SIGUSR1
+    (the `--signal` warning before the time limit) or SIGTERM (preemption) saves a checkpoint
+    at the next step; after USR1 the task is requeued and resumes there (exit status 3)."""
+    from fada_batch.run.task import Stopped, run_category_on_signals
 
     cfg = _load(args)
-    match_threads_to_allocation()
     if args.task_index is not None:
         cats = _job_categories(cfg)
         if not 0 <= args.task_index < len(cats):
@@ -268,72 +263,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         category = cats[args.task_index]
     else:
         category = args.category
-    caught: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        caught.append(signum)
-        print(f"caught signal {signum}: checkpointing at the next step", file=sys.stderr, flush=True)
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    try:
-        summary = train_category(
-            cfg, category, force=args.force, should_stop=lambda: bool(caught), requeues=restart_count()
-        )
-    except StopRequested as e:
-        print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
-        return _after_stop(cfg, category, e.checkpoint, caught[0] if caught else None)
-    _print_result(summary)
+    result = run_category_on_signals(cfg, category, force=args.force)
+    if isinstance(result, Stopped):
+        return EXIT_FAILED if result.failed else EXIT_REQUEUED
+    _print_result(result)
     return EXIT_OK
-
-
-def _after_stop(cfg, category: str, checkpoint: Path | None, signum: int | None) -> int:
-    """Record why `train` stopped; after the warning signal under SLURM, have it requeued."""
-    from fada_batch.data.categories import get_category
-    from fada_batch.run import requeue
-    from fada_batch.training.recipe import category_output_dir
-
-    cat = get_category(category)
-    out_dir = category_output_dir(cfg, cat)
-    resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
-    under_slurm = bool(os.environ.get("SLURM_JOB_ID"))
-    if signum != signal.SIGUSR1 or not under_slurm:
-        reason, message = (
-            ("preempted", requeue.terminated_message(resume))
-            if under_slurm
-            else ("user", f"stopped by signal {signum}; run the same command again to resume")
-        )
-        requeue.record_stop(
-            out_dir, status="interrupted", stop_reason=reason, message=message, checkpoint=checkpoint
-        )
-        return EXIT_REQUEUED
-    done, limit = requeue.restart_count(), cfg.cluster.max_requeues
-    if done >= limit:
-        msg = requeue.limit_message("time_limit", requeues=done, max_requeues=limit, resume=resume)
-        requeue.record_stop(
-            out_dir, status="interrupted", stop_reason="requeue_limit", message=msg, checkpoint=checkpoint
-        )
-        print(f"{cat.name}: ERROR: {msg}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    try:
-        how = requeue.request_requeue(out_dir, cat.name, checkpoint, "time_limit")
-    except requeue.RequeueError as e:
-        requeue.record_stop(
-            out_dir,
-            status="failed",
-            stop_reason="requeue_failed",
-            message=requeue.failed_message(str(e), resume),
-            checkpoint=checkpoint,
-            error=str(e),
-        )
-        print(f"{cat.name}: ERROR: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    msg = requeue.requeue_message("time_limit", how=how, requeues=done, max_requeues=limit, resume=resume)
-    requeue.record_stop(
-        out_dir, status="interrupted", stop_reason="time_limit", message=msg, checkpoint=checkpoint
-    )
-    print(f"{cat.name}: {msg}", file=sys.stderr, flush=True)
-    return EXIT_REQUEUED
 
 
 def cmd_requeue_failed(args: argparse.Namespace) -> int:
@@ -471,6 +405,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         trained_categories,
     )
     from fada_batch.fsutil import LockedError
+    from fada_batch.run.slurmjobs import job_phase
 
     cfg = _load(args)
     try:
@@ -485,7 +420,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     failed = 0
     for cat in cats:
         try:
-            metrics = evaluate_category(cfg, cat)
+            metrics = evaluate_category(cfg, cat, job_probe=job_phase)
         except (EvaluationError, AdapterError, ImageError, LockedError) as e:
             print(f"error: {cat}: {e}", file=sys.stderr)
             failed += 1
@@ -596,10 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from fada_batch.config import ConfigError
     from fada_batch.data.categories import UnknownCategoryError
+    from fada_batch.data.samples import DataError
     from fada_batch.fsutil import LockedError, NotWritableError
     from fada_batch.training.checkpoint import CheckpointWriteError
     from fada_batch.training.model import ModelLoadError
-    from fada_batch.training.recipe import DataError
 
     try:
         return args.func(args)

@@ -11,7 +11,7 @@ weights. Inputs are random token ids with realistic lengths: prompts of 15-28 te
 after the 32 image tokens and BOS (48-61 in all; the standard questions through the prompt
 template), answers of 10-30 tokens, then EOS.
 
-OURS: the production step (`fada_batch.training.recipe`): frozen features computed once per image
+OURS: the production step (`fada_batch.training.step`): frozen features computed once per image
 (vision -> Q-Former -> projection, `image_features`) for 32 images x 8 questions,
 length-grouped steps of 16 dynamically padded rows, token-mean loss (`accumulate_step`), AdamW,
 LoRA r=8 on q_proj/v_proj, bf16 weights.
@@ -54,10 +54,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
+from fada_batch.data.samples import Sample
 from fada_batch.tools.bench import parameter_counts, time_trainer
-from fada_batch.training.collate import Encoded, Sample
+from fada_batch.training.collate import Encoded
 from fada_batch.training.model import LoadedModel, apply_lora, image_features, quantization_config
-from fada_batch.training.recipe import accumulate_step, epoch_steps, set_train_mode
+from fada_batch.training.step import accumulate_step, epoch_steps, set_train_mode
 
 # Salesforce/blip2-opt-2.7b's config.json, the values that set the architecture.
 FULL = {

@@ -10,7 +10,7 @@ temporary data root, then times, through production's code:
 
 - the pre-flight check, `validate.preflight` (what `fada-batch validate` and `submit` run):
   the sheet parsed, every listed image resolved inside the folder, verified and decoded;
-- training's data step, `recipe.prepare_data`: the same load, the split by image,
+- training's data step, `samples.prepare_data`: the same load, the split by image,
   `split.json`, and the question/answer samples.
 
 It also prints the memory of the frozen-feature cache for that category with
@@ -33,9 +33,9 @@ import numpy as np
 
 from fada_batch.config import config_from_dict
 from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, get_category
+from fada_batch.data.samples import prepare_data
 from fada_batch.data.validate import preflight
 from fada_batch.tools.demo import _sheet_frame, render_scan
-from fada_batch.training.recipe import prepare_data
 
 SEED_ABDOMEN_IMAGES = 2424  # the seed data set's largest category
 QUERY_TOKENS, TEXT_HIDDEN = 32, 2560  # blip2-opt-2.7b: num_query_tokens, text_config.hidden_size

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from fada_batch.training.checkpoint import BEST_DIR, list_checkpoints
-from fada_batch.training.recipe import FINAL_MODEL, StopRequested, train_category
+from fada_batch.training.outputs import FINAL_MODEL
+from fada_batch.training.recipe import StopRequested, train_category
 
 DIVERGING = {
     "data.num_images": 12,

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from fada_batch.data.samples import Sample
 from fada_batch.training.collate import (
     IGNORE_INDEX,
     Encoded,
     Encoder,
-    Sample,
     TokenLayoutError,
     answer_length_stats,
     collate,

@@ -178,7 +178,7 @@ def test_force_on_unusable_data_keeps_the_completed_adapter(job_factory, tmp_pat
     done = train_category(cfg, "Femur")
     folder = Path(cfg.output.root) / "blip2_femur"
     shutil.rmtree(data / "Fetal Ultrasound" / "Femur")  # the images are gone: invalid data
-    from fada_batch.training.recipe import DataError
+    from fada_batch.data.samples import DataError
 
     with pytest.raises(DataError):
         train_category(cfg, "Femur", force=True)

@@ -132,10 +132,11 @@ def test_training_forward_runs_under_bf16_autocast_on_a_bf16_base(job_factory):
     """bf16 base (quantised or not): the language model runs under bf16 autocast, without a
     key/value cache; an fp32 base runs as it is."""
     from fada_batch.data.categories import get_category
+    from fada_batch.data.samples import prepare_data
     from fada_batch.training.collate import Encoder
     from fada_batch.training.features import FeatureSource
     from fada_batch.training.model import base_of, eos_token_id
-    from fada_batch.training.recipe import batch_loss_sum, prepare_data
+    from fada_batch.training.step import batch_loss_sum
 
     cfg = job_factory({"data.num_images": 6})
     out = Path(cfg.output.root) / "blip2_femur"
@@ -188,9 +189,9 @@ def test_quantized_training_travels_with_the_adapter_and_evaluation_from_disk_eq
         "eval.after_training": True,
     }
     cfg = job_factory(overrides)
-    from fada_batch.training.recipe import train_category
+    from fada_batch.run.task import run_category
 
-    summary = train_category(cfg, "Femur")
+    summary = run_category(cfg, "Femur")
     out = Path(cfg.output.root) / "blip2_femur"
     marker = json.loads((out / "final_model" / "fada_batch.json").read_text())
     assert (marker["quantization"], marker["dtype"]) == ("8bit", "bfloat16")

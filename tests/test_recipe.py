@@ -98,7 +98,7 @@ def test_the_training_forward_keeps_no_key_value_cache(tiny_model_dir):
 
 
 def test_the_full_job_warms_the_learning_rate_up():
-    from fada_batch.training.recipe import get_lr
+    from fada_batch.training.step import get_lr
 
     cfg = load_job(REPO / "job" / "full.yaml")
     assert 0.03 <= cfg.train.warmup_ratio <= 0.05

@@ -29,7 +29,8 @@ from fada_batch.config import dump_yaml
 from fada_batch.fsutil import LockedError, NotWritableError, category_lock
 from fada_batch.training.checkpoint import CheckpointWriteError, list_checkpoints
 from fada_batch.training.model import ModelLoadError, load_base_model
-from fada_batch.training.recipe import FINAL_MARKER, FINAL_MODEL, train_category
+from fada_batch.training.outputs import FINAL_MARKER, FINAL_MODEL
+from fada_batch.training.recipe import train_category
 
 QUICK = {"train.num_epochs": 2, "data.num_images": 12, "train.checkpoint_every_steps": 1}
 
@@ -457,13 +458,13 @@ def test_category_completed_while_waiting_for_the_lock_is_not_retrained(job_fact
     out = Path(cfg.output.root) / "blip2_femur"
     adapter = out / FINAL_MODEL / "adapter_model.safetensors"
     stamp = (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text())
-    real, calls = train_mod._completed, []
+    real, calls = train_mod.completed_under, []
 
     def still_running_at_first(*args):
         calls.append(args)
         return None if len(calls) == 1 else real(*args)  # the first look saw it running
 
-    monkeypatch.setattr(train_mod, "_completed", still_running_at_first)
+    monkeypatch.setattr(train_mod, "completed_under", still_running_at_first)
     again = train_category(cfg, "Femur")
     assert len(calls) == 2 and again["status"] == "completed" and again["end_time"] == done["end_time"]
     assert (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text()) == stamp

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from fada_batch.training.checkpoint import list_checkpoints
-from fada_batch.training.recipe import FINAL_MODEL, train_category
+from fada_batch.training.outputs import FINAL_MODEL
+from fada_batch.training.recipe import train_category
 
 SMALL = {"train.num_epochs": 3, "data.num_images": 24, "train.checkpoint_every_steps": 2}
 
@@ -243,7 +244,7 @@ def test_ctrl_c_marks_the_category_interrupted_and_a_rerun_resumes(
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fada_batch.training.recipe.train_category", interrupted)
+    monkeypatch.setattr("fada_batch.run.task.train_category", interrupted)
     job = tmp_path / "job.yaml"
     from fada_batch.config import dump_yaml
 
@@ -255,7 +256,7 @@ def test_ctrl_c_marks_the_category_interrupted_and_a_rerun_resumes(
 def test_oom_backoff_halves_until_it_fits_and_gives_up_at_one():
     """The back-off itself: each retry starts without the failed try's partial gradients,
     halves the micro-batch and says so; at a micro-batch of 1 it stops with what to change."""
-    from fada_batch.training.recipe import run_with_oom_backoff
+    from fada_batch.training.step import run_with_oom_backoff
 
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -292,9 +293,11 @@ def test_awaiting_labels_is_not_an_error(job_factory):
 
 def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
     """The frozen-feature cache changes only the speed: same loss, same LoRA gradients."""
+    from fada_batch.data.samples import prepare_data
     from fada_batch.training.collate import Encoder
+    from fada_batch.training.features import FeatureSource
     from fada_batch.training.model import apply_lora, eos_token_id, load_base_model
-    from fada_batch.training.recipe import FeatureSource, batch_loss_sum, prepare_data, set_train_mode
+    from fada_batch.training.step import batch_loss_sum, set_train_mode
 
     cfg = job_factory({"data.num_images": 10})
     from fada_batch.data.categories import get_category
@@ -346,12 +349,12 @@ def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
 def test_out_of_memory_backoff_halves_micro_batch_same_result(job_factory, tmp_path, monkeypatch, capsys):
     """A simulated CUDA OOM on micro-batches above 4 rows: the step is retried with half the
     micro-batch and twice the accumulation, logged, and the result equals a run without OOM."""
-    import fada_batch.training.recipe as train_mod
+    import fada_batch.training.step as step_mod
 
     overrides = {"train.num_epochs": 1, "data.num_images": 12, "train.batch_size": 16}
     ref = train_category(job_factory(overrides, out=tmp_path / "ref"), "Abdomen")
 
-    real = train_mod.batch_loss_sum
+    real = step_mod.batch_loss_sum
     calls = {"oom": 0}
 
     def oom_above_4(model, features, samples, *args, **kwargs):
@@ -360,7 +363,7 @@ def test_out_of_memory_backoff_halves_micro_batch_same_result(job_factory, tmp_p
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, features, samples, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "batch_loss_sum", oom_above_4)
+    monkeypatch.setattr(step_mod, "batch_loss_sum", oom_above_4)
     cfg = job_factory(overrides, out=tmp_path / "oom")
     got = train_category(cfg, "Abdomen", progress_stream=sys.stderr)
     assert calls["oom"] == 2  # 16 -> 8 -> 4, then no more

@@ -1,9 +1,10 @@
 """The launcher: where `train` runs (SLURM array, workstation, in-process) and when `collect` runs.
 
 This is the only module that imports submitit. It never touches tensors: each array task is a
-`TrainTask` (a `submitit.helpers.Checkpointable`) that calls `recipe.train_category` for one
-category. On the time-limit warning signal or a preemption the task asks training to stop at
-the next optimizer step, training saves a checkpoint, submitit pickles the task's
+`TrainTask` (a `submitit.helpers.Checkpointable`) that runs one category's task
+(`run.task.run_category`: train, then evaluate). On the time-limit warning signal or a
+preemption the task asks training to stop at the next optimizer step, training saves a
+checkpoint, submitit pickles the task's
 `checkpoint()` and the task is requeued: by the batch script on the host when the task asks
 for it (the task may run in an image without a SLURM client), else with `scontrol` (see
 `fada_batch.run.requeue`). The requeued task resumes from the latest checkpoint it finds in the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -34,7 +34,9 @@ from fada_batch.data.validate import NoDataError, Preflight, preflight
 from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
 from fada_batch.run import requeue
 from fada_batch.run.collect import JOB_FILE
+from fada_batch.run.task import code_origin, match_threads_to_allocation, run_category
 from fada_batch.text import plural
+from fada_batch.training.recipe import StopRequested
 from fada_batch.training.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,6 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
         from fada_batch.logsetup import setup_logging
-        from fada_batch.training.recipe import StopRequested, train_category
 
         self._started = time.time()
         setup_logging()  # a fresh process: none of the CLI's logging set-up is here
@@ -69,7 +70,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         match_threads_to_allocation()
         handler = _install_stop_handler(self)
         try:
-            return train_category(
+            return run_category(
                 cfg,
                 category,
                 force=force,
@@ -120,7 +121,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             SystemExit: requeued (submitit's exit after a requeue).
         """
         from fada_batch.data.categories import get_category
-        from fada_batch.training.recipe import category_output_dir
+        from fada_batch.training.outputs import category_output_dir
 
         out_dir = category_output_dir(cfg, get_category(category))
         resume = requeue.resume_hint(cfg.name, get_category(category).name, checkpoint)
@@ -179,35 +180,6 @@ class TrainTask(submitit.helpers.Checkpointable):
             )
             print(f"[fada-batch] ERROR: {category}: {why}", file=sys.stderr, flush=True)
             raise requeue.RequeueError(f"{category}: {why}") from e
-
-
-def code_origin() -> str:
-    """Which fada_batch this process runs: version, folder and Python (an image's or a checkout's)."""
-    import fada_batch
-
-    return (
-        f"fada_batch {fada_batch.__version__} from {Path(fada_batch.__file__).resolve().parent} "
-        f"(python {platform.python_version()} {sys.executable})"
-    )
-
-
-def match_threads_to_allocation() -> int | None:
-    """Give torch as many CPU threads as SLURM gave this task CPUs, unless OMP_NUM_THREADS says.
-
-    Where SLURM binds no CPUs (TaskPlugin=task/none), torch starts a thread per core of the
-    node, and array tasks sharing a node fight over them (on this project's 2-core VM, two
-    threads per process on busy cores made steps 20-40x slower). Returns the count set, or None.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if not cpus.isdigit() or int(cpus) < 1:
-        return None
-    import torch
-
-    torch.set_num_threads(int(cpus))
-    log.info("torch CPU threads: %d (SLURM_CPUS_PER_TASK)", int(cpus))
-    return int(cpus)
 
 
 def _install_stop_handler(task: TrainTask) -> Any:
@@ -293,7 +265,7 @@ class Plan:
         task would only skip them) and note which checkpoint each other one resumes from.
 
         Args:
-            found: `recipe.check_fingerprints`' answer; `completed_mark` is its COMPLETED.
+            found: `outputs.check_fingerprints`' answer; `completed_mark` is its COMPLETED.
         """
         self.completed = [c for c in self.submit if found.get(c) == completed_mark]
         self.resumes = {c: v for c, v in found.items() if v != completed_mark and c in self.submit}
@@ -445,7 +417,7 @@ def submit(
         raise NoDataError(pf.no_data)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
     if not force:  # refuse now, not in each task: completed/checkpointed under another config
-        from fada_batch.training.recipe import COMPLETED, check_fingerprints
+        from fada_batch.training.outputs import COMPLETED, check_fingerprints
 
         plan.leave_out_completed(check_fingerprints(cfg, plan.submit), COMPLETED)
     print(plan.describe(), file=out, flush=True)

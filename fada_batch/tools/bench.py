@@ -4,8 +4,8 @@
     print(format_report(result))
 
 `bench_ours` trains the production path for a fixed number of optimizer steps: the
-frozen-feature cache (`features.FeatureSource`), length-grouped steps (`recipe.epoch_steps`),
-dynamic padding (`collate`), the token-mean loss over each step (`recipe.accumulate_step`) and
+frozen-feature cache (`features.FeatureSource`), length-grouped steps (`step.epoch_steps`),
+dynamic padding (`collate`), the token-mean loss over each step (`step.accumulate_step`) and
 AdamW. It reports samples/s, tokens/s and peak memory; the feature cache is timed apart,
 because it runs once per image and is reused by 8 questions in every epoch.
 
@@ -43,8 +43,9 @@ import torch
 
 from fada_batch.config import JobConfig
 from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_category
+from fada_batch.data.samples import Sample
 from fada_batch.text import plural
-from fada_batch.training.collate import Encoded, Encoder, Sample
+from fada_batch.training.collate import Encoded, Encoder
 from fada_batch.training.model import LoadedModel, apply_lora_section, base_of, eos_token_id, load_base_model
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def category_inputs(cfg: JobConfig, encoder: Encoder, category: str, n_samples: 
         ValueError: the category's data cannot be used or holds too few pairs.
     """
     from fada_batch.data.dataset import load_category
-    from fada_batch.training.recipe import samples_for
+    from fada_batch.data.samples import samples_for
 
     data = load_category(
         Path(cfg.data.root),
@@ -282,7 +283,7 @@ def bench_ours(
     out of memory the micro-batch is halved and the step retried, as in training.
     """
     from fada_batch.training.features import FeatureSource
-    from fada_batch.training.recipe import (
+    from fada_batch.training.step import (
         accumulate_step,
         epoch_steps,
         micro_batches,
