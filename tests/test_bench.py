@@ -3,7 +3,6 @@ the `quantization: auto` rule. Speed is measured and printed, never asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import torch
 from fada_batch import cli
 from fada_batch.config import config_from_dict, load_job
 from fada_batch.tools.bench import (
+    BLIP2_OPT_27B,
     BenchModelRecipe,
+    blip2_config,
     build_bench_model,
     estimate,
     make_bench_model,
@@ -32,11 +33,8 @@ def bench_model_dir(tmp_path_factory):
 
 
 def blip2_opt_27b_config():
-    """Salesforce/blip2-opt-2.7b's architecture: the published values in scripts/gpu_benchmark.py."""
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
-    return gb.build_config(gb.FULL)
+    """Salesforce/blip2-opt-2.7b's architecture: the published values in `tools.bench.model`."""
+    return blip2_config(BLIP2_OPT_27B)
 
 
 # ------------------------------------------------------------------------------- estimate

@@ -7,7 +7,6 @@ training travel with the adapter, and evaluation from disk answers as training's
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,16 +22,14 @@ from fada_batch.training.model import (
     weight_bytes,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 def blip2_opt_27b_config():
-    """Salesforce/blip2-opt-2.7b's architecture: the published values in scripts/gpu_benchmark.py."""
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
-    return gb.build_config(gb.FULL)
+    """Salesforce/blip2-opt-2.7b's architecture: the published values in `tools.bench.model`."""
+    from fada_batch.tools.bench.model import BLIP2_OPT_27B, blip2_config
+
+    return blip2_config(BLIP2_OPT_27B)
 
 
 def as_loaded_on_meta(config, quantization: str, dtype: torch.dtype):
