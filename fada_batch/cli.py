@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from fada_batch import __version__
 from fada_batch.text import plural
@@ -46,6 +47,7 @@ def _add_job_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand, each added by its `_add_<command>`, in `--help`'s order."""
     parser = argparse.ArgumentParser(
         prog="fada-batch",
         description="LoRA fine-tuning of BLIP-2 on fetal ultrasound VQA, one adapter per category.",
@@ -53,7 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fada-batch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_submit,
+        _add_demo,
+        _add_validate,
+        _add_collect,
+        _add_evaluate,
+        _add_ask,
+        _add_make_tiny_model,
+        _add_make_demo_data,
+        _add_stage_model,
+        _add_bench,
+        _add_requeue_failed,
+        _add_show_config,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train one category (resumes automatically)")
     _add_job_args(p)
     who = p.add_mutually_exclusive_group(required=True)
@@ -66,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain a completed category from scratch")
     p.set_defaults(func=cmd_train)
 
+
+def _add_submit(sub: Any) -> None:
     p = sub.add_parser(
         "submit", help="pre-flight, then one SLURM array task per category and a collector job"
     )
@@ -87,17 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain completed categories from scratch")
     p.set_defaults(func=cmd_submit)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="make the tiny model and demo data if absent, then train them")
     _add_job_args(p, required=False)
     p.add_argument("--executor", choices=("local", "debug"), default="local", help="how to run the tasks")
     p.set_defaults(func=cmd_demo, job="job/demo.yaml")
 
+
+def _add_validate(sub: Any) -> None:
     p = sub.add_parser("validate", help="pre-flight check of every category's sheet and images")
     _add_job_args(p)
     p.add_argument("--categories", help="comma-separated subset (default: the job's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_validate)
 
+
+def _add_collect(sub: Any) -> None:
     p = sub.add_parser(
         "collect", help="report on a run: report.md/.html, results.csv, collected.json in the output root"
     )
@@ -112,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_collect)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate", help="answer held-out images with adapter and base model; eval/metrics.json"
     )
@@ -119,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="one category (default: every one with a trained final_model)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_ask(sub: Any) -> None:
     p = sub.add_parser("ask", help="ask a trained adapter about a scan or a folder of scans")
     p.add_argument("--adapter", required=True, metavar="DIR", help="a category's final_model/ folder")
     p.add_argument("--image", required=True, metavar="FILE_OR_DIR", help="an image, or a folder of images")
@@ -149,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
 
+
+def _add_make_tiny_model(sub: Any) -> None:
     p = sub.add_parser("make-tiny-model", help="save a small pretrained BLIP-2 for tests and the demo")
     p.add_argument("dir", help="output folder")
     p.add_argument(
@@ -160,11 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_make_tiny_model)
 
+
+def _add_make_demo_data(sub: Any) -> None:
     p = sub.add_parser("make-demo-data", help="write a synthetic data set in the real layout")
     p.add_argument("dir", help="data root to create (holds 'Fetal Ultrasound/' ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scans and their answers (default 0)")
     p.set_defaults(func=cmd_make_demo_data)
 
+
+def _add_stage_model(sub: Any) -> None:
     p = sub.add_parser(
         "stage-model",
         help="download a model + processor for offline compute nodes, verify it, print model.name_or_path",
@@ -184,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_stage_model)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="measure training speed and memory; estimate each category's wall time and sbatch --time",
@@ -217,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_requeue_failed(sub: Any) -> None:
     p = sub.add_parser(
         "requeue-failed",
         help="record in a task's summary that its batch script could not requeue it (the "
@@ -226,10 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error", required=True, help="what failed (scontrol's output)")
     p.set_defaults(func=cmd_requeue_failed)
 
+
+def _add_show_config(sub: Any) -> None:
     p = sub.add_parser("show-config", help="print the resolved job config (after overrides)")
     _add_job_args(p)
     p.set_defaults(func=cmd_show_config)
-    return parser
 
 
 def _load(args: argparse.Namespace):

@@ -202,6 +202,23 @@ def load_category(
     if data.image_dir is None:
         data.problems.append(_no_image_dir(data_root, cat, data.sheet_path))
         return _finish(data)
+    _read_images(
+        data,
+        sheet,
+        check_images=check_images,
+        max_pixels=max_image_pixels,
+        warn_pixels=warn_image_pixels,
+    )
+    return _finish(data)
+
+
+def _read_images(
+    data: CategoryData, sheet: Sheet, *, check_images: bool, max_pixels: int, warn_pixels: int
+) -> None:
+    """Fill `data.records` with the sheet's rows whose images can be used, and report the
+    image folder that cannot be listed, images on disk the sheet does not list, and a sheet
+    none of whose images can be used."""
+    assert data.image_dir is not None and data.sheet_path is not None
     try:
         index = index_images(data.image_dir)
     except OSError as exc:
@@ -213,8 +230,7 @@ def load_category(
                 file=data.image_dir,
             )
         )
-        return _finish(data)
-
+        return
     on_disk = indexed_files(index)
     data.stats.images_on_disk = len(on_disk)
     data.records = _usable_records(
@@ -222,8 +238,8 @@ def load_category(
         sheet,
         index,
         check_images=check_images,
-        max_pixels=max_image_pixels,
-        warn_pixels=warn_image_pixels,
+        max_pixels=max_pixels,
+        warn_pixels=warn_pixels,
     )
     _report_not_listed(data, sheet, on_disk)
     if sheet.listed_names and not data.records:
@@ -231,12 +247,11 @@ def load_category(
             make_problem(
                 "no_usable_images",
                 f"None of the {plural(len(sheet.listed_names), 'image')} listed in the sheet can be used "
-                f"(see the warnings above); nothing is left to train {cat.name} on.",
+                f"(see the warnings above); nothing is left to train {data.category.name} on.",
                 fix=f"put the listed images in '{data.image_dir}' or correct the names in the sheet.",
                 file=data.sheet_path,
             )
         )
-    return _finish(data)
 
 
 def _no_image_dir(data_root: Path, cat: Category, sheet_path: Path) -> Problem:

@@ -284,6 +284,16 @@ def _parse_header(
     Fills `sheet.questions` and adds header problems to `sheet.problems`. The header row
     holds an Image Name column by construction (`_find_header`).
     """
+    image_cols, q_found = _classify_columns(path, rows, header_idx, sheet)
+    _check_header(path, rows[header_idx], header_idx + 1, image_cols, q_found, sheet)
+    return image_cols[0], [cols[0] if cols else None for cols in q_found]
+
+
+def _classify_columns(
+    path: Path, rows: list[tuple[Cell, ...]], header_idx: int, sheet: Sheet
+) -> tuple[list[int], list[list[int]]]:
+    """The Image Name columns and, per question, the columns headed by it; the questions'
+    texts into `sheet.questions`, columns that are neither into `sheet.problems`."""
     header = rows[header_idx]
     header_row = header_idx + 1
     width = max((len(r) for r in rows[header_idx:]), default=0)
@@ -329,7 +339,19 @@ def _parse_header(
                     column_letter=letter,
                 )
             )
+    return image_cols, q_found
 
+
+def _check_header(
+    path: Path,
+    header: tuple[Cell, ...],
+    header_row: int,
+    image_cols: list[int],
+    q_found: list[list[int]],
+    sheet: Sheet,
+) -> None:
+    """Problems of a header: several Image Name columns, questions missing or heading
+    several columns."""
     if len(image_cols) > 1:
         letters = ", ".join(get_column_letter(j + 1) for j in image_cols)
         sheet.problems.append(
@@ -370,7 +392,6 @@ def _parse_header(
                     column=f"Q{q + 1}",
                 )
             )
-    return image_cols[0], [cols[0] if cols else None for cols in q_found]
 
 
 def _answer(

@@ -818,16 +818,7 @@ def collect(
         UnknownCategoryError: a name in `categories` is not a category.
     """
     output_root = Path(output_root)
-    problems: list[str] = []
-    if not output_root.is_dir():
-        # With the job's categories, a root that no task has created yet is a run where
-        # nothing started; without them there is nothing to go on.
-        if categories is None or output_root.exists():
-            raise FileNotFoundError(
-                f"output root {output_root} is not a folder: pass the job's output.root "
-                "(--job JOB or --outputs DIR)"
-            )
-        problems.append(f"output root {output_root} does not exist yet: no task has started")
+    problems: list[str] = _check_root(output_root, has_categories=categories is not None)
     if categories is None:
         names, inferred_root, source = _infer_job(output_root, problems)
         data_root = data_root if data_root is not None else inferred_root
@@ -850,14 +841,7 @@ def collect(
         )
         for n in names
     ]
-    for p in sorted(output_root.glob("blip2_*")):
-        if not p.is_dir():
-            continue
-        cat = _category_for_folder(p.name)
-        if cat is None:
-            problems.append(f"{p} does not belong to any category; ignored")
-        elif cat.name not in names:
-            problems.append(f"{p} ({cat.name}) is not one of the categories asked for; left out")
+    problems += _folders_left_out(output_root, names)
     result = CollectResult(
         output_root=str(output_root),
         generated=now_iso(),
@@ -871,6 +855,36 @@ def collect(
         other = collect(Path(compare), categories=None, finished=finished)
         result.compare = compare_runs(result, other)
     return result
+
+
+def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
+    """The problems of a missing output root, or raises when there is nothing to go on.
+
+    With the job's categories, a root that no task has created yet is a run where nothing
+    started; without them there is nothing to go on.
+    """
+    if output_root.is_dir():
+        return []
+    if not has_categories or output_root.exists():
+        raise FileNotFoundError(
+            f"output root {output_root} is not a folder: pass the job's output.root "
+            "(--job JOB or --outputs DIR)"
+        )
+    return [f"output root {output_root} does not exist yet: no task has started"]
+
+
+def _folders_left_out(output_root: Path, names: list[str]) -> list[str]:
+    """A problem for each `blip2_*` folder that is no category, or not one asked for."""
+    problems = []
+    for p in sorted(output_root.glob("blip2_*")):
+        if not p.is_dir():
+            continue
+        cat = _category_for_folder(p.name)
+        if cat is None:
+            problems.append(f"{p} does not belong to any category; ignored")
+        elif cat.name not in names:
+            problems.append(f"{p} ({cat.name}) is not one of the categories asked for; left out")
+    return problems
 
 
 # ------------------------------------------------------------------------------- comparison

@@ -316,6 +316,8 @@ def _train_locked(
     progress_stream: Any,
     after_save: AfterSave | None,
 ) -> dict[str, Any]:
+    """Under the category's lock: the folder made ready, then the training; however it ends
+    (completed, stopped, interrupted, failed), the summary says so."""
     t_start = time.time()
     remove_stale_tmp(out_dir)
     reached("setup.locked")
@@ -330,24 +332,9 @@ def _train_locked(
         requeues=requeues,
         earlier_attempts_wall_time_s=round(earlier_wall, 2),
     )
-    try:
-        cs = prepare_data(cfg, category, out_dir, resuming=latest is not None, replace_split=force)
-    except DataError as e:
-        summary.update(status="invalid_data", error=str(e), end_time=now_iso())
-        _write_unless_completed(out_dir, summary)
-        raise
-    summary.update(_data_counts(cs))
-    if not cs.train:
-        summary.update(status="invalid_data", error="no training QA pairs after the split")
-        _write_unless_completed(out_dir, summary)
-        raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
-    if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
-        ckpt.remove_all(out_dir)
-        remove_dir(out_dir / FINAL_MODEL)
-    config_yaml = dump_yaml(cfg)
-    atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
-    write_summary(out_dir, summary)
-    reached("setup.data")
+    cs, config_yaml = _prepare_folder(
+        cfg, category, out_dir, summary, force=force, resuming=latest is not None
+    )
     try:
         return _run_training(
             cfg,
@@ -388,6 +375,38 @@ def _train_locked(
         summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
+
+
+def _prepare_folder(
+    cfg: JobConfig, category: Category, out_dir: Path, summary: dict[str, Any], *, force: bool, resuming: bool
+) -> tuple[CategorySamples, str]:
+    """The samples (split.json written or reused) and the folder made ready for training:
+    with `force` the old checkpoints and adapter removed, `config.yaml` and the summary
+    written. Returns the samples and the config as written.
+
+    Raises:
+        DataError: the data cannot be used (recorded as `invalid_data`, unless a completed
+            summary is there: it stays).
+    """
+    try:
+        cs = prepare_data(cfg, category, out_dir, resuming=resuming, replace_split=force)
+    except DataError as e:
+        summary.update(status="invalid_data", error=str(e), end_time=now_iso())
+        _write_unless_completed(out_dir, summary)
+        raise
+    summary.update(_data_counts(cs))
+    if not cs.train:
+        summary.update(status="invalid_data", error="no training QA pairs after the split")
+        _write_unless_completed(out_dir, summary)
+        raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
+    if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
+        ckpt.remove_all(out_dir)
+        remove_dir(out_dir / FINAL_MODEL)
+    config_yaml = dump_yaml(cfg)
+    atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
+    write_summary(out_dir, summary)
+    reached("setup.data")
+    return cs, config_yaml
 
 
 def _earlier_attempts(out_dir: Path) -> tuple[str, float]:
