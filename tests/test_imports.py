@@ -162,6 +162,29 @@ def test_only_the_cli_imports_the_cli(graph):
     assert importers == ["fada_batch.__main__"]
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level names of the absolute imports in a file (`torch` for `torch.nn`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_data_knows_nothing_of_torch_and_only_the_launcher_imports_submitit():
+    """data/ reads sheets and images without the model's libraries; run.launch is the one
+    module that knows submitit (training never knows it runs on SLURM)."""
+    model_libraries = {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    for path in sorted((PACKAGE / "data").glob("*.py")):
+        assert not top_level_imports(path) & model_libraries, path.name
+    with_submitit = sorted(
+        module_name(p, PACKAGE.parent) for p in PACKAGE.rglob("*.py") if "submitit" in top_level_imports(p)
+    )
+    assert with_submitit == ["fada_batch.run.launch"]
+
+
 def _tree(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         path = root / rel
