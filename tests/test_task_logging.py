@@ -38,8 +38,14 @@ def test_an_8bit_task_log_holds_a_handful_of_warnings_not_one_per_matmul(job_fac
 
 
 def test_setup_logging_lets_a_repeated_library_warning_through_once(caplog):
-    from fada_batch.logsetup import setup_logging
+    from fada_batch.logsetup import OncePerMessage, setup_logging
 
+    # pytest keeps one capture handler for the whole session: an earlier test that ran the CLI
+    # left a filter on it that has seen bitsandbytes' message already (e.g. test_precision's
+    # 8-bit training); start from a handler without one, as a fresh process does
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, OncePerMessage)]:
+            handler.removeFilter(f)
     setup_logging()  # filters the handlers of the root logger, pytest's capture among them
     bnb = logging.getLogger("bitsandbytes.autograd._functions")
     for dtype in ("torch.float32", "torch.bfloat16") * 25:
