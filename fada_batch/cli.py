@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from fada_batch import __version__
 from fada_batch.text import plural
@@ -48,6 +47,7 @@ def _add_job_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand, each added by its `_add_<command>`, in `--help`'s order."""
     parser = argparse.ArgumentParser(
         prog="fada-batch",
         description="LoRA fine-tuning of BLIP-2 on fetal ultrasound VQA, one adapter per category.",
@@ -55,7 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fada-batch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_submit,
+        _add_demo,
+        _add_validate,
+        _add_collect,
+        _add_evaluate,
+        _add_ask,
+        _add_make_tiny_model,
+        _add_make_demo_data,
+        _add_stage_model,
+        _add_bench,
+        _add_requeue_failed,
+        _add_show_config,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train one category (resumes automatically)")
     _add_job_args(p)
     who = p.add_mutually_exclusive_group(required=True)
@@ -68,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain a completed category from scratch")
     p.set_defaults(func=cmd_train)
 
+
+def _add_submit(sub: Any) -> None:
     p = sub.add_parser(
         "submit", help="pre-flight, then one SLURM array task per category and a collector job"
     )
@@ -89,17 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain completed categories from scratch")
     p.set_defaults(func=cmd_submit)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="make the tiny model and demo data if absent, then train them")
     _add_job_args(p, required=False)
     p.add_argument("--executor", choices=("local", "debug"), default="local", help="how to run the tasks")
     p.set_defaults(func=cmd_demo, job="job/demo.yaml")
 
+
+def _add_validate(sub: Any) -> None:
     p = sub.add_parser("validate", help="pre-flight check of every category's sheet and images")
     _add_job_args(p)
     p.add_argument("--categories", help="comma-separated subset (default: the job's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_validate)
 
+
+def _add_collect(sub: Any) -> None:
     p = sub.add_parser(
         "collect", help="report on a run: report.md/.html, results.csv, collected.json in the output root"
     )
@@ -114,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_collect)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate", help="answer held-out images with adapter and base model; eval/metrics.json"
     )
@@ -121,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="one category (default: every one with a trained final_model)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_ask(sub: Any) -> None:
     p = sub.add_parser("ask", help="ask a trained adapter about a scan or a folder of scans")
     p.add_argument("--adapter", required=True, metavar="DIR", help="a category's final_model/ folder")
     p.add_argument("--image", required=True, metavar="FILE_OR_DIR", help="an image, or a folder of images")
@@ -151,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
 
+
+def _add_make_tiny_model(sub: Any) -> None:
     p = sub.add_parser("make-tiny-model", help="save a small pretrained BLIP-2 for tests and the demo")
     p.add_argument("dir", help="output folder")
     p.add_argument(
@@ -162,11 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_make_tiny_model)
 
+
+def _add_make_demo_data(sub: Any) -> None:
     p = sub.add_parser("make-demo-data", help="write a synthetic data set in the real layout")
     p.add_argument("dir", help="data root to create (holds 'Fetal Ultrasound/' ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scans and their answers (default 0)")
     p.set_defaults(func=cmd_make_demo_data)
 
+
+def _add_stage_model(sub: Any) -> None:
     p = sub.add_parser(
         "stage-model",
         help="download a model + processor for offline compute nodes, verify it, print model.name_or_path",
@@ -186,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_stage_model)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="measure training speed and memory; estimate each category's wall time and sbatch --time",
@@ -219,19 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_requeue_failed(sub: Any) -> None:
     p = sub.add_parser(
         "requeue-failed",
         help="record in a task's summary that its batch script could not requeue it (the "
-        "batch scripts call this; see fada_batch/requeue.py)",
+        "batch scripts call this; see fada_batch/run/requeue.py)",
     )
     p.add_argument("request", help="the task's requeue request file ($FADA_REQUEUE_REQUEST)")
     p.add_argument("--error", required=True, help="what failed (scontrol's output)")
     p.set_defaults(func=cmd_requeue_failed)
 
+
+def _add_show_config(sub: Any) -> None:
     p = sub.add_parser("show-config", help="print the resolved job config (after overrides)")
     _add_job_args(p)
     p.set_defaults(func=cmd_show_config)
-    return parser
 
 
 def _load(args: argparse.Namespace):
@@ -241,21 +283,18 @@ def _load(args: argparse.Namespace):
 
 
 def _job_categories(cfg) -> list[str]:
-    from fada_batch.categories import get_category
+    from fada_batch.data.categories import get_category
 
     return [get_category(c).name for c in cfg.data.categories]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one category. Under plain sbatch, SIGUSR1 (the `--signal` warning before the time
-    limit) or SIGTERM (preemption) saves a checkpoint at the next step; after USR1 the task is
-    requeued (up to cluster.max_requeues; see fada_batch/requeue.py) and resumes there."""
-    from fada_batch.launch import match_threads_to_allocation
-    from fada_batch.requeue import restart_count
-    from fada_batch.train import StopRequested, train_category
+    """Train one category (`run.task.run_category_on_signals`): under plain sbatch, SIGUSR1
+    (the `--signal` warning before the time limit) or SIGTERM (preemption) saves a checkpoint
+    at the next step; after USR1 the task is requeued and resumes there (exit status 3)."""
+    from fada_batch.run.task import Stopped, run_category_on_signals
 
     cfg = _load(args)
-    match_threads_to_allocation()
     if args.task_index is not None:
         cats = _job_categories(cfg)
         if not 0 <= args.task_index < len(cats):
@@ -268,77 +307,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         category = cats[args.task_index]
     else:
         category = args.category
-    caught: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        caught.append(signum)
-        print(f"caught signal {signum}: checkpointing at the next step", file=sys.stderr, flush=True)
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    try:
-        summary = train_category(
-            cfg, category, force=args.force, should_stop=lambda: bool(caught), requeues=restart_count()
-        )
-    except StopRequested as e:
-        print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
-        return _after_stop(cfg, category, e.checkpoint, caught[0] if caught else None)
-    _print_result(summary)
+    result = run_category_on_signals(cfg, category, force=args.force)
+    if isinstance(result, Stopped):
+        return EXIT_FAILED if result.failed else EXIT_REQUEUED
+    _print_result(result)
     return EXIT_OK
-
-
-def _after_stop(cfg, category: str, checkpoint: Path | None, signum: int | None) -> int:
-    """Record why `train` stopped; after the warning signal under SLURM, have it requeued."""
-    from fada_batch import requeue
-    from fada_batch.categories import get_category
-    from fada_batch.train import category_output_dir
-
-    cat = get_category(category)
-    out_dir = category_output_dir(cfg, cat)
-    resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
-    under_slurm = bool(os.environ.get("SLURM_JOB_ID"))
-    if signum != signal.SIGUSR1 or not under_slurm:
-        reason, message = (
-            ("preempted", requeue.terminated_message(resume))
-            if under_slurm
-            else ("user", f"stopped by signal {signum}; run the same command again to resume")
-        )
-        requeue.record_stop(
-            out_dir, status="interrupted", stop_reason=reason, message=message, checkpoint=checkpoint
-        )
-        return EXIT_REQUEUED
-    done, limit = requeue.restart_count(), cfg.cluster.max_requeues
-    if done >= limit:
-        msg = requeue.limit_message("time_limit", requeues=done, max_requeues=limit, resume=resume)
-        requeue.record_stop(
-            out_dir, status="interrupted", stop_reason="requeue_limit", message=msg, checkpoint=checkpoint
-        )
-        print(f"{cat.name}: ERROR: {msg}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    try:
-        how = requeue.request_requeue(out_dir, cat.name, checkpoint, "time_limit")
-    except requeue.RequeueError as e:
-        requeue.record_stop(
-            out_dir,
-            status="failed",
-            stop_reason="requeue_failed",
-            message=requeue.failed_message(str(e), resume),
-            checkpoint=checkpoint,
-            error=str(e),
-        )
-        print(f"{cat.name}: ERROR: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    msg = requeue.requeue_message("time_limit", how=how, requeues=done, max_requeues=limit, resume=resume)
-    requeue.record_stop(
-        out_dir, status="interrupted", stop_reason="time_limit", message=msg, checkpoint=checkpoint
-    )
-    print(f"{cat.name}: {msg}", file=sys.stderr, flush=True)
-    return EXIT_REQUEUED
 
 
 def cmd_requeue_failed(args: argparse.Namespace) -> int:
     """A batch script's `scontrol requeue` failed: the task's summary says so (failed)."""
-    from fada_batch.requeue import record_host_failure
+    from fada_batch.run.requeue import record_host_failure
 
     try:
         summary = record_host_failure(Path(args.request), args.error)
@@ -350,9 +328,9 @@ def cmd_requeue_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fada_batch.launch import SubmitError, submit
-    from fada_batch.slurmjobs import SlurmUnavailable
-    from fada_batch.validate import NoDataError
+    from fada_batch.data.validate import NoDataError
+    from fada_batch.run.launch import SubmitError, submit
+    from fada_batch.run.slurmjobs import SlurmUnavailable
 
     cfg = _load(args)
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
@@ -391,9 +369,9 @@ def _print_result(summary: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Make the tiny model and the demo data when absent, then run the job the way a
     workstation does (`submit --executor local`), ending with the collector's report."""
-    from fada_batch.demo import make_demo_data
-    from fada_batch.launch import submit
-    from fada_batch.tiny import make_tiny_model
+    from fada_batch.run.launch import submit
+    from fada_batch.tools.demo import make_demo_data
+    from fada_batch.tools.tiny import make_tiny_model
 
     cfg = _load(args)
     model_dir = Path(cfg.model.name_or_path)
@@ -411,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fada_batch.validate import format_table, preflight
+    from fada_batch.data.validate import format_table, preflight
 
     cfg = _load(args)
     names = [c.strip() for c in args.categories.split(",")] if args.categories else None
@@ -427,9 +405,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from fada_batch.collect import collect
-    from fada_batch.report import text_table, write_report
-    from fada_batch.slurmjobs import job_phase
+    from fada_batch.run.collect import collect
+    from fada_batch.run.report import text_table, write_report
+    from fada_batch.run.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
@@ -461,7 +439,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fada_batch.evaluate import (
+    from fada_batch.data.images import ImageError
+    from fada_batch.evaluation.evaluate import (
         AdapterError,
         EvaluationError,
         evaluate_category,
@@ -470,7 +449,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         trained_categories,
     )
     from fada_batch.fsutil import LockedError
-    from fada_batch.images import ImageError
+    from fada_batch.run.slurmjobs import job_phase
 
     cfg = _load(args)
     try:
@@ -485,7 +464,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     failed = 0
     for cat in cats:
         try:
-            metrics = evaluate_category(cfg, cat)
+            metrics = evaluate_category(cfg, cat, job_probe=job_phase)
         except (EvaluationError, AdapterError, ImageError, LockedError) as e:
             print(f"error: {cat}: {e}", file=sys.stderr)
             failed += 1
@@ -495,8 +474,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from fada_batch.ask import Asker, AskError, format_answers, image_files
-    from fada_batch.evaluate import AdapterError, GenerationSettings
+    from fada_batch.evaluation.ask import Asker, AskError, format_answers, image_files
+    from fada_batch.evaluation.evaluate import AdapterError, GenerationSettings
 
     try:
         images = image_files(Path(args.image))
@@ -516,7 +495,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from fada_batch.tiny import make_tiny_model
+    from fada_batch.tools.tiny import make_tiny_model
 
     path = make_tiny_model(Path(args.dir), seed=args.seed)
     print(f"tiny model saved in {path} (use model.name_or_path: {path})")
@@ -524,7 +503,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from fada_batch.demo import make_demo_data
+    from fada_batch.tools.demo import make_demo_data
 
     info = make_demo_data(Path(args.dir), seed=args.seed)
     print(f"demo data written to {args.dir}: {info}")
@@ -532,8 +511,8 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fada_batch.bench import format_report, make_bench_model, run_bench
-    from fada_batch.model import ModelFolderMissing
+    from fada_batch.tools.bench import format_report, make_bench_model, run_bench
+    from fada_batch.training.model import ModelFolderMissing
 
     cfg = _load(args)
     if args.make_bench_model:
@@ -576,7 +555,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_model(args: argparse.Namespace) -> int:
-    from fada_batch.stage import format_report, stage_model
+    from fada_batch.tools.stage import format_report, stage_model
 
     result = stage_model(
         args.model, Path(args.to), revision=args.revision, force=args.force, full_load=args.full_load
@@ -594,12 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from fada_batch.categories import UnknownCategoryError
-    from fada_batch.checkpoint import CheckpointWriteError
     from fada_batch.config import ConfigError
+    from fada_batch.data.categories import UnknownCategoryError
+    from fada_batch.data.samples import DataError
     from fada_batch.fsutil import LockedError, NotWritableError
-    from fada_batch.model import ModelLoadError
-    from fada_batch.train import DataError
+    from fada_batch.training.checkpoint import CheckpointWriteError
+    from fada_batch.training.model import ModelLoadError
 
     try:
         return args.func(args)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from fada_batch.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
 from fada_batch.text import plural
 
 
@@ -49,7 +49,7 @@ class ModelConfig:
 
     name_or_path: str = "Salesforce/blip2-opt-2.7b"  # hub id or a local folder
     # auto: bf16/fp32 (none) when the model fits the GPU with room, else 8bit, else 4bit
-    # (fada_batch.model.pick_quantization); none/8bit/4bit force one.
+    # (fada_batch.training.model.pick_quantization); none/8bit/4bit force one.
     quantization: Literal["auto", "none", "8bit", "4bit"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
         "auto"  # auto: bf16 on GPUs that have it, else fp32

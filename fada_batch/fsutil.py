@@ -191,7 +191,7 @@ class JobPhase:
     detail: str = ""
 
 
-# Asks the scheduler about a job id; `fada_batch.slurmjobs.job_phase` asks SLURM. The lock and
+# Asks the scheduler about a job id; `fada_batch.run.slurmjobs.job_phase` asks SLURM. The lock and
 # the collector take one as an argument, so that this module never runs a scheduler command.
 JobProbe = Callable[[str], JobPhase]
 
@@ -413,7 +413,7 @@ def category_lock(
 
     Args:
         job_probe: asks the scheduler whether a holder's job still runs
-            (`fada_batch.slurmjobs.job_phase`); None: never ask.
+            (`fada_batch.run.slurmjobs.job_phase`); None: never ask.
 
     Raises:
         LockedError: naming the holder (its SLURM job), why it counts as alive, and what to do.

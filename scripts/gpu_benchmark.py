@@ -5,13 +5,14 @@
     python scripts/gpu_benchmark.py --scale tiny --device cpu --out b.json   # smoke test, CPU
 
 No download and no tokenizer: the model is built from blip2-opt-2.7b's published config values
-(written below) with random weights, directly on the device in bf16 (never materialised on the
-CPU; parameter counts come from a copy on the meta device). Timing does not depend on the
+(`fada_batch.tools.bench.model.BLIP2_OPT_27B`, with the package's `blip2_config` and
+`build_random_model`) with random weights, directly on the device in bf16 (never materialised on
+the CPU; parameter counts come from a copy on the meta device). Timing does not depend on the
 weights. Inputs are random token ids with realistic lengths: prompts of 15-28 text tokens
 after the 32 image tokens and BOS (48-61 in all; the standard questions through the prompt
 template), answers of 10-30 tokens, then EOS.
 
-OURS: the production step (`fada_batch.train`): frozen features computed once per image
+OURS: the production step (`fada_batch.training.step`): frozen features computed once per image
 (vision -> Q-Former -> projection, `image_features`) for 32 images x 8 questions,
 length-grouped steps of 16 dynamically padded rows, token-mean loss (`accumulate_step`), AdamW,
 LoRA r=8 on q_proj/v_proj, bf16 weights.
@@ -19,7 +20,7 @@ LoRA r=8 on q_proj/v_proj, bf16 weights.
 SEED: 8-bit weights (bitsandbytes LLM.int8; bf16 where bitsandbytes cannot run 8-bit on this
 GPU: the JSON says which), batch 1, the prompt padded to 256 tokens and the answer to 128 as
 separate labels, pixel values through the full model in every step, HF `Trainer` with
-gradient checkpointing (`fada_batch.bench.time_trainer`, the same code `fada-batch bench
+gradient checkpointing (`fada_batch.tools.bench.seed.time_trainer`, the same code `fada-batch bench
 --baseline` runs).
 
 Model FLOP utilisation (MFU) = model FLOPs per second / the card's dense bf16 peak, with
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import platform
@@ -54,37 +54,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
 
-from fada_batch.bench import parameter_counts, time_trainer
-from fada_batch.collate import Encoded, Sample
-from fada_batch.model import LoadedModel, apply_lora, image_features, quantization_config
-from fada_batch.train import accumulate_step, epoch_steps, set_train_mode
+from fada_batch.data.samples import Sample
+from fada_batch.tools.bench.measure import free_memory, sync
+from fada_batch.tools.bench.model import (
+    BLIP2_OPT_27B,
+    blip2_config,
+    build_random_model,
+    parameter_counts,
+    vision_forward_flops,
+)
+from fada_batch.tools.bench.seed import SEED_ANSWER_LEN, SEED_PROMPT_LEN, time_trainer
+from fada_batch.training.collate import Encoded
+from fada_batch.training.model import LoadedModel, apply_lora, image_features, quantization_config
+from fada_batch.training.step import accumulate_step, epoch_steps, set_train_mode
 
-# Salesforce/blip2-opt-2.7b's config.json, the values that set the architecture.
-FULL = {
-    "vision": dict(
-        hidden_size=1408,
-        num_hidden_layers=39,
-        num_attention_heads=16,
-        intermediate_size=6144,
-        image_size=224,
-        patch_size=14,
-    ),
-    "qformer": {},  # Blip2QFormerConfig defaults: 12 layers, hidden 768, cross-attention every 2nd
-    "text": dict(
-        hidden_size=2560,
-        num_hidden_layers=32,
-        ffn_dim=10240,
-        num_attention_heads=32,
-        vocab_size=50272,
-        max_position_embeddings=2048,
-        word_embed_proj_dim=2560,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=50118,
-    ),
-    "num_query_tokens": 32,
-    "image_token_index": 50265,
-}
+FULL = BLIP2_OPT_27B  # Salesforce/blip2-opt-2.7b's architecture (`tools.bench.model`)
+# the same sections at a smoke-test size (--scale tiny)
 TINY = {
     "vision": dict(
         hidden_size=64,
@@ -126,7 +111,6 @@ PEAK_BF16_TFLOPS = (
 )
 PROMPT_TEXT_TOKENS = (15, 28)
 ANSWER_TOKENS = (10, 30)
-SEED_PROMPT_LEN, SEED_ANSWER_LEN = 256, 128
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,45 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_config(spec: dict[str, Any]) -> Any:
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
-
-    return Blip2Config(
-        vision_config=Blip2VisionConfig(**spec["vision"]).to_dict(),
-        qformer_config=Blip2QFormerConfig(**spec["qformer"]).to_dict(),
-        text_config=OPTConfig(**spec["text"]).to_dict(),
-        num_query_tokens=spec["num_query_tokens"],
-        image_token_index=spec["image_token_index"],
-    )
-
-
-def build_model(config: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Random weights, allocated and initialised on `device` in `dtype`, all frozen."""
-    from transformers import Blip2ForConditionalGeneration
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def peak_tflops(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return platform.processor() or platform.machine(), None
     name = torch.cuda.get_device_name(device)
     return name, next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -388,7 +338,7 @@ def seed_model(
                 raise
             notes.append(f"8-bit unavailable ({type(e).__name__}: {e}); the seed ran in {dtype}")
             want = "none"
-            model = build_model(config, device, dtype)
+            model = build_random_model(config, device, dtype)
     loaded = LoadedModel(model, None, device, dtype, want, "random blip2-opt-2.7b architecture")
     model = apply_lora(
         loaded,
@@ -494,12 +444,6 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_all = time.perf_counter()
@@ -514,20 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    config = build_config(FULL if args.scale == "full" else TINY)
+    config = blip2_config(FULL if args.scale == "full" else TINY)
     counts = parameter_counts(config)
-    vc = config.vision_config
-    vision_tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     flops = {
         "n_lm": counts["lm"],
         "n_vision": counts["vision"],
         "n_qformer": counts["qformer"],
-        "vision_forward": 2 * counts["vision"] * vision_tokens
-        + 2 * counts["qformer"] * config.num_query_tokens,
+        "vision_forward": vision_forward_flops(config, counts),
     }
     name, peak = peak_tflops(device)
     t0 = time.perf_counter()
-    model = build_model(config, device, dtype)
+    model = build_random_model(config, device, dtype)
     build_s = time.perf_counter() - t0
     result: dict[str, Any] = {
         "device": name,

@@ -10,7 +10,7 @@ temporary data root, then times, through production's code:
 
 - the pre-flight check, `validate.preflight` (what `fada-batch validate` and `submit` run):
   the sheet parsed, every listed image resolved inside the folder, verified and decoded;
-- training's data step, `train.prepare_data`: the same load, the split by image,
+- training's data step, `samples.prepare_data`: the same load, the split by image,
   `split.json`, and the question/answer samples.
 
 It also prints the memory of the frozen-feature cache for that category with
@@ -31,14 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from fada_batch.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, get_category
 from fada_batch.config import config_from_dict
-from fada_batch.demo import _sheet_frame, render_scan
-from fada_batch.train import prepare_data
-from fada_batch.validate import preflight
+from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, get_category
+from fada_batch.data.samples import prepare_data
+from fada_batch.data.validate import preflight
+from fada_batch.tools.bench.model import BLIP2_OPT_27B
+from fada_batch.tools.demo import _sheet_frame, render_scan
 
 SEED_ABDOMEN_IMAGES = 2424  # the seed data set's largest category
-QUERY_TOKENS, TEXT_HIDDEN = 32, 2560  # blip2-opt-2.7b: num_query_tokens, text_config.hidden_size
+# blip2-opt-2.7b: what one image's cached features hold (num_query_tokens x text hidden size)
+QUERY_TOKENS, TEXT_HIDDEN = BLIP2_OPT_27B["num_query_tokens"], BLIP2_OPT_27B["text"]["hidden_size"]
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DISTINCT_SCANS = 24  # rendered once, written many times: decoding, not drawing, is timed
 

@@ -76,7 +76,7 @@ def _cache_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """A saved tiny pretrained BLIP-2 (model + processor) folder."""
-    from fada_batch.tiny import make_tiny_model
+    from fada_batch.tools.tiny import make_tiny_model
 
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo data in the real layout, under a folder whose name has spaces and a quote."""
-    from fada_batch.demo import make_demo_data
+    from fada_batch.tools.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("demo data") / "it's data"
     make_demo_data(root)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fada_batch.ask import Asker, AskError
-from fada_batch.categories import STANDARD_QUESTIONS
 from fada_batch.cli import main
-from fada_batch.train import FINAL_MODEL, train_category
+from fada_batch.data.categories import STANDARD_QUESTIONS
+from fada_batch.evaluation.ask import Asker, AskError
+from fada_batch.run.task import run_category
+from fada_batch.training.outputs import FINAL_MODEL
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,9 +35,9 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def femur_adapter(tiny_model_dir, demo_root, tmp_path_factory):
     """(final_model folder, {image name: {Q: adapter prediction}}, {image name: file})."""
-    from fada_batch.categories import get_category
     from fada_batch.config import config_from_dict, load_job
-    from fada_batch.train import prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.data.samples import prepare_data
 
     raw = load_job(Path(__file__).resolve().parent.parent / "job" / "demo.yaml").to_dict()
     raw["data"].update(root=str(demo_root), num_images=24)
@@ -44,7 +45,7 @@ def femur_adapter(tiny_model_dir, demo_root, tmp_path_factory):
     raw["output"]["root"] = str(tmp_path_factory.mktemp("ask") / "out puts")
     raw["train"].update(num_epochs=4, checkpoint_every_steps=0, log_every_s=1000.0)
     cfg = config_from_dict(raw)
-    summary = train_category(cfg, "Femur")
+    summary = run_category(cfg, "Femur")
     out = Path(summary["output_dir"])
     predictions: dict[str, dict[str, str]] = {}
     with (out / "eval" / "predictions.csv").open(newline="") as f:

@@ -3,7 +3,6 @@ the `quantization: auto` rule. Speed is measured and printed, never asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,18 @@ import pytest
 import torch
 
 from fada_batch import cli
-from fada_batch.bench import (
+from fada_batch.config import config_from_dict, load_job
+from fada_batch.tools.bench import (
+    BLIP2_OPT_27B,
     BenchModelRecipe,
+    blip2_config,
     build_bench_model,
     estimate,
     make_bench_model,
     per_sample_flops,
     sbatch_time,
 )
-from fada_batch.config import config_from_dict, load_job
-from fada_batch.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
+from fada_batch.training.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,11 +33,8 @@ def bench_model_dir(tmp_path_factory):
 
 
 def blip2_opt_27b_config():
-    """Salesforce/blip2-opt-2.7b's architecture: the published values in scripts/gpu_benchmark.py."""
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
-    return gb.build_config(gb.FULL)
+    """Salesforce/blip2-opt-2.7b's architecture: the published values in `tools.bench.model`."""
+    return blip2_config(BLIP2_OPT_27B)
 
 
 # ------------------------------------------------------------------------------- estimate

@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fada_batch.checkpoint import BEST_DIR, list_checkpoints
-from fada_batch.train import FINAL_MODEL, StopRequested, train_category
+from fada_batch.training.checkpoint import BEST_DIR, list_checkpoints
+from fada_batch.training.outputs import FINAL_MODEL
+from fada_batch.training.recipe import StopRequested, train_category
 
 DIVERGING = {
     "data.num_images": 12,
@@ -42,7 +43,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_the_best_step_ships_and_the_summary_and_report_say_why(job_factory):
-    from fada_batch.collect import collect
+    from fada_batch.run.collect import collect
 
     cfg = job_factory(DIVERGING)
     summary = train_category(cfg, "Femur")

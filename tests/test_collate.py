@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from fada_batch.collate import (
+from fada_batch.data.samples import Sample
+from fada_batch.training.collate import (
     IGNORE_INDEX,
     Encoded,
     Encoder,
-    Sample,
     TokenLayoutError,
     answer_length_stats,
     collate,
     masked_lm_loss_sum,
 )
-from fada_batch.model import eos_token_id, image_features, lm_logits, load_base_model
+from fada_batch.training.model import eos_token_id, image_features, lm_logits, load_base_model
 
 
 def test_masked_loss_matches_hand_computation():
@@ -120,7 +120,7 @@ def test_our_loss_equals_the_models_own_loss(loaded, encoder):
 
 def test_wrong_image_token_count_is_refused(encoder):
     e = encoder.encode(Sample("a", 0, "Question: q? Answer:", "x"))
-    from fada_batch.collate import Encoded
+    from fada_batch.training.collate import Encoded
 
     cut = Encoded(input_ids=e.input_ids[1:], prompt_len=e.prompt_len - 1)
     with pytest.raises(TokenLayoutError, match="image tokens"):

@@ -33,16 +33,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_batch import cli
-from fada_batch.collect import EXIT_FAILED, EXIT_OK, STALE_AFTER_S, collect
 from fada_batch.config import config_from_dict, dump_yaml, load_job
-from fada_batch.report import (
+from fada_batch.run.collect import EXIT_FAILED, EXIT_OK, STALE_AFTER_S, collect
+from fada_batch.run.report import (
     make_plots,
     render_csv,
     render_html,
     render_markdown,
     write_report,
 )
-from fada_batch.train import StopRequested, train_category
+from fada_batch.run.task import run_category
+from fada_batch.training.recipe import StopRequested
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = [
@@ -124,16 +125,16 @@ def build_real_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     out = base / "run out's"
     cfg = _cfg(tiny_model_dir, data_root, out)
     for name in ("Femur", "Abdomen"):
-        assert train_category(cfg, name)["status"] == "completed"
+        assert run_category(cfg, name)["status"] == "completed"
     with pytest.raises(StopRequested):
-        train_category(cfg, "Thorax", should_stop=_stop_after(3), requeues=1)
+        run_category(cfg, "Thorax", should_stop=_stop_after(3), requeues=1)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_category(cfg, "Standard_NT", should_stop=_stop_after(2, fail=True))
-    from fada_batch.train import DataError
+        run_category(cfg, "Standard_NT", should_stop=_stop_after(2, fail=True))
+    from fada_batch.data.samples import DataError
 
     with pytest.raises(DataError):
-        train_category(cfg, "Trans-ventricular")
-    assert train_category(cfg, "Cervix")["status"] == "awaiting_labels"
+        run_category(cfg, "Trans-ventricular")
+    assert run_category(cfg, "Cervix")["status"] == "awaiting_labels"
     for name in ("femur", "abdomen"):
         assert (out / f"blip2_{name}" / "eval" / "metrics.json").is_file()
     # A task killed (SIGKILL, node failure) while running: its lock names a dead pid.
@@ -157,7 +158,7 @@ def build_real_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     # A previous run to compare with: Femur for one epoch only.
     other = base / "previous run"
     prev = _cfg(tiny_model_dir, data_root, other, evaluate=False, num_epochs=1)
-    assert train_category(prev, "Femur")["status"] == "completed"
+    assert run_category(prev, "Femur")["status"] == "completed"
     _RUNS["run"] = {"root": out, "data_root": data_root, "cfg": cfg, "other": other}
     return _RUNS["run"]
 

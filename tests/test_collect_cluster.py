@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch import cli, slurmjobs
-from fada_batch.collect import EXIT_FAILED, EXIT_OK, collect
+from fada_batch import cli
 from fada_batch.fsutil import JobPhase
-from fada_batch.report import render_html, resume_all
-from fada_batch.train import StopRequested, train_category
+from fada_batch.run import slurmjobs
+from fada_batch.run.collect import EXIT_FAILED, EXIT_OK, collect
+from fada_batch.run.report import render_html, resume_all
+from fada_batch.training.recipe import StopRequested, train_category
 
 FADA_BATCH = str(Path(sys.executable).parent / "fada-batch")
 
@@ -270,7 +271,7 @@ def _by_hand(cfg):
 
 @pytest.mark.slurm
 def test_collector_job_after_a_cancelled_task(slurm_conf, job_factory):
-    from fada_batch.launch import submit
+    from fada_batch.run.launch import submit
 
     cfg = job_factory(CLUSTER)
     root = Path(cfg.output.root)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from fada_batch import killpoints
 from fada_batch.cli import main as cli_main
-from fada_batch.collect import collect
 from fada_batch.config import dump_yaml
-from fada_batch.train import train_category
+from fada_batch.run.collect import collect
+from fada_batch.training.recipe import train_category
 
 RUN = {"data.num_images": 20, "train.num_epochs": 3, "train.checkpoint_every_steps": 1, "train.batch_size": 8}
 

@@ -365,14 +365,24 @@ def test_apptainer_definition_parses_and_matches_the_dockerfile():
 
 def test_tiny_model_layer_copies_every_module_the_tiny_model_imports():
     """The Dockerfile builds the tiny model from a few modules copied alone: they must be all
-    that `fada_batch.tiny` imports of the package (else the build fails there)."""
-    code = "import sys, fada_batch.tiny; print(' '.join(sorted(m for m in sys.modules if m.startswith('fada_batch'))))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    needed = {m.replace(".", "/") + (".py" if "." in m else "/__init__.py") for m in r.stdout.split()}
-    copy = next(
-        rest.split() for word, rest in dockerfile() if word == "COPY" and "fada_batch/tiny.py" in rest
+    that `fada_batch.tools.tiny` imports of the package (else the build fails there)."""
+    code = (
+        "import sys, fada_batch.tools.tiny; "
+        "print(' '.join(sorted(m.__file__ for n, m in sys.modules.items() if n.startswith('fada_batch'))))"
     )
-    assert set(copy[:-1]) == needed
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    needed = {Path(f).resolve().relative_to(REPO).as_posix() for f in r.stdout.split()}
+    tiny_src = "/tmp/tiny-src/"
+    copied = set()
+    for word, rest in dockerfile():
+        if word != "COPY":
+            continue
+        *sources, dest = rest.split()
+        if dest.startswith(tiny_src):
+            for src in sources:  # COPY puts each file into the destination folder itself
+                assert dest.removeprefix(tiny_src) + Path(src).name == src, (src, dest)
+                copied.add(src)
+    assert copied == needed
 
 
 def test_runscript_and_test_call_the_entrypoint():

@@ -13,15 +13,15 @@ import openpyxl
 import pytest
 from PIL import Image
 
-from fada_batch.categories import (
+from fada_batch.data.categories import (
     IMAGES_DIR,
     LABELS_DIR,
     STANDARD_QUESTIONS,
     UnknownCategoryError,
     get_category,
 )
-from fada_batch.dataset import CategoryData, load_category
-from fada_batch.problems import Problem
+from fada_batch.data.dataset import CategoryData, load_category
+from fada_batch.data.problems import Problem
 
 HEADER = ["Image Name", "Q1:\nWhat do you see?"] + [f"Q{i}" for i in range(2, 9)]
 ANSWERS = ["Femur  shaft.", "left", "standard", "FL", "22 weeks", "good", "normal", "none"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fada_batch.categories import (
+from fada_batch.data.categories import (
     IMAGES_DIR,
     LABELS_DIR,
     STANDARD_QUESTIONS,
@@ -19,14 +19,14 @@ from fada_batch.categories import (
     find_sheet,
     get_category,
 )
-from fada_batch.demo import (
+from fada_batch.text import clean_answer
+from fada_batch.tools.demo import (
     ORIENTATION_ANSWERS,
     QUALITY_ANSWERS,
     describe,
     make_demo_data,
     render_scan,
 )
-from fada_batch.text import clean_answer
 
 N_IMAGES = 24  # per category: small and fast, still balanced and with every blemish
 

@@ -20,7 +20,7 @@ import torch
 
 from fada_batch.cli import main
 from fada_batch.config import config_from_dict, dump_yaml, load_job
-from fada_batch.evaluate import (
+from fada_batch.evaluation.evaluate import (
     MODELS,
     PREDICTION_COLUMNS,
     AdapterError,
@@ -34,9 +34,11 @@ from fada_batch.evaluate import (
     read_adapter_info,
     same_base_model,
 )
-from fada_batch.metrics import METRIC_NAMES, aggregate, majority_answers
-from fada_batch.model import load_base_model
-from fada_batch.train import FINAL_MODEL, FeatureSource, train_category
+from fada_batch.evaluation.metrics import METRIC_NAMES, aggregate, majority_answers
+from fada_batch.run.task import run_category
+from fada_batch.training.features import FeatureSource
+from fada_batch.training.model import load_base_model
+from fada_batch.training.outputs import FINAL_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1, 2)
@@ -71,7 +73,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def margin_runs(tiny_model_dir, tmp_path_factory):
     """Femur trained with the demo recipe for seeds 0, 1, 2 (evaluated at the end of training)."""
-    from fada_batch.demo import make_demo_data
+    from fada_batch.tools.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("eval data") / "it's 200 scans"
     make_demo_data(root, images_per_category=MARGIN_IMAGES)
@@ -79,7 +81,7 @@ def margin_runs(tiny_model_dir, tmp_path_factory):
     for seed in SEEDS:
         out = tmp_path_factory.mktemp("eval") / f"seed {seed}"
         cfg = _demo_cfg(root, tiny_model_dir, out, seed=seed, num_epochs=MARGIN_EPOCHS)
-        summary = train_category(cfg, "Femur")
+        summary = run_category(cfg, "Femur")
         runs[seed] = (cfg, summary, Path(cfg.output.root) / "blip2_femur")
     return runs
 
@@ -131,7 +133,7 @@ def test_eval_files_cover_every_question(margin_runs):
 def test_predictions_reproduce_metrics_and_majority(margin_runs):
     """metrics.json is exactly `aggregate` over predictions.csv; the majority column is the
     most frequent training answer of each question."""
-    from fada_batch.train import prepare_data
+    from fada_batch.data.samples import prepare_data
 
     cfg, _summary, out = margin_runs[0]
     rows = _predictions(out)
@@ -146,7 +148,7 @@ def test_predictions_reproduce_metrics_and_majority(margin_runs):
             for r in rows
         )
         assert again == metrics[model], model
-    from fada_batch.categories import get_category
+    from fada_batch.data.categories import get_category
 
     cs = prepare_data(cfg, get_category("Femur"), out, resuming=True)
     majority = majority_answers((s.question_index, s.answer) for s in cs.train)
@@ -171,8 +173,8 @@ def _loaded_with_adapter(model_dir: Path, out: Path):
 
 def _prompts_and_features(loaded, cfg, out, n_images=2):
     """Every question about a few held-out images: 8 prompt lengths, so batches are padded."""
-    from fada_batch.categories import get_category
-    from fada_batch.train import prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.data.samples import prepare_data
 
     cs = prepare_data(cfg, get_category("Femur"), out, resuming=True)
     names = cs.split.test[:n_images]
@@ -272,7 +274,7 @@ def test_evaluation_and_training_of_one_category_exclude_each_other(margin_runs)
     with category_lock(out), pytest.raises(LockedError, match="is being trained by another task"):
         evaluate_category(cfg, "Femur")
     with category_lock(out, purpose="evaluated"), pytest.raises(LockedError) as e:
-        train_category(cfg, "Femur", force=True)
+        run_category(cfg, "Femur", force=True)
     assert "is being evaluated by another task" in str(e.value)
     assert (out / "final_model" / "adapter_model.safetensors").is_file()  # nothing removed
     assert _metrics(out) == before and not (out / ".lock").exists()
@@ -298,14 +300,14 @@ def test_adapter_info_and_base_model_names(margin_runs, tmp_path, tiny_model_dir
 
 
 def test_failed_evaluation_keeps_training_completed(job_factory, monkeypatch):
-    import fada_batch.evaluate as ev
+    import fada_batch.evaluation.evaluate as ev
 
     def boom(*_a, **_k):
         raise RuntimeError("simulated evaluation failure")
 
     monkeypatch.setattr(ev, "evaluate_loaded", boom)
     cfg = job_factory({"train.num_epochs": 1, "data.num_images": 12})
-    summary = train_category(cfg, "Thorax")
+    summary = run_category(cfg, "Thorax")
     assert summary["status"] == "completed"
     assert "simulated evaluation failure" in summary["eval"]["error"]
 

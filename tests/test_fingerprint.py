@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch.checkpoint import list_checkpoints
 from fada_batch.cli import main
 from fada_batch.config import (
     FingerprintMismatch,
@@ -22,7 +21,8 @@ from fada_batch.config import (
     load_job,
     training_fingerprint,
 )
-from fada_batch.train import StopRequested, train_category
+from fada_batch.training.checkpoint import list_checkpoints
+from fada_batch.training.recipe import StopRequested, train_category
 
 REPO = Path(__file__).resolve().parent.parent
 VALIDATION = {"data.num_images": 6, "train.num_epochs": 1, "train.learning_rate": 1e-2}
@@ -129,7 +129,7 @@ def test_checkpoint_of_another_config_is_refused_not_resumed(job_factory, tmp_pa
     assert "data.num_images: 6 -> 12" in str(e.value) and "--force" in str(e.value)
     assert list_checkpoints(folder) == ckpts and _summary(small)["status"] == "interrupted"
     # submit refuses up front, for every such category at once, and submits nothing
-    from fada_batch.launch import submit
+    from fada_batch.run.launch import submit
 
     with pytest.raises(FingerprintMismatch, match="Femur"):
         submit(big, categories=["Femur", "Thorax"], executor="debug", dry_run=True)
@@ -178,7 +178,7 @@ def test_force_on_unusable_data_keeps_the_completed_adapter(job_factory, tmp_pat
     done = train_category(cfg, "Femur")
     folder = Path(cfg.output.root) / "blip2_femur"
     shutil.rmtree(data / "Fetal Ultrasound" / "Femur")  # the images are gone: invalid data
-    from fada_batch.train import DataError
+    from fada_batch.data.samples import DataError
 
     with pytest.raises(DataError):
         train_category(cfg, "Femur", force=True)
@@ -192,7 +192,7 @@ def test_submit_shows_and_runs_only_what_would_actually_run(job_factory, tmp_pat
     resuming from it. --force puts the completed one back."""
     import io
 
-    from fada_batch.launch import submit
+    from fada_batch.run.launch import submit
 
     cfg = job_factory({**VALIDATION, "train.checkpoint_every_steps": 1}, out=tmp_path / "out")
     done = train_category(cfg, "Femur")

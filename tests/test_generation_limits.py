@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fada_batch.config import config_from_dict, dump_yaml, load_job
-from fada_batch.train import FINAL_MODEL, train_category
+from fada_batch.run.task import run_category
+from fada_batch.training.outputs import FINAL_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def trained(tiny_model_dir, demo_root, tmp_path_factory):
     raw["train"].update(num_epochs=6, log_every_s=1000.0, checkpoint_every_steps=0)
     cfg = config_from_dict(raw)
     assert cfg.eval.max_new_tokens is None and cfg.eval.after_training
-    summary = train_category(cfg, "Femur")
+    summary = run_category(cfg, "Femur")
     return cfg, summary, Path(cfg.output.root) / "blip2_femur"
 
 
@@ -35,10 +36,10 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def test_the_limit_is_what_the_training_answers_need_and_is_recorded(trained):
-    from fada_batch.categories import get_category
-    from fada_batch.evaluate import load_adapter, make_encoder, read_adapter_info
-    from fada_batch.model import load_base_model
-    from fada_batch.train import prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.evaluation.evaluate import load_adapter, make_encoder, read_adapter_info
+    from fada_batch.training.model import load_base_model
 
     cfg, summary, out = trained
     cs = prepare_data(cfg, get_category("Femur"), out, resuming=True)
@@ -81,9 +82,9 @@ def test_answers_cut_off_by_the_limit_are_counted(trained, tmp_path, capsys):
 
 
 def test_ask_takes_the_recorded_limit_unless_told(trained, demo_root, capsys):
-    from fada_batch.ask import Asker
     from fada_batch.cli import main
-    from fada_batch.evaluate import GenerationSettings, read_adapter_info
+    from fada_batch.evaluation.ask import Asker
+    from fada_batch.evaluation.evaluate import GenerationSettings, read_adapter_info
 
     _cfg, _summary, out = trained
     recorded = read_adapter_info(out / FINAL_MODEL).max_new_tokens

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fada_batch.tools.bench import model as bench_model
+from fada_batch.tools.bench import seed as bench_seed
+from fada_batch.tools.bench.model import BLIP2_OPT_27B, blip2_config, build_random_model, parameter_counts
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_benchmark.py"
 
 
@@ -36,14 +40,26 @@ def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 
 def test_full_config_is_blip2_opt_27b():
-    gb = load_script()
-    config = gb.build_config(gb.FULL)
-    counts = gb.parameter_counts(config)
-    model = gb.build_model(config, torch.device("meta"), torch.bfloat16)
+    config = blip2_config(BLIP2_OPT_27B)
+    counts = parameter_counts(config)
+    model = build_random_model(config, torch.device("meta"), torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == 3_744_679_936  # blip2-opt-2.7b: 3.74B
     assert counts["vision"] == 985_952_256 and counts["lm"] > 2.6e9
     assert next(model.parameters()).dtype == torch.bfloat16
     assert (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1 == 257
+
+
+def test_the_script_builds_and_times_with_the_package_code_not_a_copy():
+    """The model, its configuration, the FLOP counts and the seed's timed `Trainer` loop are the
+    package's own objects (what `fada-batch bench` runs); the script defines none of them."""
+    gb = load_script()
+    assert gb.FULL is BLIP2_OPT_27B
+    for name in ("blip2_config", "build_random_model", "parameter_counts", "vision_forward_flops"):
+        assert getattr(gb, name) is getattr(bench_model, name), name
+    assert gb.time_trainer is bench_seed.time_trainer and gb.SEED_PROMPT_LEN == bench_seed.SEED_PROMPT_LEN
+    source = SCRIPT.read_text()
+    for copy in ("Blip2Config(", "Blip2VisionConfig(", "OPTConfig(", "def build_", "def time_trainer"):
+        assert copy not in source, copy
 
 
 def test_tiny_run_on_cpu_writes_figures(tmp_path):

@@ -27,8 +27,8 @@ import pytest
 from clusterjobs import SMALL, sacct, summary, task_log, wait_done, wait_for
 
 from fada_batch import __version__
-from fada_batch.categories import find_sheet, get_category
-from fada_batch.launch import submit
+from fada_batch.data.categories import find_sheet, get_category
+from fada_batch.run.launch import submit
 
 pytestmark = [pytest.mark.container, pytest.mark.slurm]
 

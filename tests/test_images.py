@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from fada_batch.images import (
+from fada_batch.data.images import (
     ImageError,
     check_image,
     index_images,
@@ -289,7 +289,7 @@ def test_image_over_the_soft_limit_is_used_with_a_warning(
     image_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = save(image_dir / "large.png", "L", (400, 300))
-    with caplog.at_level(logging.WARNING, logger="fada_batch.images"):
+    with caplog.at_level(logging.WARNING, logger="fada_batch.data.images"):
         assert load_image_rgb(path, warn_pixels=100_000).size == (400, 300)
     assert "over the soft limit of 100,000" in caplog.text
     (p,) = check_image(path, warn_pixels=100_000)

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from fada_batch import killpoints
 from fada_batch.config import dump_yaml
-from fada_batch.launch import make_plan, submit
-from fada_batch.train import train_category
-from fada_batch.validate import preflight
+from fada_batch.data.validate import preflight
+from fada_batch.run.launch import make_plan, submit
+from fada_batch.training.recipe import train_category
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
@@ -111,7 +111,7 @@ def test_demo_jobs_slurm_plan_is_a_cpu_task(demo_root, tiny_model_dir, tmp_path,
     0.47 GB), a short limit; the collector asks for no more."""
     from fada_batch.cli import main
     from fada_batch.config import load_job
-    from fada_batch.launch import slurm_parameters
+    from fada_batch.run.launch import slurm_parameters
 
     params = slurm_parameters(load_job(REPO / "job" / "demo.yaml"))
     assert "gpus_per_node" not in params
@@ -149,7 +149,7 @@ def test_local_executor_runs_all_categories_in_turn_then_collects(job_factory, c
 def test_threads_follow_the_slurm_allocation_unless_told(monkeypatch):
     import torch
 
-    from fada_batch.launch import match_threads_to_allocation
+    from fada_batch.run.launch import match_threads_to_allocation
 
     before = torch.get_num_threads()
     try:
@@ -168,7 +168,7 @@ def test_threads_follow_the_slurm_allocation_unless_told(monkeypatch):
 
 def test_local_tasks_get_this_process_gpus(monkeypatch):
     from fada_batch.config import config_from_dict
-    from fada_batch.launch import _same_gpus_line, local_parameters
+    from fada_batch.run.launch import _same_gpus_line, local_parameters
 
     cfg = config_from_dict({"cluster": {"time_min": 30}})
     params = local_parameters(cfg)  # a workstation has no SLURM limit to meet

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch import fsutil, slurmjobs
+from fada_batch import fsutil
 from fada_batch.fsutil import JobPhase, LockedError, category_lock, judge_holder, lock_identity
-from fada_batch.slurmjobs import job_phase
+from fada_batch.run import slurmjobs
+from fada_batch.run.slurmjobs import job_phase
 
 OTHER_NODE = {"host": "gpu-node-a.invalid", "pid": 4242, "pid_ns": None, "purpose": "trained"}
 
@@ -211,7 +212,7 @@ _REQUEUE_ME = """
 import json, os, subprocess, sys, time
 from pathlib import Path
 from fada_batch.fsutil import LockedError, category_lock
-from fada_batch.slurmjobs import job_phase
+from fada_batch.run.slurmjobs import job_phase
 
 folder = Path(sys.argv[1]) / os.environ["SLURM_ARRAY_TASK_ID"]
 lock = folder / ".lock"
@@ -262,9 +263,9 @@ def test_requeued_array_task_takes_over_its_own_lock(slurm_conf, tmp_path):
 
 @pytest.mark.slurm
 def test_training_asks_slurm_about_the_lock_holder(slurm_conf, job_factory):
-    """`train_category` passes the real probe: a running job's lock (another node) stops it,
-    naming the job; once that job is cancelled the category trains."""
-    from fada_batch.train import train_category
+    """The task (`run_category`) hands training the real probe: a running job's lock (another
+    node) stops it, naming the job; once that job is cancelled the category trains."""
+    from fada_batch.run.task import run_category
 
     cfg = job_factory({"train.num_epochs": 1, "data.num_images": 6})
     folder = Path(cfg.output.root) / "blip2_femur"
@@ -273,10 +274,10 @@ def test_training_asks_slurm_about_the_lock_holder(slurm_conf, job_factory):
         _wait(f"job {live} running", lambda: _squeue_state(live) == "RUNNING")
         _lock(folder, slurm_job_id=live)
         with pytest.raises(LockedError, match=f"SLURM job {live} is RUNNING"):
-            train_category(cfg, "Femur")
+            run_category(cfg, "Femur")
     finally:
         subprocess.run(["scancel", live], timeout=30, check=False)
     _wait(f"job {live} cancelled", lambda: _squeue_state(live) in ("CANCELLED", ""))
     slurmjobs._cache.clear()
-    assert train_category(cfg, "Femur")["status"] == "completed"
+    assert run_category(cfg, "Femur")["status"] == "completed"
     assert not (folder / ".lock").exists()

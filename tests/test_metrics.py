@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fada_batch.metrics import (
+from fada_batch.evaluation.metrics import (
     METRIC_NAMES,
     aggregate,
     bleu1,

@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fada_batch.evaluate as ev
-import fada_batch.train as train_mod
-from fada_batch.train import StopRequested, train_category
+import fada_batch.evaluation.evaluate as ev
+import fada_batch.training.step as step_mod
+from fada_batch.data.samples import prepare_data
+from fada_batch.training.recipe import StopRequested, train_category
 
 # two epochs of 4 steps, each step 2 micro-batches of 8 rows: an OOM fits mid-step
 OVERRIDES = {
@@ -34,7 +35,7 @@ OVERRIDES = {
 
 
 class _OomInBackward:
-    """Wraps `train.batch_loss_sum`: the backward of any micro-batch over 4 rows that starts
+    """Wraps `step.batch_loss_sum`: the backward of any micro-batch over 4 rows that starts
     while gradients of the step's earlier micro-batches are in raises CUDA out of memory
     from inside the autograd engine, after this micro-batch's gradients reached the layers
     nearest the loss (its partial gradients are in too)."""
@@ -43,8 +44,8 @@ class _OomInBackward:
         self.ooms = 0
         self.partial = []  # per OOM: did this micro-batch's own gradients already land?
         self.micro_sizes = []
-        self.real = train_mod.batch_loss_sum
-        monkeypatch.setattr(train_mod, "batch_loss_sum", self)
+        self.real = step_mod.batch_loss_sum
+        monkeypatch.setattr(step_mod, "batch_loss_sum", self)
 
     def __call__(self, model, features, samples, *args, **kwargs):
         s, n = self.real(model, features, samples, *args, **kwargs)
@@ -122,15 +123,15 @@ def test_reduced_micro_batch_is_kept_across_a_resume(job_factory, tmp_path, monk
 def test_generation_oom_halves_the_batch_and_keeps_every_answer(job_factory, tmp_path, monkeypatch, caplog):
     """Out of memory in generate(): the batch is halved until it fits (16 -> 2 here), every
     prompt is answered once, in input order, as without the OOM; at a batch of 1 it raises."""
-    from fada_batch.categories import get_category
-    from fada_batch.evaluate import GenerationSettings, generate_answers, make_encoder
-    from fada_batch.features import FeatureSource
-    from fada_batch.model import load_base_model
+    from fada_batch.data.categories import get_category
+    from fada_batch.evaluation.evaluate import GenerationSettings, generate_answers, make_encoder
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.model import load_base_model
 
     cfg = job_factory({"data.num_images": 12})
     out = tmp_path / "femur"
     out.mkdir()
-    cs = train_mod.prepare_data(cfg, get_category("Femur"), out, resuming=False)
+    cs = prepare_data(cfg, get_category("Femur"), out, resuming=False)
     loaded = load_base_model(cfg.model.name_or_path, device="cpu")
     names = cs.split.test[:2]
     fs = FeatureSource(loaded, cs.image_paths, cache=True, max_pixels=cfg.data.max_image_pixels)
@@ -150,7 +151,7 @@ def test_generation_oom_halves_the_batch_and_keeps_every_answer(job_factory, tmp
         return real(model, encoder, batch_prompts, *args, **kwargs)
 
     monkeypatch.setattr(ev, "_generate_batch", oom_above_2)
-    with caplog.at_level(logging.WARNING, logger="fada_batch.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="fada_batch.evaluation.evaluate"):
         backed_off = generate_answers(
             loaded.model, encoder, prompts, feats, eos_token_id=2, settings=settings
         )

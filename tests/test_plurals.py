@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch.collect import collect
 from fada_batch.config import ConfigError, config_from_dict
-from fada_batch.launch import Plan
-from fada_batch.report import render_markdown
+from fada_batch.run.collect import collect
+from fada_batch.run.launch import Plan
+from fada_batch.run.report import render_markdown
 from fada_batch.text import plural
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fada_batch"

@@ -7,7 +7,6 @@ training travel with the adapter, and evaluation from disk answers as training's
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,18 +14,22 @@ import pytest
 import torch
 
 from fada_batch.config import config_from_dict
-from fada_batch.model import GiB, apply_lora_section, load_base_model, quantization_config, weight_bytes
+from fada_batch.training.model import (
+    GiB,
+    apply_lora_section,
+    load_base_model,
+    quantization_config,
+    weight_bytes,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 def blip2_opt_27b_config():
-    """Salesforce/blip2-opt-2.7b's architecture: the published values in scripts/gpu_benchmark.py."""
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "scripts" / "gpu_benchmark.py")
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
-    return gb.build_config(gb.FULL)
+    """Salesforce/blip2-opt-2.7b's architecture: the published values in `tools.bench.model`."""
+    from fada_batch.tools.bench.model import BLIP2_OPT_27B, blip2_config
+
+    return blip2_config(BLIP2_OPT_27B)
 
 
 def as_loaded_on_meta(config, quantization: str, dtype: torch.dtype):
@@ -125,11 +128,12 @@ def test_meta_replica_matches_a_real_load_and_nothing_is_upcast(tiny_model_dir, 
 def test_training_forward_runs_under_bf16_autocast_on_a_bf16_base(job_factory):
     """bf16 base (quantised or not): the language model runs under bf16 autocast, without a
     key/value cache; an fp32 base runs as it is."""
-    from fada_batch.categories import get_category
-    from fada_batch.collate import Encoder
-    from fada_batch.features import FeatureSource
-    from fada_batch.model import base_of, eos_token_id
-    from fada_batch.train import batch_loss_sum, prepare_data
+    from fada_batch.data.categories import get_category
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.training.collate import Encoder
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.model import base_of, eos_token_id
+    from fada_batch.training.step import batch_loss_sum
 
     cfg = job_factory({"data.num_images": 6})
     out = Path(cfg.output.root) / "blip2_femur"
@@ -171,8 +175,8 @@ def test_quantized_training_travels_with_the_adapter_and_evaluation_from_disk_eq
     """8-bit on a bf16 base (the GPU's path, here on the CPU): the adapter records how the base
     was loaded; `evaluate` loads it the same way even where the config now says otherwise, and
     answers exactly as the evaluation right after training did."""
-    from fada_batch.ask import Asker
-    from fada_batch.evaluate import evaluate_category
+    from fada_batch.evaluation.ask import Asker
+    from fada_batch.evaluation.evaluate import evaluate_category
 
     overrides = {
         "data.num_images": 24,
@@ -182,9 +186,9 @@ def test_quantized_training_travels_with_the_adapter_and_evaluation_from_disk_eq
         "eval.after_training": True,
     }
     cfg = job_factory(overrides)
-    from fada_batch.train import train_category
+    from fada_batch.run.task import run_category
 
-    summary = train_category(cfg, "Femur")
+    summary = run_category(cfg, "Femur")
     out = Path(cfg.output.root) / "blip2_femur"
     marker = json.loads((out / "final_model" / "fada_batch.json").read_text())
     assert (marker["quantization"], marker["dtype"]) == ("8bit", "bfloat16")

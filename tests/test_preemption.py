@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from clusterjobs import SMALL, read_summary_now, sacct, summary, task_log, wait_done, wait_for
 
-from fada_batch.launch import submit
+from fada_batch.run.launch import submit
 
 pytestmark = pytest.mark.slurm
 

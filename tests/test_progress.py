@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from fada_batch.progress import Progress
+from fada_batch.training.progress import Progress
 
 
 class _Terminal(io.StringIO):

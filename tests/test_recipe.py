@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fada_batch.config import ConfigError, config_from_dict, load_job
-from fada_batch.model import apply_lora, base_of, image_features, lm_logits, load_base_model
+from fada_batch.training.model import apply_lora, base_of, image_features, lm_logits, load_base_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_the_training_forward_keeps_no_key_value_cache(tiny_model_dir):
 
 
 def test_the_full_job_warms_the_learning_rate_up():
-    from fada_batch.train import get_lr
+    from fada_batch.training.step import get_lr
 
     cfg = load_job(REPO / "job" / "full.yaml")
     assert 0.03 <= cfg.train.warmup_ratio <= 0.05

@@ -22,14 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fada_batch.checkpoint as ckpt_mod
+import fada_batch.training.checkpoint as ckpt_mod
 from fada_batch import killpoints
-from fada_batch.checkpoint import CheckpointWriteError, list_checkpoints
 from fada_batch.cli import main as cli_main
 from fada_batch.config import dump_yaml
 from fada_batch.fsutil import LockedError, NotWritableError, category_lock
-from fada_batch.model import ModelLoadError, load_base_model
-from fada_batch.train import FINAL_MARKER, FINAL_MODEL, train_category
+from fada_batch.training.checkpoint import CheckpointWriteError, list_checkpoints
+from fada_batch.training.model import ModelLoadError, load_base_model
+from fada_batch.training.outputs import FINAL_MARKER, FINAL_MODEL
+from fada_batch.training.recipe import train_category
 
 QUICK = {"train.num_epochs": 2, "data.num_images": 12, "train.checkpoint_every_steps": 1}
 
@@ -43,7 +44,7 @@ def _train_cmd(job: Path, category: str) -> list[str]:
 # transformers (on 2 busy cores), so the 25 attempts below cost seconds each, not minutes.
 _FORKER = """
 import json, os, sys
-import fada_batch.cli, fada_batch.train, fada_batch.evaluate
+import fada_batch.cli, fada_batch.training.recipe, fada_batch.evaluation.evaluate
 from transformers import Blip2ForConditionalGeneration
 print("ready", flush=True)
 for line in sys.stdin:
@@ -400,7 +401,7 @@ def test_missing_and_incomplete_model_folder(tmp_path, monkeypatch, tiny_model_d
 
 
 def test_a_missing_model_folder_says_so_and_how_to_make_one(tmp_path):
-    from fada_batch.model import ModelFolderMissing
+    from fada_batch.training.model import ModelFolderMissing
 
     absent = tmp_path / "no model"
     with pytest.raises(ModelFolderMissing) as e:
@@ -450,20 +451,20 @@ def test_write_probe_swept_by_the_lock_holder_is_not_an_error(tmp_path, monkeypa
 def test_category_completed_while_waiting_for_the_lock_is_not_retrained(job_factory, monkeypatch):
     """Checked before and again under the lock: a task that found the category running, then
     got the lock after the other task completed it, returns the completed summary untouched."""
-    import fada_batch.train as train_mod
+    import fada_batch.training.recipe as train_mod
 
     cfg = job_factory(QUICK)
     done = train_category(cfg, "Femur")
     out = Path(cfg.output.root) / "blip2_femur"
     adapter = out / FINAL_MODEL / "adapter_model.safetensors"
     stamp = (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text())
-    real, calls = train_mod._completed, []
+    real, calls = train_mod.completed_under, []
 
     def still_running_at_first(*args):
         calls.append(args)
         return None if len(calls) == 1 else real(*args)  # the first look saw it running
 
-    monkeypatch.setattr(train_mod, "_completed", still_running_at_first)
+    monkeypatch.setattr(train_mod, "completed_under", still_running_at_first)
     again = train_category(cfg, "Femur")
     assert len(calls) == 2 and again["status"] == "completed" and again["end_time"] == done["end_time"]
     assert (adapter.stat().st_mtime_ns, (out / "training_summary.json").read_text()) == stamp

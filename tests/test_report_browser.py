@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from fada_batch.collect import collect
-from fada_batch.report import write_report
+from fada_batch.run.collect import collect
+from fada_batch.run.report import write_report
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 INSTALL = "apt-get install -y --no-install-recommends chromium"

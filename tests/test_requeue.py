@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fada_batch import requeue
 from fada_batch.cli import main
-from fada_batch.summary import read_summary, write_summary
+from fada_batch.run import requeue
+from fada_batch.training.summary import read_summary, write_summary
 
 USR2, TERM = signal.SIGUSR2, signal.SIGTERM
 
@@ -203,7 +203,7 @@ def test_batch_script_requeues_on_request_and_keeps_the_step_status(
 def test_the_jobs_clock_stops_the_task_when_the_warning_signal_is_lost(monkeypatch, capsys):
     """Without any signal, a task whose job ends within `signal_delay_s` stops at its next step
     as if the warning had come (a signal lost on its way into a container, or a late one)."""
-    from fada_batch.launch import TrainTask
+    from fada_batch.run.launch import TrainTask
 
     task = TrainTask()
     monkeypatch.delenv(requeue.END_ENV, raising=False)

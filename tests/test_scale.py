@@ -41,18 +41,17 @@ def test_seed_sized_category_validates_and_splits_in_seconds(tmp_path, capsys):
 
 def test_feature_cache_memory_formula_matches_the_model_and_the_cache(tiny_model_dir, demo_root):
     """The figure in docs/performance.md: images x 32 query tokens x 2,560 hidden x 2 bytes
-    (bf16). The shapes are blip2-opt-2.7b's (as scripts/gpu_benchmark.py builds it), and the
+    (bf16). The shapes are blip2-opt-2.7b's (`tools.bench.model.BLIP2_OPT_27B`), and the
     cache really holds one (query tokens, hidden) tensor per image in the model's dtype."""
     import torch
 
-    from fada_batch.features import FeatureSource
-    from fada_batch.model import load_base_model
+    from fada_batch.tools.bench.model import BLIP2_OPT_27B
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.model import load_base_model
 
     sb = _benchmark()
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT.parent / "gpu_benchmark.py")
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
-    assert (gb.FULL["num_query_tokens"], gb.FULL["text"]["hidden_size"]) == (sb.QUERY_TOKENS, sb.TEXT_HIDDEN)
+    assert (sb.QUERY_TOKENS, sb.TEXT_HIDDEN) == (32, 2560)  # blip2-opt-2.7b's, from the package
+    assert (BLIP2_OPT_27B["num_query_tokens"], BLIP2_OPT_27B["text"]["hidden_size"]) == (32, 2560)
     assert sb.feature_cache_bytes(2424) == 2424 * 32 * 2560 * 2 == 397_148_160
     assert sb.feature_cache_bytes(2424, "float32") == 2 * sb.feature_cache_bytes(2424)
 

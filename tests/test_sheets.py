@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fada_batch.categories import LABELS_DIR, STANDARD_QUESTIONS
-from fada_batch.problems import CODES, Problem
-from fada_batch.sheets import read_sheet
+from fada_batch.data.categories import LABELS_DIR, STANDARD_QUESTIONS
+from fada_batch.data.problems import CODES, Problem
+from fada_batch.data.sheets import read_sheet
 
 BARE = ["Image Name"] + [f"Q{i}" for i in range(1, 9)]
 ANSWERS = [f"answer {i}" for i in range(1, 9)]

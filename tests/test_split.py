@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fada_batch.split import make_split, read_split, write_split
+from fada_batch.data.split import make_split, read_split, write_split
 
 
 def test_split_by_image_is_disjoint_and_complete():

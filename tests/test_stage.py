@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from fada_batch.cli import main
-from fada_batch.stage import MARKER_NAME, STAGING_SUFFIX, StageError, stage_model
+from fada_batch.tools.stage import MARKER_NAME, STAGING_SUFFIX, StageError, stage_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_stage_from_a_local_folder_verifies_and_prints_name_or_path(
     assert (target / "model.safetensors").stat().st_mode & 0o044 == 0o044 & ~_umask()
 
     # What the compute node will do with it: load model + processor, offline.
-    from fada_batch.model import load_base_model
+    from fada_batch.training.model import load_base_model
 
     loaded = load_base_model(str(target), device="cpu")
     assert loaded.processor.num_query_tokens == loaded.model.config.num_query_tokens
@@ -438,8 +438,8 @@ def _make_old_revision(folder: Path) -> None:
 def test_an_old_revision_is_brought_up_to_date(model_copy: Path, tmp_path: Path, capsys):
     """Staged, an old revision's processor gets the query-token count and its config the
     <image> id; it then trains with image tokens. Unstaged, the Encoder names the whole fix."""
-    from fada_batch.collate import Encoder, TokenLayoutError
-    from fada_batch.model import load_base_model
+    from fada_batch.training.collate import Encoder, TokenLayoutError
+    from fada_batch.training.model import load_base_model
 
     _make_old_revision(model_copy)
     unstaged = load_base_model(str(model_copy), device="cpu")

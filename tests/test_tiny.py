@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, Blip2ForConditionalGeneration, Blip2Processor
 
-from fada_batch.demo import SIDES, render_scan
-from fada_batch.tiny import (
+from fada_batch.tools.demo import SIDES, render_scan
+from fada_batch.tools.tiny import (
     BOS_EOS_ID,
     MARKER_NAME,
     PAD_ID,
@@ -208,7 +208,7 @@ def test_frozen_image_features_carry_side_and_noise(
     train_x, test_x = features(train_images), features(test_images)
     side_acc = _probe_accuracy(train_x, train_side, test_x, test_side)
     noise_acc = _probe_accuracy(train_x, train_noise, test_x, test_noise)
-    # Measured 1.0 and 1.0 on seeds 0-2 (see fada_batch.tiny's docstring); 0.5 is chance.
+    # Measured 1.0 and 1.0 on seeds 0-2 (see fada_batch.tools.tiny's docstring); 0.5 is chance.
     assert side_acc >= 0.9, side_acc
     assert noise_acc >= 0.9, noise_acc
 

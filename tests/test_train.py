@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fada_batch.checkpoint import list_checkpoints
-from fada_batch.train import FINAL_MODEL, train_category
+from fada_batch.training.checkpoint import list_checkpoints
+from fada_batch.training.outputs import FINAL_MODEL
+from fada_batch.training.recipe import train_category
 
 SMALL = {"train.num_epochs": 3, "data.num_images": 24, "train.checkpoint_every_steps": 2}
 
@@ -116,7 +117,7 @@ def test_saved_adapter_reloads_with_same_logits(femur_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from fada_batch.model import apply_lora_section, load_base_model
+    from fada_batch.training.model import apply_lora_section, load_base_model
 
     cfg, _summary, out = femur_run
     trained = load_base_model(str(tiny_model_dir), device="cpu")
@@ -168,7 +169,7 @@ def test_force_retrains_from_scratch(job_factory):
 def test_bf16_training_the_gpu_precision_path(job_factory):
     """bf16 weights, as `dtype: auto` picks on a GPU, run here on the CPU: training, the saved
     adapter, and evaluation of it loaded apart from training."""
-    from fada_batch.evaluate import evaluate_category
+    from fada_batch.evaluation.evaluate import evaluate_category
 
     cfg = job_factory({**SMALL, "model.dtype": "bfloat16", "eval.after_training": False})
     summary = train_category(cfg, "Femur")
@@ -186,7 +187,7 @@ def test_bf16_training_the_gpu_precision_path(job_factory):
 def test_wall_time_adds_up_over_attempts(job_factory):
     """A category stopped for a requeue, then resumed: the summary gives each attempt's wall
     time and their total (what the category cost), also across a summary left by a dead task."""
-    from fada_batch.train import StopRequested, _earlier_wall_time
+    from fada_batch.training.recipe import StopRequested, _earlier_wall_time
 
     cfg = job_factory(SMALL)
     polls = iter(range(1000))
@@ -243,7 +244,7 @@ def test_ctrl_c_marks_the_category_interrupted_and_a_rerun_resumes(
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fada_batch.train.train_category", interrupted)
+    monkeypatch.setattr("fada_batch.run.task.train_category", interrupted)
     job = tmp_path / "job.yaml"
     from fada_batch.config import dump_yaml
 
@@ -255,7 +256,7 @@ def test_ctrl_c_marks_the_category_interrupted_and_a_rerun_resumes(
 def test_oom_backoff_halves_until_it_fits_and_gives_up_at_one():
     """The back-off itself: each retry starts without the failed try's partial gradients,
     halves the micro-batch and says so; at a micro-batch of 1 it stops with what to change."""
-    from fada_batch.train import run_with_oom_backoff
+    from fada_batch.training.step import run_with_oom_backoff
 
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)
@@ -292,12 +293,14 @@ def test_awaiting_labels_is_not_an_error(job_factory):
 
 def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
     """The frozen-feature cache changes only the speed: same loss, same LoRA gradients."""
-    from fada_batch.collate import Encoder
-    from fada_batch.model import apply_lora, eos_token_id, load_base_model
-    from fada_batch.train import FeatureSource, batch_loss_sum, prepare_data, set_train_mode
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.training.collate import Encoder
+    from fada_batch.training.features import FeatureSource
+    from fada_batch.training.model import apply_lora, eos_token_id, load_base_model
+    from fada_batch.training.step import batch_loss_sum, set_train_mode
 
     cfg = job_factory({"data.num_images": 10})
-    from fada_batch.categories import get_category
+    from fada_batch.data.categories import get_category
 
     out = Path(cfg.output.root) / "blip2_abdomen"
     out.mkdir(parents=True)
@@ -346,12 +349,12 @@ def test_cached_and_uncached_features_give_same_loss_and_grads(job_factory):
 def test_out_of_memory_backoff_halves_micro_batch_same_result(job_factory, tmp_path, monkeypatch, capsys):
     """A simulated CUDA OOM on micro-batches above 4 rows: the step is retried with half the
     micro-batch and twice the accumulation, logged, and the result equals a run without OOM."""
-    import fada_batch.train as train_mod
+    import fada_batch.training.step as step_mod
 
     overrides = {"train.num_epochs": 1, "data.num_images": 12, "train.batch_size": 16}
     ref = train_category(job_factory(overrides, out=tmp_path / "ref"), "Abdomen")
 
-    real = train_mod.batch_loss_sum
+    real = step_mod.batch_loss_sum
     calls = {"oom": 0}
 
     def oom_above_4(model, features, samples, *args, **kwargs):
@@ -360,7 +363,7 @@ def test_out_of_memory_backoff_halves_micro_batch_same_result(job_factory, tmp_p
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, features, samples, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "batch_loss_sum", oom_above_4)
+    monkeypatch.setattr(step_mod, "batch_loss_sum", oom_above_4)
     cfg = job_factory(overrides, out=tmp_path / "oom")
     got = train_category(cfg, "Abdomen", progress_stream=sys.stderr)
     assert calls["oom"] == 2  # 16 -> 8 -> 4, then no more

@@ -18,7 +18,7 @@ import pytest
 
 from fada_batch.cli import main as cli_main
 from fada_batch.config import dump_yaml
-from fada_batch.images import index_images, name_key, resolve_image
+from fada_batch.data.images import index_images, name_key, resolve_image
 
 
 def nfc(text: str) -> str:

@@ -2,7 +2,7 @@
 
 `read_sheet` never raises for bad data: it returns a `Sheet` whose `problems` say what is
 wrong, where (file, Excel row, column, value) and how to fix it. Codes and severities are
-listed in `fada_batch.problems.CODES`; an error blocks the category, a warning skips or
+listed in `fada_batch.data.problems.CODES`; an error blocks the category, a warning skips or
 converts one item and is counted.
 
 The layout read: the first worksheet; a header row holding an ``Image Name`` column and
@@ -42,7 +42,7 @@ Decisions (code, severity):
 - Excel error values such as ``#N/A`` (``formula_error_answer``, warning): skipped.
 - A question whose answers are all empty (``question_all_empty``, warning): the other
   questions still train; the category as a whole is blocked only when no answer at all is
-  usable (checked by `fada_batch.dataset`).
+  usable (checked by `fada_batch.data.dataset`).
 - Empty image name on a row with answers (``empty_image_name``, warning): row skipped.
   Entirely empty rows are skipped silently (hand-made sheets end in many).
 - Empty answers (empty cell, whitespace, ``nan`` written by pandas) are None and counted in
@@ -61,9 +61,9 @@ from pathlib import Path
 from openpyxl import load_workbook
 from openpyxl.utils import get_column_letter
 
-from fada_batch.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
-from fada_batch.images import name_key
-from fada_batch.problems import Problem, has_errors, make_problem, shorten
+from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
+from fada_batch.data.images import name_key
+from fada_batch.data.problems import Problem, has_errors, make_problem, shorten
 from fada_batch.text import clean_answer, plural
 
 HEADER_SEARCH_ROWS = 10  # the header row is looked for in this many first rows
@@ -284,6 +284,16 @@ def _parse_header(
     Fills `sheet.questions` and adds header problems to `sheet.problems`. The header row
     holds an Image Name column by construction (`_find_header`).
     """
+    image_cols, q_found = _classify_columns(path, rows, header_idx, sheet)
+    _check_header(path, rows[header_idx], header_idx + 1, image_cols, q_found, sheet)
+    return image_cols[0], [cols[0] if cols else None for cols in q_found]
+
+
+def _classify_columns(
+    path: Path, rows: list[tuple[Cell, ...]], header_idx: int, sheet: Sheet
+) -> tuple[list[int], list[list[int]]]:
+    """The Image Name columns and, per question, the columns headed by it; the questions'
+    texts into `sheet.questions`, columns that are neither into `sheet.problems`."""
     header = rows[header_idx]
     header_row = header_idx + 1
     width = max((len(r) for r in rows[header_idx:]), default=0)
@@ -329,7 +339,19 @@ def _parse_header(
                     column_letter=letter,
                 )
             )
+    return image_cols, q_found
 
+
+def _check_header(
+    path: Path,
+    header: tuple[Cell, ...],
+    header_row: int,
+    image_cols: list[int],
+    q_found: list[list[int]],
+    sheet: Sheet,
+) -> None:
+    """Problems of a header: several Image Name columns, questions missing or heading
+    several columns."""
     if len(image_cols) > 1:
         letters = ", ".join(get_column_letter(j + 1) for j in image_cols)
         sheet.problems.append(
@@ -370,7 +392,6 @@ def _parse_header(
                     column=f"Q{q + 1}",
                 )
             )
-    return image_cols[0], [cols[0] if cols else None for cols in q_found]
 
 
 def _answer(

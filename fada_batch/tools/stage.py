@@ -50,8 +50,8 @@ from typing import Any
 
 from fada_batch import __version__
 from fada_batch.fsutil import TMP_MARK, atomic_write_json, replace_dir
-from fada_batch.model import ModelLoadError, check_model_folder
 from fada_batch.text import plural
+from fada_batch.training.model import ModelLoadError, check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -678,7 +678,7 @@ def _check_weights_on_meta(path: Path) -> tuple[int, list[str]]:
 
 
 def _full_load(path: Path) -> None:
-    from fada_batch.model import load_base_model
+    from fada_batch.training.model import load_base_model
 
     try:
         loaded = load_base_model(str(path), device="cpu", dtype="bfloat16")

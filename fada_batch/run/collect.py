@@ -41,11 +41,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fada_batch.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.data.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
-from fada_batch.report import fmt_duration
-from fada_batch.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
+from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
+from fada_batch.training.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
 
 SCHEMA_VERSION = 1
 EVAL_FILE = Path("eval") / "metrics.json"
@@ -162,13 +162,13 @@ class CollectResult:
 
     def text(self) -> str:
         """A short plain-text table for a terminal or a job log."""
-        from fada_batch.report import text_table
+        from fada_batch.run.report import text_table
 
         return text_table(self.to_dict())
 
     def write_report(self, out_dir: Path | None = None) -> dict[str, Path]:
         """Write report.md/.html, results.csv and collected.json (default: the output root)."""
-        from fada_batch.report import write_report
+        from fada_batch.run.report import write_report
 
         return write_report(self.to_dict(), Path(out_dir or self.output_root))
 
@@ -354,7 +354,7 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
 
 def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
     """Progress of an unfinished category from its latest complete checkpoint."""
-    from fada_batch.checkpoint import find_latest, read_state
+    from fada_batch.training.checkpoint import find_latest, read_state
 
     latest = find_latest(folder)
     if latest is None:
@@ -841,16 +841,7 @@ def collect(
         UnknownCategoryError: a name in `categories` is not a category.
     """
     output_root = Path(output_root)
-    problems: list[str] = []
-    if not output_root.is_dir():
-        # With the job's categories, a root that no task has created yet is a run where
-        # nothing started; without them there is nothing to go on.
-        if categories is None or output_root.exists():
-            raise FileNotFoundError(
-                f"output root {output_root} is not a folder: pass the job's output.root "
-                "(--job JOB or --outputs DIR)"
-            )
-        problems.append(f"output root {output_root} does not exist yet: no task has started")
+    problems: list[str] = _check_root(output_root, has_categories=categories is not None)
     if categories is None:
         names, inferred_root, source = _infer_job(output_root, problems)
         data_root = data_root if data_root is not None else inferred_root
@@ -873,14 +864,7 @@ def collect(
         )
         for n in names
     ]
-    for p in sorted(output_root.glob("blip2_*")):
-        if not p.is_dir():
-            continue
-        cat = _category_for_folder(p.name)
-        if cat is None:
-            problems.append(f"{p} does not belong to any category; ignored")
-        elif cat.name not in names:
-            problems.append(f"{p} ({cat.name}) is not one of the categories asked for; left out")
+    problems += _folders_left_out(output_root, names)
     result = CollectResult(
         output_root=str(output_root),
         generated=now_iso(),
@@ -894,6 +878,36 @@ def collect(
         other = collect(Path(compare), categories=None, finished=finished)
         result.compare = compare_runs(result, other)
     return result
+
+
+def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
+    """The problems of a missing output root, or raises when there is nothing to go on.
+
+    With the job's categories, a root that no task has created yet is a run where nothing
+    started; without them there is nothing to go on.
+    """
+    if output_root.is_dir():
+        return []
+    if not has_categories or output_root.exists():
+        raise FileNotFoundError(
+            f"output root {output_root} is not a folder: pass the job's output.root "
+            "(--job JOB or --outputs DIR)"
+        )
+    return [f"output root {output_root} does not exist yet: no task has started"]
+
+
+def _folders_left_out(output_root: Path, names: list[str]) -> list[str]:
+    """A problem for each `blip2_*` folder that is no category, or not one asked for."""
+    problems = []
+    for p in sorted(output_root.glob("blip2_*")):
+        if not p.is_dir():
+            continue
+        cat = _category_for_folder(p.name)
+        if cat is None:
+            problems.append(f"{p} does not belong to any category; ignored")
+        elif cat.name not in names:
+            problems.append(f"{p} ({cat.name}) is not one of the categories asked for; left out")
+    return problems
 
 
 # ------------------------------------------------------------------------------- comparison

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from fada_batch.model import LoadedModel, base_of, image_features
+from fada_batch.training.model import LoadedModel, base_of, image_features
 
 
 def pixel_values_for(
     processor: Any, paths: list[Path], *, device: torch.device, dtype: torch.dtype, max_pixels: int
 ) -> torch.Tensor:
     """(B, 3, H, W) pixel values of the images at `paths`, via the model's image processor."""
-    from fada_batch.images import load_image_rgb
+    from fada_batch.data.images import load_image_rgb
 
     images = [load_image_rgb(p, max_pixels=max_pixels) for p in paths]
     pv = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fada_batch.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
 from fada_batch.config import JobConfig
-from fada_batch.dataset import CategoryData, load_category
+from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
+from fada_batch.data.dataset import CategoryData, load_category
 
 
 class NoDataError(ValueError):

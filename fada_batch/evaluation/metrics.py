@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-from fada_batch.categories import NUM_QUESTIONS
+from fada_batch.data.categories import NUM_QUESTIONS
 from fada_batch.text import clean_answer, normalize_for_match, plural
 
 # The keys of `score_pair`, in the order the summary lists them.

@@ -17,7 +17,7 @@ periods and empty cells; Abdomen uses the misspelled folder and sheet name `Abod
 Cervix has images but no sheet (it must come out as "awaiting labels").
 
 `render_scan` and `describe` are public because the tiny model's pretraining
-(`fada_batch.tiny`) draws its captioned scans from the same renderer.
+(`fada_batch.tools.tiny`) draws its captioned scans from the same renderer.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fada_batch.categories import (
+from fada_batch.data.categories import (
     IMAGES_DIR,
     LABELS_DIR,
     SHEET_SUFFIX,

@@ -2,13 +2,19 @@
 
     summary = train_category(cfg, "Abdomen")
 
-Setup, train, save, clean up, top to bottom. Running it again resumes from the latest
-complete checkpoint in the category's output folder (found at run time), and a completed
-category is skipped unless `force=True`; both only under the same training fingerprint
-(`config.training_fingerprint`), else `FingerprintMismatch` says which keys differ. The
+Setup, train, save, clean up, top to bottom: `_setup` (model, LoRA, tokens, optimizer),
+`_resume`, then `_loop` over `_train_epoch` (each step `_optimizer_step`, the step itself in
+`training.step`), `_validate` and `_checkpoint`, and at the end `_ship` (which adapter becomes
+`final_model/`) and `_finish` (save it, complete the summary). Running it again resumes from
+the latest complete checkpoint in the category's output folder (found at run time), and a
+completed category is skipped unless `force=True`; both only under the same training
+fingerprint (`training.outputs`), else `FingerprintMismatch` says which keys differ. The
 adapter that ships is the step with the lowest validation loss (`train.final_model: best`)
-or the last one. The code never knows whether it runs under SLURM: a launcher that wants a
-checkpoint-and-stop passes `should_stop`, polled after every optimizer step.
+or the last one.
+
+Training knows neither evaluation nor SLURM: the task (`run.task`) passes `after_save` to
+evaluate the adapter in memory, `job_probe` to ask the scheduler about a lock's holder, and a
+launcher that wants a checkpoint-and-stop passes `should_stop`, polled after every step.
 """
 
 from __future__ import annotations
@@ -24,20 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from fada_batch import checkpoint as ckpt
-from fada_batch.categories import Category, find_sheet, get_category
-from fada_batch.collate import Encoded, Encoder, Sample, answer_length_stats, collate, masked_lm_loss_sum
-from fada_batch.config import (
-    FingerprintMismatch,
-    JobConfig,
-    dump_yaml,
-    fingerprint_diff,
-    training_fingerprint,
-)
-from fada_batch.features import FeatureSource
+from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
+from fada_batch.data.categories import Category, find_sheet, get_category
+from fada_batch.data.samples import CategorySamples, DataError, prepare_data
 from fada_batch.fsutil import (
+    JobProbe,
     atomic_dir,
     atomic_write_text,
     category_lock,
@@ -47,20 +45,37 @@ from fada_batch.fsutil import (
     touch,
 )
 from fada_batch.killpoints import reached
-from fada_batch.model import (
+from fada_batch.text import plural
+from fada_batch.training import checkpoint as ckpt
+from fada_batch.training.collate import Encoded, Encoder, answer_length_stats
+from fada_batch.training.features import FeatureSource
+from fada_batch.training.model import (
     LoadedModel,
     apply_lora_section,
-    base_of,
     eos_token_id,
-    forward_autocast,
-    lm_logits,
     load_base_model,
     trainable_parameters,
 )
-from fada_batch.progress import Progress
-from fada_batch.slurmjobs import job_phase
-from fada_batch.split import Split, make_split, read_split, write_split
-from fada_batch.summary import (
+from fada_batch.training.outputs import (
+    CONFIG_FILE,
+    FINAL_MARKER,
+    FINAL_MODEL,
+    category_output_dir,
+    check_checkpoint,
+    completed_summary,
+    completed_under,
+    fingerprint_mismatch,
+)
+from fada_batch.training.progress import Progress
+from fada_batch.training.step import (
+    accumulate_step,
+    epoch_steps,
+    evaluate_loss,
+    get_lr,
+    run_with_oom_backoff,
+    set_train_mode,
+)
+from fada_batch.training.summary import (
     device_info,
     library_versions,
     now_iso,
@@ -69,17 +84,24 @@ from fada_batch.summary import (
     slurm_ids,
     write_summary,
 )
-from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
 
-FINAL_MODEL = "final_model"
-FINAL_MARKER = "fada_batch.json"  # written last into final_model/: its presence = complete
-CONFIG_FILE = "config.yaml"
+
+@dataclass(frozen=True)
+class FinalModel:
+    """The adapter just saved as `final_model/`, still in memory: what `after_save` is given."""
+
+    cfg: JobConfig
+    loaded: LoadedModel  # the base model with the trained adapter on it
+    samples: CategorySamples
+    out_dir: Path
+    eos_token_id: int
+    max_new_tokens: int  # what the training answers need: the default generation limit
 
 
-class DataError(RuntimeError):
-    """The category's data has blocking problems (listed in the message)."""
+# Called once `final_model/` is saved; returns entries for the summary (e.g. {"eval": ...}).
+AfterSave = Callable[[FinalModel], dict[str, Any]]
 
 
 class StopRequested(Exception):
@@ -90,227 +112,7 @@ class StopRequested(Exception):
         self.checkpoint = checkpoint
 
 
-def category_output_dir(cfg: JobConfig, category: Category) -> Path:
-    return Path(cfg.output.root) / category.output_dirname
-
-
-def final_model_complete(folder: Path) -> bool:
-    """True when `final_model/` holds the adapter, the processor and the completion marker."""
-    fm = folder / FINAL_MODEL
-    return all((fm / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors", FINAL_MARKER))
-
-
-# --------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class CategorySamples:
-    """Everything training needs from the data side."""
-
-    split: Split
-    image_paths: dict[str, Path]  # image name -> file
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
-    questions: list[str]
-    data: Any  # dataset.CategoryData (for counts and problems)
-
-
-def samples_for(records: list[Any], names: set[str], questions: list[str], template: str) -> list[Sample]:
-    """One sample per non-empty answer of each image in `names` (sheet order)."""
-    out = []
-    for rec in records:
-        if rec.image_name not in names:
-            continue
-        for qi, answer in enumerate(rec.answers):
-            if answer:
-                out.append(Sample(rec.image_name, qi, template.format(question=questions[qi]), answer))
-    return out
-
-
-def prepare_data(
-    cfg: JobConfig, category: Category, out_dir: Path, *, resuming: bool, replace_split: bool = False
-) -> CategorySamples:
-    """Load the sheet and images, take the first `num_images`, and split by image.
-
-    An existing `split.json` is reused when it covers the same images with the same seed and
-    fractions (so a resumed or re-run category trains and evaluates on the same images), unless
-    `replace_split` (a --force retraining) makes a fresh one.
-
-    Raises:
-        DataError: blocking data problems, or a changed image set under a checkpoint.
-    """
-    from fada_batch.dataset import load_category
-
-    data = load_category(
-        Path(cfg.data.root),
-        category,
-        clean_answers=cfg.data.clean_answers,
-        max_image_pixels=cfg.data.max_image_pixels,
-    )
-    if data.status != "ok":
-        raise DataError(_blocking_text(category, data))
-    records = list(data.records)
-    if cfg.data.num_images is not None:
-        records = records[: cfg.data.num_images]
-    names = [r.image_name for r in records]
-    fractions = (cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction)
-    split = None if replace_split else read_split(out_dir)
-    fresh = make_split(names, seed=cfg.data.split_seed, fractions=fractions)
-    if (
-        split is None
-        or split.images() != set(names)
-        or split.seed != fresh.seed
-        or tuple(split.fractions) != tuple(fractions)
-    ):
-        if split is not None and resuming:
-            raise DataError(
-                f"{category.name}: {out_dir / 'split.json'} no longer matches the data or the "
-                "split settings, but checkpoints exist. Resuming would mix two data sets: rerun "
-                "with --force to start this category over, or restore the original data."
-            )
-        split = fresh
-        write_split(out_dir, split)
-    questions = list(data.questions)
-    t = cfg.data.prompt_template
-    return CategorySamples(
-        split=split,
-        image_paths={r.image_name: Path(r.path) for r in records},
-        train=samples_for(records, set(split.train), questions, t),
-        val=samples_for(records, set(split.val), questions, t),
-        test=samples_for(records, set(split.test), questions, t),
-        questions=questions,
-        data=data,
-    )
-
-
 # --------------------------------------------------------------------------------- training
-
-
-def get_lr(step: int, *, total: int, base_lr: float, warmup: int, schedule: str) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then the schedule."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return base_lr
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return base_lr * max(0.0, 1.0 - progress)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_steps(
-    lengths: list[int], *, seed: int, epoch: int, step_size: int, group_by_length: bool
-) -> list[list[int]]:
-    """The optimizer steps of one epoch: lists of sample indices, fixed by (seed, epoch).
-
-    A resumed run replays the same steps without saving them. With `group_by_length`, the
-    shuffled order is cut into windows of 50 steps, each sorted by token length and cut into
-    steps, and the steps are shuffled again: rows of a batch have similar lengths, so dynamic
-    padding wastes little, while the epoch stays random.
-    """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    if not group_by_length or step_size == 1:
-        return [order[i : i + step_size] for i in range(0, len(order), step_size)]
-    window = step_size * 50
-    steps: list[list[int]] = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: (-lengths[i], i))
-        steps.extend(chunk[i : i + step_size] for i in range(0, len(chunk), step_size))
-    perm = torch.randperm(len(steps), generator=g).tolist()
-    return [steps[i] for i in perm]
-
-
-def micro_batches(step: list[int], micro: int) -> list[list[int]]:
-    return [step[i : i + micro] for i in range(0, len(step), micro)]
-
-
-def batch_loss_sum(
-    model: Any,
-    features: FeatureSource,
-    samples: list[Sample],
-    encoded: list[Encoded],
-    encoder: Encoder,
-    device: torch.device,
-) -> tuple[torch.Tensor, int]:
-    """Summed answer-token loss of one micro-batch and its number of answer tokens."""
-    batch = collate(
-        encoded,
-        pad_token_id=encoder.pad_token_id,
-        image_token_id=encoder.image_token_id,
-        num_query_tokens=encoder.num_query_tokens,
-    )
-    feats = features.get([s.image for s in samples])  # (B, Q, H)
-    # the base's load dtype, read off its (never quantised) input embeddings
-    dtype = base_of(model).get_input_embeddings().weight.dtype
-    with forward_autocast(device, dtype):
-        logits = lm_logits(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), feats
-        )  # (B, T, V)
-    return masked_lm_loss_sum(logits, batch["labels"])  # in fp32, outside autocast
-
-
-def accumulate_step(
-    model: Any,
-    features: FeatureSource,
-    samples: list[Sample],
-    encoded: list[Encoded],
-    encoder: Encoder,
-    device: torch.device,
-    step: list[int],
-    micro: int,
-) -> float:
-    """Backward over one optimizer step's samples in micro-batches; returns the step's loss.
-
-    The loss is the mean over the answer (+EOS) tokens of the WHOLE step, so cutting the step
-    into smaller micro-batches (out-of-memory back-off) gives the same gradient.
-    """
-    n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for i in step)
-    step_loss = 0.0
-    for mb in micro_batches(step, micro):
-        s, _n = batch_loss_sum(
-            model, features, [samples[i] for i in mb], [encoded[i] for i in mb], encoder, device
-        )
-        (s / n_tokens).backward()
-        step_loss += float(s.detach()) / n_tokens
-    return step_loss
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Any,
-    features: FeatureSource,
-    samples: list[Sample],
-    encoded: list[Encoded],
-    encoder: Encoder,
-    device: torch.device,
-    batch_size: int,
-) -> float | None:
-    """Mean answer-token loss over `samples` (dropout off); None when there are none."""
-    if not samples:
-        return None
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(samples), batch_size):
-            s, n = batch_loss_sum(
-                model, features, samples[i : i + batch_size], encoded[i : i + batch_size], encoder, device
-            )
-            total += float(s)
-            count += n
-    finally:
-        model.train(was)
-    return total / max(1, count)
-
-
-def set_train_mode(model: Any) -> None:
-    """LoRA (and the language model's dropout) in train mode; frozen vision side in eval."""
-    model.train()
-    base = base_of(model)
-    for m in (base.vision_model, base.qformer, base.language_projection):
-        m.eval()
 
 
 def save_final_model(
@@ -392,6 +194,8 @@ def train_category(
     should_stop: Callable[[], bool] | None = None,
     requeues: int = 0,
     progress_stream: Any = None,
+    job_probe: JobProbe | None = None,
+    after_save: AfterSave | None = None,
 ) -> dict[str, Any]:
     """Train one category end to end and return its summary.
 
@@ -407,6 +211,11 @@ def train_category(
         should_stop: polled after each optimizer step; when it returns True a checkpoint is
             saved and StopRequested is raised (the launcher requeues).
         requeues: how many times this task was requeued so far (for the summary).
+        job_probe: asks the scheduler whether the holder of a lock found in the folder still
+            runs (`run.slurmjobs.job_phase`); None: judge by its pid and age alone.
+        after_save: called with the adapter just saved, still in memory (`FinalModel`); the
+            entries it returns go into the summary before it is written as completed (the
+            task's evaluation after training, `run.task`).
 
     Raises:
         DataError: the data root does not exist (validate's message; nothing written),
@@ -424,12 +233,12 @@ def train_category(
 
     if find_sheet(Path(cfg.data.root), category) is None:
         return _awaiting_labels(cfg, category, out_dir, summary)
-    if not force and (previous := _completed(out_dir, category, cfg)) is not None:
+    if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
     # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
-    with category_lock(out_dir, job_probe=job_phase):
+    with category_lock(out_dir, job_probe=job_probe):
         # another task may have completed it while this one waited for the lock
-        if not force and (previous := _completed(out_dir, category, cfg)) is not None:
+        if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
             return previous
         return _train_locked(
             cfg,
@@ -440,14 +249,8 @@ def train_category(
             should_stop=should_stop,
             requeues=requeues,
             progress_stream=progress_stream,
+            after_save=after_save,
         )
-
-
-def _blocking_text(category: Category, data: Any) -> str:
-    """A category's blocking data problems, worded as `fada-batch validate` words them."""
-    errors = [p for p in data.problems if p.severity == "error"]
-    lines = "\n".join(f"  - {p.message}" for p in errors) or f"  - status {data.status}"
-    return f"{category.name}: the data cannot be used:\n{lines}"
 
 
 def _check_data_root(cfg: JobConfig, category: Category) -> None:
@@ -458,26 +261,15 @@ def _check_data_root(cfg: JobConfig, category: Category) -> None:
     Raises:
         DataError: with `fada-batch validate`'s "no data found" message.
     """
-    from fada_batch.validate import find_no_data
+    from fada_batch.data.validate import find_no_data
 
     if (why := find_no_data(Path(cfg.data.root), [category])) is not None:
         raise DataError(why)
 
 
-def _holds_completed(out_dir: Path) -> dict[str, Any] | None:
-    """The summary of a completed category whose adapter is complete, else None."""
-    try:
-        previous = read_summary(out_dir)
-    except ValueError:
-        return None
-    if previous and previous.get("status") == "completed" and final_model_complete(out_dir):
-        return previous
-    return None
-
-
 def _write_unless_completed(out_dir: Path, summary: dict[str, Any]) -> None:
     """Write a summary that did not complete, unless a completed one is there (it stays)."""
-    if _holds_completed(out_dir) is not None:
+    if completed_summary(out_dir) is not None:
         log.warning(
             "%s: %s; the completed summary and adapter in %s are kept",
             summary.get("category"),
@@ -496,10 +288,10 @@ def _awaiting_labels(
     Raises:
         DataError: the category is completed, so its sheet went missing (or data.root is wrong).
     """
-    from fada_batch.categories import LABELS_DIR
+    from fada_batch.data.categories import LABELS_DIR
 
     labels = Path(cfg.data.root) / LABELS_DIR
-    previous = _holds_completed(out_dir)
+    previous = completed_summary(out_dir)
     if previous is not None:
         raise DataError(
             f"{category.name}: no label sheet in {labels}, but {out_dir} holds a completed adapter "
@@ -512,139 +304,6 @@ def _awaiting_labels(
     return summary
 
 
-def _fingerprint_from_yaml(path: Path) -> dict[str, Any] | None:
-    """The training fingerprint of a written `config.yaml`, or None when it cannot be read."""
-    from fada_batch.config import ConfigError, config_from_dict, safe_load_yaml
-
-    try:
-        raw = safe_load_yaml(path.read_text()) or {}
-        return training_fingerprint(config_from_dict(raw, source=str(path)))
-    except (OSError, ConfigError, yaml.YAMLError):
-        return None
-
-
-def _mismatch(
-    category: Category, out_dir: Path, what: str, old: dict[str, Any] | None, new: dict[str, Any]
-) -> FingerprintMismatch:
-    diff = (
-        fingerprint_diff(old, new)
-        if old is not None
-        else ["(the earlier config cannot be read: it was written by another version of fada-batch)"]
-    )
-    lines = "\n".join(f"    {d}" for d in diff)
-    return FingerprintMismatch(
-        f"{category.name}: {out_dir} holds {what} trained under another training config; "
-        f"refusing to skip, resume or overwrite it. Keys that differ (then -> now):\n{lines}\n"
-        "Two ways on: retrain here, replacing it, with --force (`fada-batch train ... --force` or "
-        "`fada-batch submit ... --force`); or keep it and write this run elsewhere, e.g. "
-        "-p output.root=outputs/<run name>."
-    )
-
-
-COMPLETED = "completed"  # check_fingerprints: completed under the same training config
-
-
-def _completed(
-    out_dir: Path, category: Category, cfg: JobConfig, *, quiet: bool = False
-) -> dict[str, Any] | None:
-    """The summary of a category completed under this config's training fingerprint, else None
-    (logged as skipped unless `quiet`).
-
-    Raises:
-        FingerprintMismatch: it was completed under another training config.
-    """
-    previous = _holds_completed(out_dir)
-    if previous is None:
-        return None
-    then = previous.get("fingerprint") or _fingerprint_from_yaml(out_dir / FINAL_MODEL / CONFIG_FILE)
-    now = training_fingerprint(cfg)
-    if then != now:
-        raise _mismatch(category, out_dir, "a completed adapter", then, now)
-    if quiet:
-        return previous
-    log.info(
-        "%s: already completed under the same training config (%s); skipping. Use --force to train it again.",
-        category.name,
-        out_dir / FINAL_MODEL,
-    )
-    return previous
-
-
-def _check_checkpoint(cfg: JobConfig, category: Category, out_dir: Path, latest: Path) -> None:
-    """Refuse to resume a checkpoint written under another training fingerprint."""
-    try:
-        then = ckpt.read_state(latest).fingerprint or _fingerprint_from_yaml(latest / CONFIG_FILE)
-    except (OSError, ValueError):
-        return  # unreadable: loading it fails later, and it is quarantined then
-    now = training_fingerprint(cfg)
-    if then != now:
-        raise _mismatch(
-            category, out_dir, f"checkpoints of an unfinished run (latest {latest.name})", then, now
-        )
-
-
-def check_fingerprints(cfg: JobConfig, categories: list[str]) -> dict[str, str]:
-    """Before a submission: what each category's task would do with its folder, and every
-    category whose folder holds a completed adapter or checkpoints from another training
-    config, all at once.
-
-    Returns:
-        category -> `COMPLETED` (its task would skip it) or the name of the checkpoint it
-        would resume from; categories that would start fresh are left out.
-    Raises:
-        FingerprintMismatch: listing each such category with its differing keys.
-    """
-    messages = []
-    found: dict[str, str] = {}
-    for name in categories:
-        category = get_category(name)
-        out_dir = category_output_dir(cfg, category)
-        try:
-            if _completed(out_dir, category, cfg, quiet=True) is not None:
-                found[name] = COMPLETED
-            elif latest := ckpt.find_latest(out_dir):
-                _check_checkpoint(cfg, category, out_dir, latest)
-                found[name] = latest.name
-        except FingerprintMismatch as e:
-            messages.append(str(e))
-    if messages:
-        raise FingerprintMismatch("\n\n".join(messages))
-    return found
-
-
-def run_with_oom_backoff(
-    run_step: Callable[[int], Any],
-    micro: int,
-    *,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    on_backoff: Callable[[int], None],
-) -> tuple[Any, int]:
-    """`run_step(micro)`; on CUDA out of memory, drop the step's partial gradients, hand the
-    cache back, halve the micro-batch (the caller keeps the effective batch: more micro-batches
-    per step), tell `on_backoff`, and retry. Returns the step's result and the micro-batch used.
-
-    Raises:
-        RuntimeError: out of memory even with a micro-batch of 1 (says what to change).
-    """
-    while True:
-        try:
-            return run_step(micro), micro
-        except torch.OutOfMemoryError as e:
-            if micro == 1:
-                raise RuntimeError(
-                    "out of memory even with a micro-batch of 1: set model.quantization=8bit (or "
-                    "4bit) and/or model.gradient_checkpointing=true, or use a larger GPU"
-                ) from e
-        # Out of the except block the traceback's frames, and the activations they hold, are
-        # gone: only now can the cache be handed back.
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        micro = max(1, micro // 2)
-        on_backoff(micro)
-
-
 def _train_locked(
     cfg: JobConfig,
     category: Category,
@@ -655,13 +314,16 @@ def _train_locked(
     should_stop: Callable[[], bool] | None,
     requeues: int,
     progress_stream: Any,
+    after_save: AfterSave | None,
 ) -> dict[str, Any]:
+    """Under the category's lock: the folder made ready, then the training; however it ends
+    (completed, stopped, interrupted, failed), the summary says so."""
     t_start = time.time()
     remove_stale_tmp(out_dir)
     reached("setup.locked")
     latest = None if force else ckpt.find_latest(out_dir)
     if latest is not None:
-        _check_checkpoint(cfg, category, out_dir, latest)
+        check_checkpoint(cfg, category, out_dir, latest)
     first_start, earlier_wall = _earlier_attempts(out_dir) if latest is not None else (now_iso(), 0.0)
     summary.update(
         status="running",
@@ -670,24 +332,9 @@ def _train_locked(
         requeues=requeues,
         earlier_attempts_wall_time_s=round(earlier_wall, 2),
     )
-    try:
-        cs = prepare_data(cfg, category, out_dir, resuming=latest is not None, replace_split=force)
-    except DataError as e:
-        summary.update(status="invalid_data", error=str(e), end_time=now_iso())
-        _write_unless_completed(out_dir, summary)
-        raise
-    summary.update(_data_counts(cs))
-    if not cs.train:
-        summary.update(status="invalid_data", error="no training QA pairs after the split")
-        _write_unless_completed(out_dir, summary)
-        raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
-    if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
-        ckpt.remove_all(out_dir)
-        remove_dir(out_dir / FINAL_MODEL)
-    config_yaml = dump_yaml(cfg)
-    atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
-    write_summary(out_dir, summary)
-    reached("setup.data")
+    cs, config_yaml = _prepare_folder(
+        cfg, category, out_dir, summary, force=force, resuming=latest is not None
+    )
     try:
         return _run_training(
             cfg,
@@ -700,6 +347,7 @@ def _train_locked(
             t_start,
             should_stop=should_stop,
             progress_stream=progress_stream,
+            after_save=after_save,
         )
     except StopRequested as e:
         summary.update(status="interrupted", end_time=now_iso(), checkpoint=str(e.checkpoint))
@@ -727,6 +375,38 @@ def _train_locked(
         summary.update(_wall_times(t_start, earlier_wall))
         write_summary(out_dir, summary)
         raise
+
+
+def _prepare_folder(
+    cfg: JobConfig, category: Category, out_dir: Path, summary: dict[str, Any], *, force: bool, resuming: bool
+) -> tuple[CategorySamples, str]:
+    """The samples (split.json written or reused) and the folder made ready for training:
+    with `force` the old checkpoints and adapter removed, `config.yaml` and the summary
+    written. Returns the samples and the config as written.
+
+    Raises:
+        DataError: the data cannot be used (recorded as `invalid_data`, unless a completed
+            summary is there: it stays).
+    """
+    try:
+        cs = prepare_data(cfg, category, out_dir, resuming=resuming, replace_split=force)
+    except DataError as e:
+        summary.update(status="invalid_data", error=str(e), end_time=now_iso())
+        _write_unless_completed(out_dir, summary)
+        raise
+    summary.update(_data_counts(cs))
+    if not cs.train:
+        summary.update(status="invalid_data", error="no training QA pairs after the split")
+        _write_unless_completed(out_dir, summary)
+        raise DataError(f"{category.name}: no training question/answer pairs (all answers empty?)")
+    if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
+        ckpt.remove_all(out_dir)
+        remove_dir(out_dir / FINAL_MODEL)
+    config_yaml = dump_yaml(cfg)
+    atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
+    write_summary(out_dir, summary)
+    reached("setup.data")
+    return cs, config_yaml
 
 
 def _earlier_attempts(out_dir: Path) -> tuple[str, float]:
@@ -788,6 +468,7 @@ class _Run:
     features: FeatureSource | None = None
     progress: Progress | None = None
     last_ckpt: Path | None = None
+    after_save: AfterSave | None = None
 
     @property
     def model(self) -> Any:
@@ -867,7 +548,9 @@ def _resume(run: _Run, latest: Path | None) -> Path | None:
         return None
     now = training_fingerprint(run.cfg)
     if state.fingerprint and state.fingerprint != now:  # an older checkpoint than the one checked
-        raise _mismatch(run.category, run.out_dir, f"checkpoint {latest.name}", state.fingerprint, now)
+        raise fingerprint_mismatch(
+            run.category, run.out_dir, f"checkpoint {latest.name}", state.fingerprint, now
+        )
     state.resumes += 1
     state.config_hash, state.fingerprint = run.cfg.config_hash(), now
     run.micro = state.micro_batch_size or run.micro  # keep an earlier out-of-memory back-off
@@ -1110,8 +793,10 @@ def _run_training(
     *,
     should_stop: Callable[[], bool] | None,
     progress_stream: Any,
+    after_save: AfterSave | None,
 ) -> dict[str, Any]:
     run = _setup(cfg, category, out_dir, summary, cs, config_yaml)
+    run.after_save = after_save
     latest = _resume(run, latest)
     trainable, total_params = trainable_parameters(run.model)
     summary.update(
@@ -1152,7 +837,7 @@ def _run_training(
 
 
 def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]) -> dict[str, Any]:
-    """Ship the chosen adapter (final_model/), evaluate it if asked, and complete the summary."""
+    """Ship the chosen adapter (final_model/), hand it to `after_save`, and complete the summary."""
     cfg, state, summary, cs = run.cfg, run.state, run.summary, run.cs
     tc, mc = cfg.train, cfg.model
     shipped = _ship(run)
@@ -1166,12 +851,9 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
     }
     final = save_final_model(run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record)
     reached("final.saved")
-    if cfg.eval.after_training:  # answers from the model in memory: no second load
-        from fada_batch.evaluate import evaluate_after_training
-
-        summary["eval"] = evaluate_after_training(
-            run.loaded, cs, run.out_dir, eos_token_id=eos, cfg=cfg, max_new_tokens=answers["max_new_tokens"]
-        )
+    if run.after_save is not None:  # e.g. the task's evaluation: answers from the model in memory
+        final_model = FinalModel(cfg, run.loaded, cs, run.out_dir, eos, answers["max_new_tokens"])
+        summary.update(run.after_save(final_model))
     walls = _wall_times(t_start, float(summary.get("earlier_attempts_wall_time_s") or 0.0))
     trainable, total_params = counts
     summary.update(

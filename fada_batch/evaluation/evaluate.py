@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from fada_batch.collate import Encoder, Sample
-from fada_batch.fsutil import category_lock
-from fada_batch.metrics import aggregate, majority_answers, question_label
-from fada_batch.slurmjobs import job_phase
+from fada_batch.data.samples import Sample
+from fada_batch.evaluation.metrics import aggregate, majority_answers, question_label
+from fada_batch.fsutil import JobProbe, category_lock
 from fada_batch.text import plural
+from fada_batch.training.collate import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def load_like_training(
     and dtype), so that answers match those of training's own evaluation; `dtype` and
     `quantization` apply only to adapters that record none.
     """
-    from fada_batch.model import load_base_model
+    from fada_batch.training.model import load_base_model
 
     q = info.quantization or quantization
     d = info.dtype or dtype
@@ -329,7 +329,7 @@ def _generate_batch(
     eos_token_id: int,
     settings: GenerationSettings,
 ) -> list[Generated]:
-    from fada_batch.model import base_of
+    from fada_batch.training.model import base_of
 
     base = base_of(model)
     device = features.device
@@ -421,7 +421,7 @@ def generate(
 
 
 def make_encoder(loaded: Any, eos_token_id: int) -> Encoder:
-    from fada_batch.model import base_of
+    from fada_batch.training.model import base_of
 
     config = base_of(loaded.model).config
     return Encoder(
@@ -444,7 +444,7 @@ def _features(
     loaded: Any, image_paths: dict[str, Path], names: list[str], max_pixels: int
 ) -> dict[str, torch.Tensor]:
     """(Q, H) frozen features per image name, computed once in batches."""
-    from fada_batch.features import FeatureSource
+    from fada_batch.training.features import FeatureSource
 
     source = FeatureSource(loaded, image_paths, cache=True, max_pixels=max_pixels)
     source.warm(names)
@@ -526,7 +526,7 @@ def evaluate_loaded(
 
     Args:
         loaded: `model.LoadedModel` whose model is a PeftModel with the trained adapter.
-        samples: `train.CategorySamples` (train answers for the majority baseline, the
+        samples: `data.samples.CategorySamples` (train answers for the majority baseline, the
             held-out samples, image paths, question texts).
         prompt_template: the template the adapter was trained with.
         split: "test" or "val": which held-out part of split.json.
@@ -683,12 +683,16 @@ def evaluate_after_training(
     return summary_block(metrics)
 
 
-def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
+def evaluate_category(cfg: Any, category_name: str, *, job_probe: JobProbe | None = None) -> dict[str, Any]:
     """Evaluate a trained category's `final_model/` on its held-out images.
 
     Loads the base model (cfg.model) and the adapter once, answers every held-out question
     with the adapter and with the base model alone, scores both and the majority baseline,
     and writes `{output.root}/blip2_{slug}/eval/predictions.csv` and `eval/metrics.json`.
+
+    Args:
+        job_probe: asks the scheduler whether the holder of the category's lock still runs
+            (`run.slurmjobs.job_phase`); None: judge by its pid and age alone.
 
     Returns:
         the metrics.json content (see `evaluate_loaded`).
@@ -699,9 +703,9 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
         ModelLoadError: the base model cannot be loaded (e.g. offline and not cached).
         DataError: the data no longer matches split.json.
     """
-    from fada_batch.categories import get_category
-    from fada_batch.split import SPLIT_FILE
-    from fada_batch.train import FINAL_MODEL, category_output_dir, final_model_complete
+    from fada_batch.data.categories import get_category
+    from fada_batch.data.split import SPLIT_FILE
+    from fada_batch.training.outputs import FINAL_MODEL, category_output_dir, final_model_complete
 
     category = get_category(category_name)
     out_dir = category_output_dir(cfg, category)
@@ -725,16 +729,17 @@ def evaluate_category(cfg: Any, category_name: str) -> dict[str, Any]:
     settings = settings_from(cfg.eval)
     settings.check()
     # not while a task trains (or --force retrains) this category, nor beside another evaluation
-    with category_lock(out_dir, purpose="evaluated", job_probe=job_phase):
+    with category_lock(out_dir, purpose="evaluated", job_probe=job_probe):
         return _evaluate_locked(cfg, category, out_dir, info, settings)
 
 
 def _evaluate_locked(
     cfg: Any, category: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
 ) -> dict[str, Any]:
-    from fada_batch.collate import answer_length_stats
-    from fada_batch.model import eos_token_id
-    from fada_batch.train import final_model_complete, prepare_data
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.training.collate import answer_length_stats
+    from fada_batch.training.model import eos_token_id
+    from fada_batch.training.outputs import final_model_complete
 
     mc = cfg.model
     if not final_model_complete(out_dir):  # removed by a --force retraining since the check
@@ -778,8 +783,8 @@ def _evaluate_locked(
 
 def trained_categories(cfg: Any) -> list[str]:
     """Categories with a complete final_model/ under the output root (job's categories first)."""
-    from fada_batch.categories import CATEGORY_NAMES, get_category
-    from fada_batch.train import category_output_dir, final_model_complete
+    from fada_batch.data.categories import CATEGORY_NAMES, get_category
+    from fada_batch.training.outputs import category_output_dir, final_model_complete
 
     names = [get_category(c).name for c in cfg.data.categories]
     names += [n for n in CATEGORY_NAMES if n not in names]

@@ -18,17 +18,9 @@ from typing import Any
 
 import torch
 
+from fada_batch.data.samples import Sample
+
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One question about one image, with its reference answer."""
-
-    image: str  # image name (key of the feature cache and of split.json)
-    question_index: int  # 0..7 (Q1..Q8)
-    prompt: str  # the formatted prompt, e.g. "Question: ... Answer:"
-    answer: str
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `make_tiny_model(out_dir)` trains a byte-level BPE tokenizer on the questions, the demo's
 answers and captions, builds a `Blip2ForConditionalGeneration` from config (ViT, Q-Former,
 OPT) and pretrains all of it briefly on captioned synthetic scans from
-`fada_batch.demo.render_scan`, so that its frozen image features carry what is drawn (which
+`fada_batch.tools.demo.render_scan`, so that its frozen image features carry what is drawn (which
 side the structure lies on, how noisy the scan is) and LoRA on the language model alone can
 learn image-dependent answers. It then saves model and processor with `save_pretrained`, so
 `Blip2ForConditionalGeneration.from_pretrained(out_dir)` and
@@ -63,8 +63,8 @@ from transformers import (
     OPTConfig,
 )
 
-from fada_batch.categories import CATEGORY_NAMES, STANDARD_QUESTIONS
-from fada_batch.demo import SIDES, all_answers, describe, render_scan
+from fada_batch.data.categories import CATEGORY_NAMES, STANDARD_QUESTIONS
+from fada_batch.tools.demo import SIDES, all_answers, describe, render_scan
 
 logger = logging.getLogger(__name__)
 

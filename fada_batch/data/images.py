@@ -31,11 +31,12 @@ import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path, PureWindowsPath
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from fada_batch.problems import Problem, make_problem
+from fada_batch.data.problems import Problem, make_problem
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,16 @@ def resolve_image(
                 **where,
             )
         )
+    _check_inside(image_dir, path, where)
+    return path
+
+
+def _check_inside(image_dir: Path, path: Path, where: dict[str, Any]) -> None:
+    """Refuse a file that resolves (through links) outside `image_dir`.
+
+    Raises:
+        ImageError: with code ``image_outside_folder``.
+    """
     root = image_dir.resolve()
     try:
         real = path.resolve()
@@ -204,7 +215,6 @@ def resolve_image(
                 **where,
             )
         )
-    return path
 
 
 def _lookup(image_dir: Path, raw: str, index: dict[str, Path]) -> Path | list[Path] | None:

@@ -2,8 +2,8 @@
 
 `load_category` is the single entry point for training and for the pre-flight check
 (`fada-batch validate`): it finds the sheet and the image folder (aliases and misspellings
-included), reads the sheet (`fada_batch.sheets`), resolves and checks every listed image
-(`fada_batch.images`) and returns a `CategoryData` with the usable records, every problem
+included), reads the sheet (`fada_batch.data.sheets`), resolves and checks every listed image
+(`fada_batch.data.images`) and returns a `CategoryData` with the usable records, every problem
 found and the counts. It raises only for an unknown category name.
 
 Status:
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fada_batch.categories import (
+from fada_batch.data.categories import (
     IMAGES_DIR,
     LABELS_DIR,
     NUM_QUESTIONS,
@@ -35,7 +35,7 @@ from fada_batch.categories import (
     find_sheet,
     get_category,
 )
-from fada_batch.images import (
+from fada_batch.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_WARN_PIXELS,
     ImageError,
@@ -46,8 +46,8 @@ from fada_batch.images import (
     name_key,
     resolve_image,
 )
-from fada_batch.problems import Problem, count_by_code, has_errors, make_problem
-from fada_batch.sheets import Sheet, SheetRow, read_sheet
+from fada_batch.data.problems import Problem, count_by_code, has_errors, make_problem
+from fada_batch.data.sheets import Sheet, SheetRow, read_sheet
 from fada_batch.text import plural
 
 Status = Literal["ok", "awaiting_labels", "error"]
@@ -202,6 +202,23 @@ def load_category(
     if data.image_dir is None:
         data.problems.append(_no_image_dir(data_root, cat, data.sheet_path))
         return _finish(data)
+    _read_images(
+        data,
+        sheet,
+        check_images=check_images,
+        max_pixels=max_image_pixels,
+        warn_pixels=warn_image_pixels,
+    )
+    return _finish(data)
+
+
+def _read_images(
+    data: CategoryData, sheet: Sheet, *, check_images: bool, max_pixels: int, warn_pixels: int
+) -> None:
+    """Fill `data.records` with the sheet's rows whose images can be used, and report the
+    image folder that cannot be listed, images on disk the sheet does not list, and a sheet
+    none of whose images can be used."""
+    assert data.image_dir is not None and data.sheet_path is not None
     try:
         index = index_images(data.image_dir)
     except OSError as exc:
@@ -213,8 +230,7 @@ def load_category(
                 file=data.image_dir,
             )
         )
-        return _finish(data)
-
+        return
     on_disk = indexed_files(index)
     data.stats.images_on_disk = len(on_disk)
     data.records = _usable_records(
@@ -222,8 +238,8 @@ def load_category(
         sheet,
         index,
         check_images=check_images,
-        max_pixels=max_image_pixels,
-        warn_pixels=warn_image_pixels,
+        max_pixels=max_pixels,
+        warn_pixels=warn_pixels,
     )
     _report_not_listed(data, sheet, on_disk)
     if sheet.listed_names and not data.records:
@@ -231,12 +247,11 @@ def load_category(
             make_problem(
                 "no_usable_images",
                 f"None of the {plural(len(sheet.listed_names), 'image')} listed in the sheet can be used "
-                f"(see the warnings above); nothing is left to train {cat.name} on.",
+                f"(see the warnings above); nothing is left to train {data.category.name} on.",
                 fix=f"put the listed images in '{data.image_dir}' or correct the names in the sheet.",
                 file=data.sheet_path,
             )
         )
-    return _finish(data)
 
 
 def _no_image_dir(data_root: Path, cat: Category, sheet_path: Path) -> Problem:

@@ -17,8 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fada_batch.categories import STANDARD_QUESTIONS
-from fada_batch.evaluate import (
+from fada_batch.data.categories import STANDARD_QUESTIONS
+from fada_batch.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image_rgb
+from fada_batch.evaluation.evaluate import (
     DEFAULT_SETTINGS,
     AdapterError,
     GenerationSettings,
@@ -29,7 +30,6 @@ from fada_batch.evaluate import (
     make_encoder,
     read_adapter_info,
 )
-from fada_batch.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image_rgb
 from fada_batch.text import plural
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Asker:
         settings: GenerationSettings = DEFAULT_SETTINGS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        from fada_batch.model import eos_token_id
+        from fada_batch.training.model import eos_token_id
 
         self.info = read_adapter_info(Path(adapter_dir))
         base = base_model or self.info.base_model

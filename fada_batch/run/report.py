@@ -393,7 +393,31 @@ def _totals_line(t: dict[str, Any]) -> str:
 
 
 def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None = None) -> str:
+    """report.md: totals, categories, training, what needs attention, evaluation, plots (as
+    `plot_files`: name -> relative path), the comparison and the problems found."""
     cats = collected.get("categories") or []
+    out = _md_totals(collected)
+    out += _md_categories(cats)
+    out += _md_training(cats)
+    out += _md_attention(cats)
+    out += _md_evaluation(cats)
+    if plot_files:
+        out += ["## Plots", ""]
+        for name, rel in plot_files.items():
+            out += [f"![{PLOT_TITLES.get(name, name)}]({rel})", ""]
+    cmp = collected.get("compare")
+    if cmp:
+        out += [f"## Compared with `{cmp.get('other_root')}`", ""]
+        out += ["Change = this run − the other run.", ""]
+        head, rows = _compare_rows(cmp)
+        out += _md_table(head, rows)
+    if collected.get("problems"):
+        out += ["## Problems found while collecting", ""]
+        out += [f"- {_md(p)}" for p in collected["problems"]] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_totals(collected: dict[str, Any]) -> list[str]:
     t = collected.get("totals") or {}
     out = [
         "# Training run report",
@@ -405,9 +429,12 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
         "",
         "- **" + _totals_line(t).replace(" done, ", " done**, ", 1),
     ]
-    out += [f"- {label}: {value}" for label, value in _time_lines(t)]
-    out += ["", "## Categories", ""]
-    out += _md_table(
+    return out + [f"- {label}: {value}" for label, value in _time_lines(t)]
+
+
+def _md_categories(cats: list[dict[str, Any]]) -> list[str]:
+    out = ["", "## Categories", ""]
+    return out + _md_table(
         ["Category", "Status", "Detail", "SLURM job", "Requeues", "Adapter"],
         [
             [
@@ -423,8 +450,11 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
             for c in cats
         ],
     )
-    out += ["## Training", ""]
-    out += _md_table(
+
+
+def _md_training(cats: list[dict[str, Any]]) -> list[str]:
+    out = ["## Training", ""]
+    return out + _md_table(
         ["Category", "Images tr/val/test", "QA pairs tr/val/test", "Epochs", "Steps", "Wall time",
          "Train time", "Samples/s", "Peak memory", "Final train loss", "Final val loss",
          "Token F1", "Exact match"],
@@ -447,41 +477,37 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
             for c in cats
         ],
     )  # fmt: skip
+
+
+def _md_attention(cats: list[dict[str, Any]]) -> list[str]:
     attention = _attention(cats)
-    if attention:
-        out += ["## Needs attention", ""]
-        for c in attention:
-            out.append(
-                f"- **{c['category']}**: {STATE_LABELS.get(c.get('state'), c.get('state'))}: {c.get('detail', '')}"
-            )
-            if c.get("error_tail"):  # a code block inside the list item
-                out += ["", *(f"  {line}" for line in _fence(c["error_tail"])[:-1]), ""]
-            if c.get("resume"):
-                out += ["", "  To resume:", "", *(f"  {line}" for line in _fence(c["resume"])[:-1]), ""]
-        out.append("")
-        every = resume_all(attention)
-        if len([c for c in attention if c.get("resume")]) > 1:
-            out += ["To resume all of them:", "", *_fence("\n".join(every))]
+    if not attention:
+        return []
+    out = ["## Needs attention", ""]
+    for c in attention:
+        out.append(
+            f"- **{c['category']}**: {STATE_LABELS.get(c.get('state'), c.get('state'))}: {c.get('detail', '')}"
+        )
+        if c.get("error_tail"):  # a code block inside the list item
+            out += ["", *(f"  {line}" for line in _fence(c["error_tail"])[:-1]), ""]
+        if c.get("resume"):
+            out += ["", "  To resume:", "", *(f"  {line}" for line in _fence(c["resume"])[:-1]), ""]
+    out.append("")
+    every = resume_all(attention)
+    if len([c for c in attention if c.get("resume")]) > 1:
+        out += ["To resume all of them:", "", *_fence("\n".join(every))]
+    return out
+
+
+def _md_evaluation(cats: list[dict[str, Any]]) -> list[str]:
     evaluated = [c for c in cats if c.get("eval")]
-    if evaluated:
-        out += ["## Evaluation", ""]
-        for c in evaluated:
-            out += [f"### {c['category']}", ""]
-            out += _md_table(*_eval_table(c))
-    if plot_files:
-        out += ["## Plots", ""]
-        for name, rel in plot_files.items():
-            out += [f"![{PLOT_TITLES.get(name, name)}]({rel})", ""]
-    cmp = collected.get("compare")
-    if cmp:
-        out += [f"## Compared with `{cmp.get('other_root')}`", ""]
-        out += ["Change = this run − the other run.", ""]
-        head, rows = _compare_rows(cmp)
-        out += _md_table(head, rows)
-    if collected.get("problems"):
-        out += ["## Problems found while collecting", ""]
-        out += [f"- {_md(p)}" for p in collected["problems"]] + [""]
-    return "\n".join(out).rstrip() + "\n"
+    if not evaluated:
+        return []
+    out = ["## Evaluation", ""]
+    for c in evaluated:
+        out += [f"### {c['category']}", ""]
+        out += _md_table(*_eval_table(c))
+    return out
 
 
 def _eval_table(c: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -568,10 +594,25 @@ def _td(v: Any, cls: str = "") -> str:
 
 
 def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """report.html, self-contained (plots inline as PNG data, no scripts): the sections of
+    `render_markdown`, with a status badge per category."""
     cats = collected.get("categories") or []
-    t = collected.get("totals") or {}
-    by = t.get("by_state") or {}
-    parts = [
+    parts = _html_head(collected) + _html_totals(collected.get("totals") or {})
+    parts += _html_categories(cats)
+    parts += _html_attention(cats)
+    parts += _html_plots(plots)
+    parts += _html_evaluation(cats)
+    parts += _html_compare(collected.get("compare"))
+    if collected.get("problems"):
+        parts.append('<section id="problems"><h2>Problems found while collecting</h2><ul>')
+        parts += [f"<li>{_e(p)}</li>" for p in collected["problems"]]
+        parts.append("</ul></section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _html_head(collected: dict[str, Any]) -> list[str]:
+    return [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
@@ -581,8 +622,11 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
         "<h1>Training run report</h1>",
         f'<p class="meta">Output root <code>{_e(collected.get("output_root"))}</code>; collected '
         f"{_e(collected.get('generated'))}; categories from {_e(collected.get('categories_from'))}.</p>",
-        '<section id="totals"><h2>Totals</h2><div class="cards">',
     ]
+
+
+def _html_totals(t: dict[str, Any]) -> list[str]:
+    by = t.get("by_state") or {}
     cards = [
         ("done", t.get("done", 0)),
         ("failed", t.get("failed", 0)),
@@ -595,6 +639,7 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     ]
     if by.get("unreadable"):
         cards.append(("unreadable", by["unreadable"]))
+    parts = ['<section id="totals"><h2>Totals</h2><div class="cards">']
     parts += [
         f'<div class="card"><div class="n">{_e(n)}</div><div class="l">{_e(label)}</div></div>'
         for label, n in cards
@@ -602,100 +647,112 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     parts.append('</div><ul class="times">')
     parts += [f"<li><b>{_e(label)}</b>: {_e(value)}</li>" for label, value in _time_lines(t)]
     parts.append("</ul></section>")
+    return parts
 
+
+def _html_categories(cats: list[dict[str, Any]]) -> list[str]:
     head = ["Category", "Status", "Detail", "Images tr/val/test", "QA pairs tr/val/test", "Epochs",
             "Steps", "Wall time", "Train time", "Samples /s", "Peak memory", "Final train loss",
             "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter"]  # fmt: skip
-    rows = []
-    for c in cats:
-        adapter = (
-            f"{_e(c['adapter_path'])} ({_e(fmt_bytes(c.get('adapter_bytes')))})"
-            if c.get("adapter_path")
-            else "–"
-        )
-        rows.append(
-            f'<tr data-category="{_e(c["category"])}" data-state="{_e(c.get("state"))}">'
-            f"<th>{_e(c['category'])}</th><td>{_badge(c.get('state'))}</td>"
-            + _td(c.get("detail", ""), "wrap")
-            + _td(fmt_splits(c.get("images")), "num")
-            + _td(fmt_splits(c.get("qa_pairs")), "num")
-            + _td(c.get("epochs"), "num")
-            + _td(_steps(c), "num")
-            + _td(fmt_duration(c.get("wall_time_s")), "num")
-            + _td(fmt_duration(c.get("train_time_s")), "num")
-            + _td(fmt_num(c.get("samples_per_s"), 1), "num")
-            + _td(_memory(c), "num")
-            + _td(fmt_num(c.get("final_train_loss")), "num")
-            + _td(fmt_num(c.get("final_val_loss")), "num")
-            + _td(fmt_num(_eval_overall(c).get("token_f1"), 3), "num")
-            + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
-            + _td(c.get("requeues"), "num")
-            + _td(_slurm(c))
-            + f'<td class="path">{adapter}</td></tr>'
-        )
-    parts.append('<section id="categories"><h2>Categories</h2>')
-    parts.append(_html_table(head, rows, table_id="results"))
-    parts.append("</section>")
+    rows = [_html_category_row(c) for c in cats]
+    return [
+        '<section id="categories"><h2>Categories</h2>',
+        _html_table(head, rows, table_id="results"),
+        "</section>",
+    ]
 
+
+def _html_category_row(c: dict[str, Any]) -> str:
+    adapter = (
+        f"{_e(c['adapter_path'])} ({_e(fmt_bytes(c.get('adapter_bytes')))})" if c.get("adapter_path") else "–"
+    )
+    return (
+        f'<tr data-category="{_e(c["category"])}" data-state="{_e(c.get("state"))}">'
+        f"<th>{_e(c['category'])}</th><td>{_badge(c.get('state'))}</td>"
+        + _td(c.get("detail", ""), "wrap")
+        + _td(fmt_splits(c.get("images")), "num")
+        + _td(fmt_splits(c.get("qa_pairs")), "num")
+        + _td(c.get("epochs"), "num")
+        + _td(_steps(c), "num")
+        + _td(fmt_duration(c.get("wall_time_s")), "num")
+        + _td(fmt_duration(c.get("train_time_s")), "num")
+        + _td(fmt_num(c.get("samples_per_s"), 1), "num")
+        + _td(_memory(c), "num")
+        + _td(fmt_num(c.get("final_train_loss")), "num")
+        + _td(fmt_num(c.get("final_val_loss")), "num")
+        + _td(fmt_num(_eval_overall(c).get("token_f1"), 3), "num")
+        + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
+        + _td(c.get("requeues"), "num")
+        + _td(_slurm(c))
+        + f'<td class="path">{adapter}</td></tr>'
+    )
+
+
+def _html_attention(cats: list[dict[str, Any]]) -> list[str]:
     attention = _attention(cats)
-    if attention:
-        parts.append('<section id="attention"><h2>Needs attention</h2>')
-        for c in attention:
-            parts.append(
-                f'<div class="attention" data-category="{_e(c["category"])}"><h3>{_e(c["category"])} '
-                f"{_badge(c.get('state'))}</h3>"
-            )
-            if not (c.get("error_tail") and c.get("detail", "") in c["error_tail"]):
-                parts.append(f"<p>{_e(c.get('detail', ''))}</p>")
-            if c.get("error_tail"):
-                parts.append(f"<pre>{_e(c['error_tail'])}</pre>")
-            if c.get("resume"):
-                parts.append(f'<p>To resume:</p><pre class="resume">{_e(c["resume"])}</pre>')
-            parts.append("</div>")
-        if len([c for c in attention if c.get("resume")]) > 1:
-            every = "\n".join(resume_all(attention))
-            parts.append(f'<p>To resume all of them:</p><pre class="resume">{_e(every)}</pre>')
-        parts.append("</section>")
-
-    if plots:
-        parts.append('<section id="plots"><h2>Plots</h2>')
-        for name, png in plots.items():
-            title = PLOT_TITLES.get(name, name)
-            data = base64.b64encode(png).decode("ascii")
-            parts.append(
-                f"<h3>{_e(title)}</h3>"
-                f'<img class="plot" id="plot-{_e(name.removesuffix(".png"))}" alt="{_e(title)}" '
-                f'src="data:image/png;base64,{data}">'
-            )
-        parts.append("</section>")
-
-    evaluated = [c for c in cats if c.get("eval")]
-    if evaluated:
-        parts.append('<section id="evaluation"><h2>Evaluation</h2>')
-        for c in evaluated:
-            parts.append(f"<h3>{_e(c['category'])}</h3>")
-            head_cells, cells = _eval_table(c)
-            body = ["<tr>" + "".join(_td(x, "num") for x in row) + "</tr>" for row in cells]
-            parts.append(_html_table(head_cells, body, table_id=f"eval-{c['category']}"))
-        parts.append("</section>")
-
-    cmp = collected.get("compare")
-    if cmp:
-        head, crow = _compare_rows(cmp)
+    if not attention:
+        return []
+    parts = ['<section id="attention"><h2>Needs attention</h2>']
+    for c in attention:
         parts.append(
-            f'<section id="compare"><h2>Compared with <code>{_e(cmp.get("other_root"))}</code></h2>'
-            "<p>Change = this run − the other run.</p>"
+            f'<div class="attention" data-category="{_e(c["category"])}"><h3>{_e(c["category"])} '
+            f"{_badge(c.get('state'))}</h3>"
         )
-        body = [f'<tr data-category="{_e(r[0])}">' + "".join(_td(x) for x in r) + "</tr>" for r in crow]
-        parts.append(_html_table(head, body, table_id="compare-table"))
-        parts.append("</section>")
+        if not (c.get("error_tail") and c.get("detail", "") in c["error_tail"]):
+            parts.append(f"<p>{_e(c.get('detail', ''))}</p>")
+        if c.get("error_tail"):
+            parts.append(f"<pre>{_e(c['error_tail'])}</pre>")
+        if c.get("resume"):
+            parts.append(f'<p>To resume:</p><pre class="resume">{_e(c["resume"])}</pre>')
+        parts.append("</div>")
+    if len([c for c in attention if c.get("resume")]) > 1:
+        every = "\n".join(resume_all(attention))
+        parts.append(f'<p>To resume all of them:</p><pre class="resume">{_e(every)}</pre>')
+    parts.append("</section>")
+    return parts
 
-    if collected.get("problems"):
-        parts.append('<section id="problems"><h2>Problems found while collecting</h2><ul>')
-        parts += [f"<li>{_e(p)}</li>" for p in collected["problems"]]
-        parts.append("</ul></section>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+
+def _html_plots(plots: dict[str, bytes]) -> list[str]:
+    if not plots:
+        return []
+    parts = ['<section id="plots"><h2>Plots</h2>']
+    for name, png in plots.items():
+        title = PLOT_TITLES.get(name, name)
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(
+            f"<h3>{_e(title)}</h3>"
+            f'<img class="plot" id="plot-{_e(name.removesuffix(".png"))}" alt="{_e(title)}" '
+            f'src="data:image/png;base64,{data}">'
+        )
+    parts.append("</section>")
+    return parts
+
+
+def _html_evaluation(cats: list[dict[str, Any]]) -> list[str]:
+    evaluated = [c for c in cats if c.get("eval")]
+    if not evaluated:
+        return []
+    parts = ['<section id="evaluation"><h2>Evaluation</h2>']
+    for c in evaluated:
+        parts.append(f"<h3>{_e(c['category'])}</h3>")
+        head_cells, cells = _eval_table(c)
+        body = ["<tr>" + "".join(_td(x, "num") for x in row) + "</tr>" for row in cells]
+        parts.append(_html_table(head_cells, body, table_id=f"eval-{c['category']}"))
+    parts.append("</section>")
+    return parts
+
+
+def _html_compare(cmp: dict[str, Any] | None) -> list[str]:
+    if not cmp:
+        return []
+    head, crow = _compare_rows(cmp)
+    body = [f'<tr data-category="{_e(r[0])}">' + "".join(_td(x) for x in r) + "</tr>" for r in crow]
+    return [
+        f'<section id="compare"><h2>Compared with <code>{_e(cmp.get("other_root"))}</code></h2>'
+        "<p>Change = this run − the other run.</p>",
+        _html_table(head, body, table_id="compare-table"),
+        "</section>",
+    ]
 
 
 # ------------------------------------------------------------------------------------ stdout

@@ -1,12 +1,13 @@
 """The launcher: where `train` runs (SLURM array, workstation, in-process) and when `collect` runs.
 
 This is the only module that imports submitit. It never touches tensors: each array task is a
-`TrainTask` (a `submitit.helpers.Checkpointable`) that calls `train.train_category` for one
-category. On the time-limit warning signal or a preemption the task asks training to stop at
-the next optimizer step, training saves a checkpoint, submitit pickles the task's
+`TrainTask` (a `submitit.helpers.Checkpointable`) that runs one category's task
+(`run.task.run_category`: train, then evaluate). On the time-limit warning signal or a
+preemption the task asks training to stop at the next optimizer step, training saves a
+checkpoint, submitit pickles the task's
 `checkpoint()` and the task is requeued: by the batch script on the host when the task asks
 for it (the task may run in an image without a SLURM client), else with `scontrol` (see
-`fada_batch.requeue`). The requeued task resumes from the latest checkpoint it finds in the
+`fada_batch.run.requeue`). The requeued task resumes from the latest checkpoint it finds in the
 category's output folder at run time (nothing about checkpoints is baked into the pickle).
 
     fada-batch submit --job job/full.yaml [--categories A,B] [--dry-run] [--executor local]
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -29,13 +29,15 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from fada_batch import requeue
-from fada_batch.collect import JOB_FILE
 from fada_batch.config import JobConfig, config_from_dict, dump_yaml
+from fada_batch.data.validate import NoDataError, Preflight, preflight
 from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
-from fada_batch.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
+from fada_batch.run import requeue
+from fada_batch.run.collect import JOB_FILE
+from fada_batch.run.task import code_origin, match_threads_to_allocation, run_category
 from fada_batch.text import plural
-from fada_batch.validate import NoDataError, Preflight, preflight
+from fada_batch.training.recipe import StopRequested
+from fada_batch.training.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,6 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self, job: dict[str, Any], category: str, force: bool = False) -> dict[str, Any]:
         from fada_batch.logsetup import setup_logging
-        from fada_batch.train import StopRequested, train_category
 
         self._started = time.time()
         setup_logging()  # a fresh process: none of the CLI's logging set-up is here
@@ -69,7 +70,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         match_threads_to_allocation()
         handler = _install_stop_handler(self)
         try:
-            return train_category(
+            return run_category(
                 cfg,
                 category,
                 force=force,
@@ -119,8 +120,8 @@ class TrainTask(submitit.helpers.Checkpointable):
             requeue.RequeueError: the requeue could not happen (summary: failed, requeue_failed).
             SystemExit: requeued (submitit's exit after a requeue).
         """
-        from fada_batch.categories import get_category
-        from fada_batch.train import category_output_dir
+        from fada_batch.data.categories import get_category
+        from fada_batch.training.outputs import category_output_dir
 
         out_dir = category_output_dir(cfg, get_category(category))
         resume = requeue.resume_hint(cfg.name, get_category(category).name, checkpoint)
@@ -181,35 +182,6 @@ class TrainTask(submitit.helpers.Checkpointable):
             raise requeue.RequeueError(f"{category}: {why}") from e
 
 
-def code_origin() -> str:
-    """Which fada_batch this process runs: version, folder and Python (an image's or a checkout's)."""
-    import fada_batch
-
-    return (
-        f"fada_batch {fada_batch.__version__} from {Path(fada_batch.__file__).resolve().parent} "
-        f"(python {platform.python_version()} {sys.executable})"
-    )
-
-
-def match_threads_to_allocation() -> int | None:
-    """Give torch as many CPU threads as SLURM gave this task CPUs, unless OMP_NUM_THREADS says.
-
-    Where SLURM binds no CPUs (TaskPlugin=task/none), torch starts a thread per core of the
-    node, and array tasks sharing a node fight over them (on this project's 2-core VM, two
-    threads per process on busy cores made steps 20-40x slower). Returns the count set, or None.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if not cpus.isdigit() or int(cpus) < 1:
-        return None
-    import torch
-
-    torch.set_num_threads(int(cpus))
-    log.info("torch CPU threads: %d (SLURM_CPUS_PER_TASK)", int(cpus))
-    return int(cpus)
-
-
 def _install_stop_handler(task: TrainTask) -> Any:
     """Replace submitit's USR2 and SIGTERM handlers by one that only flags a stop; return
     submitit's USR2 handler.
@@ -245,9 +217,9 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
         RuntimeError: naming those categories and how to resume them (so the dependent job
             shows FAILED).
     """
-    from fada_batch.collect import collect
     from fada_batch.logsetup import setup_logging
-    from fada_batch.slurmjobs import job_phase
+    from fada_batch.run.collect import collect
+    from fada_batch.run.slurmjobs import job_phase
 
     setup_logging()
     print(f"[fada-batch] {code_origin()}", flush=True)
@@ -293,7 +265,7 @@ class Plan:
         task would only skip them) and note which checkpoint each other one resumes from.
 
         Args:
-            found: `train.check_fingerprints`' answer; `completed_mark` is its COMPLETED.
+            found: `outputs.check_fingerprints`' answer; `completed_mark` is its COMPLETED.
         """
         self.completed = [c for c in self.submit if found.get(c) == completed_mark]
         self.resumes = {c: v for c, v in found.items() if v != completed_mark and c in self.submit}
@@ -385,7 +357,7 @@ def _record_skipped(cfg: JobConfig, pf: Preflight) -> None:
 
     Never overwrites a summary of a category that completed in an earlier run.
     """
-    from fada_batch.categories import Category
+    from fada_batch.data.categories import Category
 
     for d in pf.awaiting + pf.blocked:
         cat: Category = d.category
@@ -445,7 +417,7 @@ def submit(
         raise NoDataError(pf.no_data)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
     if not force:  # refuse now, not in each task: completed/checkpointed under another config
-        from fada_batch.train import COMPLETED, check_fingerprints
+        from fada_batch.training.outputs import COMPLETED, check_fingerprints
 
         plan.leave_out_completed(check_fingerprints(cfg, plan.submit), COMPLETED)
     print(plan.describe(), file=out, flush=True)
@@ -455,7 +427,7 @@ def submit(
     if (why := pf.nothing_ready()) is not None:
         raise NoDataError(f"{why}; nothing submitted")
     if executor == "slurm":
-        from fada_batch.slurmjobs import check_reachable
+        from fada_batch.run.slurmjobs import check_reachable
 
         check_reachable()  # before anything is written: one line with the fix, no traceback
     _record_skipped(cfg, pf)
@@ -496,7 +468,7 @@ def submit(
 def requeue_script_lines(cfg: JobConfig, log_dir: Path) -> dict[str, list[str]]:
     """The array's batch-script lines around the task's step (submitit's setup/teardown):
     the task asks for its requeue, the batch script on the host requeues it (see
-    `fada_batch.requeue`), with the task's own Python (`cluster.python`, an image's) to
+    `fada_batch.run.requeue`), with the task's own Python (`cluster.python`, an image's) to
     record in the summary a requeue that failed."""
     python = cfg.cluster.python or shlex.quote(sys.executable)
     return {
@@ -583,7 +555,7 @@ def _run_here(
             first = str(e).strip().splitlines()
             print(f"{name}: failed: {first[-1] if first else e}", file=out, flush=True)
         print(f"{name}: {outcome[name]} in {time.time() - t0:.1f} s", file=out, flush=True)
-    from fada_batch.collect import collect
+    from fada_batch.run.collect import collect
 
     result = collect(
         plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), finished=True

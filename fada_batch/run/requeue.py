@@ -36,6 +36,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.fsutil import atomic_write_json
-from fada_batch.summary import now_iso, read_summary, write_summary
+from fada_batch.training.summary import now_iso, read_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,61 @@ def failed_message(error: str, resume: str) -> str:
     return f"the requeue could not happen: {error}. The checkpoint is kept: {resume}"
 
 
+def after_sbatch_stop(
+    out_dir: Path,
+    category: str,
+    *,
+    job_name: str,
+    max_requeues: int,
+    checkpoint: Path | None,
+    signum: int | None,
+) -> str:
+    """`fada-batch train` stopped on a signal after saving `checkpoint` (a plain sbatch array
+    task, or a workstation): record why in the summary and, after SLURM's time-limit warning
+    (SIGUSR1), have the task requeued. Returns the `stop_reason` recorded.
+
+    SIGTERM under SLURM is a preemption (SLURM decides whether it comes back); outside SLURM
+    any signal is the user's. A requeue past `max_requeues`, or one that cannot happen, is an
+    error (printed, and in the summary).
+    """
+    resume = resume_hint(job_name, category, checkpoint)
+    under_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+    if signum != signal.SIGUSR1 or not under_slurm:
+        reason, message = (
+            ("preempted", terminated_message(resume))
+            if under_slurm
+            else ("user", f"stopped by signal {signum}; run the same command again to resume")
+        )
+        record_stop(out_dir, status="interrupted", stop_reason=reason, message=message, checkpoint=checkpoint)
+        return reason
+    done = restart_count()
+    if done >= max_requeues:
+        msg = limit_message("time_limit", requeues=done, max_requeues=max_requeues, resume=resume)
+        record_stop(
+            out_dir, status="interrupted", stop_reason="requeue_limit", message=msg, checkpoint=checkpoint
+        )
+        print(f"{category}: ERROR: {msg}", file=sys.stderr, flush=True)
+        return "requeue_limit"
+    try:
+        how = request_requeue(out_dir, category, checkpoint, "time_limit")
+    except RequeueError as e:
+        message = failed_message(str(e), resume)
+        record_stop(
+            out_dir,
+            status="failed",
+            stop_reason="requeue_failed",
+            message=message,
+            checkpoint=checkpoint,
+            error=str(e),
+        )
+        print(f"{category}: ERROR: {e}", file=sys.stderr, flush=True)
+        return "requeue_failed"
+    msg = requeue_message("time_limit", how=how, requeues=done, max_requeues=max_requeues, resume=resume)
+    record_stop(out_dir, status="interrupted", stop_reason="time_limit", message=msg, checkpoint=checkpoint)
+    print(f"{category}: {msg}", file=sys.stderr, flush=True)
+    return "time_limit"
+
+
 def record_host_failure(request: Path, error: str) -> dict[str, Any]:
     """The batch script's `scontrol requeue` failed: mark the task's summary (failed).
 
@@ -291,6 +347,7 @@ __all__ = [
     "STOP_REASONS",
     "RequeueError",
     "RequeueLimitError",
+    "after_sbatch_stop",
     "batch_setup_lines",
     "batch_teardown_lines",
     "classify_signal",

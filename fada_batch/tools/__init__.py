@@ -1,0 +1,1 @@
+"""Tools around the product: the benchmark, model staging, the tiny model and the demo data."""

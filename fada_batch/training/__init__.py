@@ -1,0 +1,2 @@
+"""The model and its training: loading, LoRA, collation, the frozen-feature cache, the recipe
+(`train_category`), checkpoints, the summary and progress output."""
