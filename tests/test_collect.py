@@ -397,7 +397,7 @@ def test_a_task_that_finishes_while_it_is_read_is_completed_not_incomplete(real_
     """The summary read says running; by the time the lock is read the task has written its
     completed summary and let the lock go. The collector reads the folder again instead of
     reporting a category that just completed as incomplete."""
-    import fada_batch.collect as collect_mod
+    import fada_batch.run.collect as collect_mod
 
     folder = tmp_path / "root" / "blip2_femur"
     shutil.copytree(real_run["root"] / "blip2_femur", folder)

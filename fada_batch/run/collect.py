@@ -618,42 +618,20 @@ def collect_category(
     elif status == "completed":
         _completed(r, summary, problems)
     elif status in ("running", "interrupted"):
-        _fill_from_checkpoint(r, folder, problems)
-        where = (
-            f"step {r.last_step} ({Path(r.last_checkpoint).name})"
-            if r.last_checkpoint and r.last_step is not None
-            else "no checkpoint yet"
-        )
-        if status == "interrupted":
-            reason = STOP_REASONS.get(r.stop_reason or "", r.stop_reason)
-            said = f"interrupted at {where}" + (f": {reason}" if reason else "")
-        else:
-            alive, why = task_alive(folder, now=now, job_probe=job_probe, finished=finished)
-            if not alive and _status_now(folder) != "running":
-                # the task finished between our reading its summary and its lock (it writes
-                # its last summary, then lets the lock go): read the folder again
-                return collect_category(
-                    category,
-                    folder,
-                    requested=requested,
-                    data_root=data_root,
-                    problems=problems,
-                    finished=finished,
-                    now=now,
-                    job_probe=job_probe,
-                    run=run,
-                )
-            if alive:
-                r.state, r.detail = "running", f"running at {where}: {why}"
-            elif finished:
-                said = (
-                    "still marked running after its task ended (killed before it could record "
-                    f"its state); last {where}"
-                )
-            else:
-                said = f"stopped at {where}: {why}"
-        if r.state != "running":
-            _unfinished(r, said, r.slurm_job_id, finished=finished, job_probe=job_probe)
+        if not _running_or_interrupted(
+            r, folder, status, problems, finished=finished, now=now, job_probe=job_probe
+        ):
+            return collect_category(
+                category,
+                folder,
+                requested=requested,
+                data_root=data_root,
+                problems=problems,
+                finished=finished,
+                now=now,
+                job_probe=job_probe,
+                run=run,
+            )
     elif status in FAILED_STATES:
         r.state = status
         _fill_from_checkpoint(r, folder, problems)
@@ -667,6 +645,46 @@ def collect_category(
     if r.state in ("incomplete", "stopped", "failed"):
         r.resume = resume_command(category, folder, folder.parent, run, slurm=r.slurm_job_id is not None)
     return r
+
+
+def _running_or_interrupted(
+    r: CategoryResult,
+    folder: Path,
+    status: str,
+    problems: list[str],
+    *,
+    finished: bool,
+    now: float | None,
+    job_probe: JobProbe | None,
+) -> bool:
+    """The state of a category whose summary says running or interrupted: running while a
+    live task holds its lock, else stopped, queued or incomplete (`_unfinished`).
+
+    Returns False when the task finished between the reading of its summary and of its lock
+    (it writes its last summary, then lets the lock go): the caller reads the folder again.
+    """
+    _fill_from_checkpoint(r, folder, problems)
+    where = (
+        f"step {r.last_step} ({Path(r.last_checkpoint).name})"
+        if r.last_checkpoint and r.last_step is not None
+        else "no checkpoint yet"
+    )
+    if status == "interrupted":
+        reason = STOP_REASONS.get(r.stop_reason or "", r.stop_reason)
+        said = f"interrupted at {where}" + (f": {reason}" if reason else "")
+    else:
+        alive, why = task_alive(folder, now=now, job_probe=job_probe, finished=finished)
+        if not alive and _status_now(folder) != "running":
+            return False
+        if alive:
+            r.state, r.detail = "running", f"running at {where}: {why}"
+            return True
+        if finished:
+            said = f"still marked running after its task ended (killed before it could record its state); last {where}"
+        else:
+            said = f"stopped at {where}: {why}"
+    _unfinished(r, said, r.slurm_job_id, finished=finished, job_probe=job_probe)
+    return True
 
 
 def _completed(r: CategoryResult, summary: dict[str, Any], problems: list[str]) -> None:
