@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clusterjobs import wait_for
 from safetensors.torch import load_file
 
 from fada_batch import killpoints
@@ -283,9 +284,17 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
     monkeypatch.delenv(killpoints.PAUSE_ENV)
     # meanwhile, on the node's other CPU, the same training without interruption
     ref = train_category(job_factory(overrides, out=tmp_path / "uninterrupted"), "Femur")
-    wait_done(record["array_job_id"], timeout_s=900)
     out = Path(cfg.output.root) / "blip2_femur"
-    s = json.loads((out / "training_summary.json").read_text())
+
+    def summary_final() -> dict | None:
+        # between a stop and its requeue, sacct can list the allocation as ended for a moment
+        # (the batch script exits after `scontrol requeue`): wait for the summary instead
+        path = out / "training_summary.json"
+        s = json.loads(path.read_text()) if path.is_file() else {}
+        return s if s.get("status") not in (None, "running", "interrupted") else None
+
+    s = wait_for("the task's summary to reach a final status", summary_final, timeout_s=900, every_s=2)
+    wait_done(record["array_job_id"], timeout_s=120)
     assert s["status"] == "completed", s.get("error")
     points = trace.read_text().split()
     stopped = [int(p.split("@")[1]) for p in points if p.startswith("stop.saved@")]
