@@ -39,6 +39,11 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int = 42  # fixed so evaluation later sees the same held-out images
     clean_answers: bool = True  # collapse whitespace, drop a trailing period
+    # per_category: `Fetal Ultrasound Labeled/<Category>_image_list.xlsx`; workbook: one master
+    # workbook with a `Folder Name` column (`data.workbook`); auto: the workbook when it exists
+    # and no per-category sheet does (fada_batch.data.workbook)
+    labels: Literal["auto", "per_category", "workbook"] = "auto"
+    workbook: str = "Fetal Ultrasound Annotations Final.xlsx"  # relative to data.root, or absolute
     prompt_template: str = "Question: {question} Answer:"  # BLIP-2's VQA prompt
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression-bomb guard)
 
@@ -461,6 +466,8 @@ NOT_IN_FINGERPRINT = (
     "name",
     "data.root",
     "data.categories",
+    "data.labels",  # where the labels are read from, like data.root: split.json pins the images
+    "data.workbook",
     "data.max_image_pixels",
     "model.device",
     "model.gradient_checkpointing",

@@ -58,6 +58,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "image_too_large": ("warning", "more pixels than the hard limit; row skipped"),
     "image_large": ("warning", "more pixels than the soft limit; kept"),
     # Category as a whole.
+    "workbook_missing": ("error", "data.labels is workbook but the master workbook is not there"),
+    "missing_category_column": ("error", "the master workbook has no 'Folder Name' column"),
+    "empty_category": ("warning", "a master-workbook row with no category; row skipped"),
+    "workbook_category_not_in_job": ("warning", "a workbook category the job does not list; unused"),
     "data_root_not_found": ("error", "the data root folder does not exist"),
     "image_dir_missing": ("error", "the category has a label sheet but no image folder"),
     "images_not_listed": ("warning", "images on disk that the sheet does not list; unused"),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig
-from fada_batch.data.categories import Category
-from fada_batch.data.dataset import load_category
+from fada_batch.data.categories import Category, get_category
+from fada_batch.data.dataset import load_category, load_workbook
 from fada_batch.data.split import Split, make_split, read_split, write_split
 
 
@@ -78,11 +78,15 @@ def prepare_data(
     Raises:
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
+    d = cfg.data
+    cats = [get_category(n) for n in d.categories]
+    book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], clean_answers=d.clean_answers)
     data = load_category(
-        Path(cfg.data.root),
+        Path(d.root),
         category,
-        clean_answers=cfg.data.clean_answers,
-        max_image_pixels=cfg.data.max_image_pixels,
+        clean_answers=d.clean_answers,
+        max_image_pixels=d.max_image_pixels,
+        workbook=book,
     )
     if data.status != "ok":
         raise DataError(blocking_text(category, data))

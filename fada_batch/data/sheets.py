@@ -61,7 +61,7 @@ from pathlib import Path
 from openpyxl import load_workbook
 from openpyxl.utils import get_column_letter
 
-from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
+from fada_batch.data.categories import NUM_QUESTIONS, QUESTION_TITLE_ALIASES, STANDARD_QUESTIONS
 from fada_batch.data.images import name_key
 from fada_batch.data.problems import Problem, has_errors, make_problem, shorten
 from fada_batch.text import clean_answer, plural
@@ -128,7 +128,7 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
     """
     sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     try:
-        worksheets = _load(path)
+        worksheets = load_worksheets(path)
     except Exception as exc:  # openpyxl/zipfile raise many types for a bad file
         sheet.problems.append(
             make_problem(
@@ -146,9 +146,25 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
         return sheet
 
     title, rows = worksheets[0]
+    others = [t for t, r in worksheets[1:] if _find_header(r) is not None]
+    return parse_rows(path, title, rows, others=others, clean_answers=clean_answers)
+
+
+def parse_rows(
+    path: Path,
+    title: str,
+    rows: list[tuple[Cell, ...]],
+    *,
+    others: tuple[str, ...] | list[str] = (),
+    clean_answers: bool = True,
+) -> Sheet:
+    """A label table already read from a worksheet (`title`, its rows of cell values) to a
+    `Sheet`; `others` names other worksheets that also look like labels. Used by
+    `read_sheet` and, per category, by the master workbook reader; an entirely empty row
+    (an empty tuple too) is skipped, so Excel row numbers survive filtering rows out."""
+    sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     sheet.worksheet = title
     header_idx = _find_header(rows)
-    others = [t for t, r in worksheets[1:] if _find_header(r) is not None]
     if header_idx is None:
         sheet.problems.append(_no_header_problem(path, title, rows, others))
         return sheet
@@ -169,7 +185,7 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
     return sheet
 
 
-def _load(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
+def load_worksheets(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
     """(title, rows of cell values) per worksheet, in tab order.
 
     Raises:
@@ -270,8 +286,8 @@ def _question_text(q: int, header_text: str) -> str | None:
     text = _WS.sub(" ", header_text).strip()
     if not text:
         return None
-    title = STANDARD_QUESTIONS[q].split(":", 1)[0]
-    if text.rstrip(":. ").casefold() == title.casefold():
+    titles = (STANDARD_QUESTIONS[q].split(":", 1)[0], *QUESTION_TITLE_ALIASES.get(q, ()))
+    if text.rstrip(":. ").casefold() in {t.casefold() for t in titles}:
         return None
     return text
 

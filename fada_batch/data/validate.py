@@ -6,13 +6,15 @@ Runs on a login node in seconds (no model, no GPU); `fada-batch validate` prints
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig
 from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
-from fada_batch.data.dataset import CategoryData, load_category
+from fada_batch.data.dataset import CategoryData, load_category, load_workbook
+from fada_batch.data.problems import Problem
+from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
 
 class NoDataError(ValueError):
@@ -26,6 +28,8 @@ class Preflight:
     results: list[CategoryData]
     data_root: Path | None = None
     no_data: str | None = None  # why the data root holds no data at all (see `find_no_data`)
+    workbook: Path | None = None  # the master workbook read, when the job reads one
+    workbook_problems: list[Problem] = field(default_factory=list)  # rows no category took
 
     @property
     def ready(self) -> list[CategoryData]:
@@ -106,26 +110,30 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
     names = categories if categories is not None else list(cfg.data.categories)
     cats = [get_category(n.strip()) for n in names]
     root = Path(cfg.data.root)
-    if cats and (no_data := find_no_data(root, cats)) is not None:
+    wb_path = resolve_labels_form(root, cfg.data.labels, cfg.data.workbook)
+    has_book = wb_path is not None and wb_path.is_file()
+    if cats and not has_book and (no_data := find_no_data(root, cats)) is not None:
         # one message, not one "data root not found" per category
         results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
         return Preflight(results, data_root=root, no_data=no_data)
-    seen: set[str] = set()
-    results = []
-    for cat in cats:
-        if cat.name in seen:
-            continue
-        seen.add(cat.name)
-        results.append(
-            load_category(
-                Path(cfg.data.root),
-                cat,
-                clean_answers=cfg.data.clean_answers,
-                check_images=check_images,
-                max_image_pixels=cfg.data.max_image_pixels,
-            )
+    job_cats = list(dict.fromkeys(get_category(n.strip()) for n in cfg.data.categories))
+    d = cfg.data
+    book = load_workbook(root, d.labels, d.workbook, job_cats, clean_answers=d.clean_answers)
+    results = [
+        load_category(
+            root,
+            cat,
+            clean_answers=d.clean_answers,
+            check_images=check_images,
+            max_image_pixels=d.max_image_pixels,
+            workbook=book,
         )
-    return Preflight(results, data_root=root)
+        for cat in dict.fromkeys(cats)
+    ]
+    if book is None:
+        return Preflight(results, data_root=root)
+    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
+    return Preflight(results, data_root=root, workbook=book.path, workbook_problems=extra)
 
 
 def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
@@ -139,12 +147,19 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
         per_q = " ".join(str(n) for n in s.qa_pairs_per_question) if d.status != "awaiting_labels" else ""
         lines.append(f"{d.category.name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
         if d.status == "awaiting_labels":
-            lines.append(f"    no sheet yet (expected {d.expected_sheet})")
+            where = "no rows in" if pf.workbook is not None else "no sheet yet (expected"
+            lines.append(f"    {where} {d.expected_sheet}{'' if pf.workbook is not None else ')'}")
         shown = sorted(d.problems, key=lambda p: p.severity != "error")
         for p in shown[:max_problems]:
             lines.append(f"    [{p.severity}] {p.message}")
         if len(shown) > max_problems:
             lines.append(f"    ... and {len(shown) - max_problems} more (see --json)")
+    if pf.workbook is not None:
+        lines.append(f"\nlabels from the master workbook {pf.workbook}")
+        for p in pf.workbook_problems[:max_problems]:
+            lines.append(f"    [{p.severity}] {p.message}")
+        if len(pf.workbook_problems) > max_problems:
+            lines.append(f"    ... and {len(pf.workbook_problems) - max_problems} more (see --json)")
     ready, waiting, blocked = len(pf.ready), len(pf.awaiting), len(pf.blocked)
     lines.append(f"\n{ready} ready, {waiting} awaiting labels, {blocked} blocked by data problems")
     if (why := pf.nothing_ready()) is not None:

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
-from fada_batch.data.categories import Category, find_sheet, get_category
+from fada_batch.data.categories import Category, get_category
+from fada_batch.data.dataset import has_labels
 from fada_batch.data.samples import CategorySamples, DataError, prepare_data
 from fada_batch.fsutil import (
     JobProbe,
@@ -231,7 +232,8 @@ def train_category(
     out_dir = ensure_writable(category_output_dir(cfg, category))
     summary = _base_summary(cfg, category, out_dir)
 
-    if find_sheet(Path(cfg.data.root), category) is None:
+    d = cfg.data
+    if not has_labels(Path(d.root), category, labels=d.labels, workbook=d.workbook):
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
