@@ -38,7 +38,11 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 42  # fixed so evaluation later sees the same held-out images
-    clean_answers: bool = True  # collapse whitespace, drop a trailing period
+    clean_answers: bool = True  # collapse whitespace, drop a trailing period (false = normalize none)
+    # answer normalisation, each level including the ones before: none, clean (the clean-up
+    # above), spelling (whole-word fixes), canonical (per-question forms); the tables are
+    # data files in fada_batch/data/normalize/
+    normalize: Literal["none", "clean", "spelling", "canonical"] = "clean"
     # per_category: `Fetal Ultrasound Labeled/<Category>_image_list.xlsx`; workbook: one master
     # workbook with a `Folder Name` column (`data.workbook`); auto: the workbook when it exists
     # and no per-category sheet does (fada_batch.data.workbook)
@@ -501,11 +505,22 @@ def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
     # the steps hold batch_size x grad_accum_steps samples whatever the split into micro-batches
     # (the loss is the mean over the step's tokens): only the product changes the adapter
     flat["train.effective_batch_size"] = flat.pop("train.batch_size") * flat.pop("train.grad_accum_steps")
+    # the level that gives the answers every run had before the key existed stays out, so
+    # those runs still resume; any other level changes the answers and is in
+    flat["data.normalize"] = normalize_level(cfg.data)
+    if flat["data.normalize"] == "clean":
+        del flat["data.normalize"]
     return {
         k: v
         for k, v in sorted(flat.items())
         if not any(k == x or (x.endswith(".") and k.startswith(x)) for x in NOT_IN_FINGERPRINT)
     }
+
+
+def normalize_level(data: DataConfig) -> str:
+    """The answer normalisation a job applies: `data.normalize`, or ``none`` when
+    `data.clean_answers` is false (the older key, which turns every layer off)."""
+    return data.normalize if data.clean_answers else "none"
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:

@@ -109,6 +109,8 @@ def test_preflight_reports_categories_not_in_job_and_awaiting_labels(tmp_path: P
     not_in_job = {p.value: p for p in pf.workbook_problems if p.code == "workbook_category_not_in_job"}
     assert set(not_in_job) == {"Thorax", "Femur", "Abdomenn"}
     assert "3 rows of category 'Thorax'" in not_in_job["Thorax"].message
+    assert "add 'Thorax' to data.categories" in not_in_job["Thorax"].message
+    assert "no known category or alias" in not_in_job["Abdomenn"].message
     assert [p.row for p in pf.workbook_problems if p.code == "empty_category"] == [
         3 + 13 * PER_CATEGORY
     ]  # after the header, 39 rows, Abdomenn

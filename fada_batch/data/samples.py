@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fada_batch.config import JobConfig
+from fada_batch.config import JobConfig, normalize_level
 from fada_batch.data.categories import Category, get_category
 from fada_batch.data.dataset import load_category, load_workbook
 from fada_batch.data.split import Split, make_split, read_split, write_split
@@ -80,11 +80,12 @@ def prepare_data(
     """
     d = cfg.data
     cats = [get_category(n) for n in d.categories]
-    book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], clean_answers=d.clean_answers)
+    level = normalize_level(d)
+    book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], normalize=level)
     data = load_category(
         Path(d.root),
         category,
-        clean_answers=d.clean_answers,
+        normalize=level,
         max_image_pixels=d.max_image_pixels,
         workbook=book,
     )

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fada_batch.config import JobConfig
+from fada_batch.config import JobConfig, normalize_level
 from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
 from fada_batch.data.dataset import CategoryData, load_category, load_workbook
+from fada_batch.data.normalize import Normalization
 from fada_batch.data.problems import Problem
 from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
@@ -42,6 +43,16 @@ class Preflight:
     @property
     def blocked(self) -> list[CategoryData]:
         return [d for d in self.results if d.status == "error"]
+
+    def normalization(self) -> Normalization | None:
+        """Answer normalisation over every category read (None when none was)."""
+        parts = [d.normalization for d in self.results if d.normalization is not None]
+        if not parts:
+            return None
+        total = Normalization(level=parts[0].level)
+        for part in parts:
+            total.merge(part)
+        return total
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [d.to_dict() for d in self.results]
@@ -118,12 +129,13 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         return Preflight(results, data_root=root, no_data=no_data)
     job_cats = list(dict.fromkeys(get_category(n.strip()) for n in cfg.data.categories))
     d = cfg.data
-    book = load_workbook(root, d.labels, d.workbook, job_cats, clean_answers=d.clean_answers)
+    level = normalize_level(d)
+    book = load_workbook(root, d.labels, d.workbook, job_cats, normalize=level)
     results = [
         load_category(
             root,
             cat,
-            clean_answers=d.clean_answers,
+            normalize=level,
             check_images=check_images,
             max_image_pixels=d.max_image_pixels,
             workbook=book,
@@ -134,6 +146,22 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         return Preflight(results, data_root=root)
     extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
     return Preflight(results, data_root=root, workbook=book.path, workbook_problems=extra)
+
+
+def normalization_lines(norm: Normalization | None, *, top: int = 10) -> list[str]:
+    """Unique answers per question before and after normalisation, and the top fixes."""
+    if norm is None or norm.level == "none":
+        return []
+    before, after = norm.unique_before(), norm.unique_after()
+    per_q = "  ".join(f"Q{q + 1} {b}->{a}" for q, (b, a) in enumerate(zip(before, after, strict=True)))
+    lines = [
+        f"\nanswers normalised ({norm.level}): {sum(before)} -> {sum(after)} unique (per question: {per_q})",
+        "    cells changed per layer: "
+        + (", ".join(f"{k} {v}" for k, v in norm.cells_changed.items()) or "none"),
+    ]
+    for layer, a, b, n in norm.top_fixes(top):
+        lines.append(f"    {n:>6}  {layer:<9} {a!r} -> {b!r}")
+    return lines
 
 
 def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
@@ -154,6 +182,7 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
             lines.append(f"    [{p.severity}] {p.message}")
         if len(shown) > max_problems:
             lines.append(f"    ... and {len(shown) - max_problems} more (see --json)")
+    lines += normalization_lines(pf.normalization())
     if pf.workbook is not None:
         lines.append(f"\nlabels from the master workbook {pf.workbook}")
         for p in pf.workbook_problems[:max_problems]:

@@ -26,7 +26,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fada_batch.data.categories import LABELS_DIR, SHEET_SUFFIX, Category, category_key
+from fada_batch.data.categories import (
+    CATEGORY_NAMES,
+    LABELS_DIR,
+    SHEET_SUFFIX,
+    Category,
+    UnknownCategoryError,
+    category_key,
+    get_category,
+)
 from fada_batch.data.problems import Problem, make_problem, shorten
 from fada_batch.data.sheets import Cell, Sheet, load_worksheets, parse_rows
 from fada_batch.text import plural
@@ -70,7 +78,9 @@ def _find_category_column(rows: list[tuple[Cell, ...]]) -> tuple[int, int] | Non
     return None
 
 
-def read_workbook(path: Path, categories: list[Category], *, clean_answers: bool = True) -> Workbook:
+def read_workbook(
+    path: Path, categories: list[Category], *, clean_answers: bool = True, normalize: str | None = None
+) -> Workbook:
     """Read the master workbook and split its rows over `categories`; never raises for bad
     data (problems go to `Workbook.problems`, and per category to each `Sheet`)."""
     book = Workbook(path=path)
@@ -113,7 +123,9 @@ def read_workbook(path: Path, categories: list[Category], *, clean_answers: bool
         )
         return book
     header_idx, cat_col = found
-    _split_rows(book, title, rows, header_idx, cat_col, categories, clean_answers=clean_answers)
+    _split_rows(
+        book, title, rows, header_idx, cat_col, categories, clean_answers=clean_answers, normalize=normalize
+    )
     return book
 
 
@@ -126,6 +138,7 @@ def _split_rows(
     categories: list[Category],
     *,
     clean_answers: bool,
+    normalize: str | None,
 ) -> None:
     """Group the rows by category and parse each group as a sheet of its own."""
     by_key = {category_key(n): c for c in categories for n in c.all_names()}
@@ -165,25 +178,37 @@ def _split_rows(
         table[header_idx] = header
         for i, values in members:
             table[i] = values
-        book.sheets[name] = parse_rows(book.path, title, table, clean_answers=clean_answers)
+        book.sheets[name] = parse_rows(
+            book.path, title, table, clean_answers=clean_answers, normalize=normalize
+        )
     logger.debug("%s: %d rows in %d categories", book.path, book.rows_read, len(groups))
 
 
 def unknown_category_problems(book: Workbook) -> list[Problem]:
     """One warning per workbook category that the job does not list (its rows unused)."""
-    return [
-        make_problem(
-            "workbook_category_not_in_job",
-            f"{plural(n, 'row')} of category {value!r} (first at row {book.first_row_not_in_job[value]}) "
-            "belong to no category of the job; they are not used.",
-            fix=f"add {value!r} to data.categories (or as an alias in data.category_aliases) to "
-            "train it; nothing if it is meant to stay out.",
-            file=book.path,
-            column="Folder Name",
-            value=value,
+    problems = []
+    for value, n in sorted(book.not_in_job.items()):
+        try:
+            known = get_category(value).name
+        except UnknownCategoryError:
+            fix = (
+                f"{value!r} is no known category or alias: correct it in 'Folder Name' (known: "
+                f"{', '.join(CATEGORY_NAMES)}); nothing if these rows are meant to stay out."
+            )
+        else:
+            fix = f"add {known!r} to data.categories to train it; nothing if it is meant to stay out."
+        problems.append(
+            make_problem(
+                "workbook_category_not_in_job",
+                f"{plural(n, 'row')} of category {value!r} (first at row "
+                f"{book.first_row_not_in_job[value]}) belong to no category of the job; they are not used.",
+                fix=fix,
+                file=book.path,
+                column="Folder Name",
+                value=value,
+            )
         )
-        for value, n in sorted(book.not_in_job.items())
-    ]
+    return problems
 
 
 def has_category_sheets(data_root: Path) -> bool:

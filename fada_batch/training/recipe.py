@@ -184,6 +184,8 @@ def _data_counts(cs: CategorySamples) -> dict[str, Any]:
         # rows skipped and why: counts by problem code, and the first messages in full
         "warnings": dict(Counter(p.code for p in warnings)),
         "warning_examples": [p.message for p in warnings[:20]],
+        # data.normalize: unique answers per question before/after, cells changed, top fixes
+        "normalization": data.normalization.to_dict() if data.normalization is not None else None,
     }
 
 
