@@ -38,6 +38,9 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 42  # fixed so evaluation later sees the same held-out images
+    # an existing split (image -> train/val/test, JSON; relative to data.root or absolute) used
+    # instead of ours, e.g. the FADA team's dataset_splits.json (fada_batch.data.given_split)
+    split_file: str | None = None
     clean_answers: bool = True  # collapse whitespace, drop a trailing period (false = normalize none)
     # answer normalisation, each level including the ones before: none, clean (the clean-up
     # above), spelling (whole-word fixes), canonical (per-question forms); the tables are
@@ -510,6 +513,8 @@ def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
     flat["data.normalize"] = normalize_level(cfg.data)
     if flat["data.normalize"] == "clean":
         del flat["data.normalize"]
+    if flat.get("data.split_file") is None:  # ours, as before the key existed
+        flat.pop("data.split_file", None)
     return {
         k: v
         for k, v in sorted(flat.items())

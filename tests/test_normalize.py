@@ -160,3 +160,14 @@ def test_fingerprint_unchanged_for_clean_and_changed_by_other_levels() -> None:
         assert fingerprint_hash(training_fingerprint(cfg)) != fingerprint_hash(training_fingerprint(base))
     off = config_from_dict({"data": {"clean_answers": False, "normalize": "canonical"}})
     assert normalize_level(off.data) == "none"
+
+
+def test_evaluation_scores_predictions_normalised_like_the_references() -> None:
+    from fada_batch.data.samples import Sample
+    from fada_batch.evaluation.evaluate import scored_rows
+
+    sample = Sample(image="a.png", question_index=1, prompt="p", answer="Breech presentation")
+    rows = [{"adapter_prediction": "breach", "base_prediction": "cephalic", "majority_prediction": ""}]
+    got = scored_rows([sample], rows, "adapter", "canonical")
+    assert got == [{"question": 1, "reference": "Breech presentation", "prediction": "Breech presentation"}]
+    assert scored_rows([sample], rows, "adapter", "clean")[0]["prediction"] == "breach"  # as before

@@ -13,8 +13,10 @@ from typing import Any
 from fada_batch.config import JobConfig, normalize_level
 from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
 from fada_batch.data.dataset import CategoryData, load_category, load_workbook
+from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.normalize import Normalization
-from fada_batch.data.problems import Problem
+from fada_batch.data.problems import Problem, make_problem
+from fada_batch.data.samples import split_file_path
 from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
 
@@ -142,6 +144,7 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         )
         for cat in dict.fromkeys(cats)
     ]
+    _check_split_file(cfg, results)
     if book is None:
         return Preflight(results, data_root=root)
     extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
@@ -162,6 +165,35 @@ def normalization_lines(norm: Normalization | None, *, top: int = 10) -> list[st
     for layer, a, b, n in norm.top_fixes(top):
         lines.append(f"    {n:>6}  {layer:<9} {a!r} -> {b!r}")
     return lines
+
+
+def _check_split_file(cfg: JobConfig, results: list[CategoryData]) -> None:
+    """Add the problems of `data.split_file` to each trainable category (unknown, duplicate
+    and unlisted images; an unreadable file blocks every category)."""
+    path = split_file_path(cfg)
+    if path is None:
+        return
+    fractions = (cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction)
+    for d in results:
+        if d.status != "ok":
+            continue
+        names = [r.image_name for r in d.records][: cfg.data.num_images]
+        try:
+            _, problems = split_from_file(
+                path, d.category, names, seed=cfg.data.split_seed, fractions=fractions
+            )
+        except SplitFileError as e:
+            problems = [
+                make_problem(
+                    "split_file_unreadable",
+                    f"The split file cannot be used: {e}.",
+                    fix="point data.split_file at a JSON file of one of the shapes in the message, "
+                    "or remove data.split_file to use our split.",
+                    file=path,
+                )
+            ]
+            d.status = "error"
+        d.problems.extend(problems)
 
 
 def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
