@@ -162,11 +162,13 @@ def parse_rows(
     others: tuple[str, ...] | list[str] = (),
     clean_answers: bool = True,
     normalize: str | None = None,
+    row_numbers: list[int] | None = None,
 ) -> Sheet:
     """A label table already read from a worksheet (`title`, its rows of cell values) to a
     `Sheet`; `others` names other worksheets that also look like labels. Used by
     `read_sheet` and, per category, by the master workbook reader; an entirely empty row
-    (an empty tuple too) is skipped, so Excel row numbers survive filtering rows out."""
+    (an empty tuple too) is skipped. `row_numbers`, when given, are the Excel row numbers of
+    the rows after the header (the workbook reader passes one category's rows only)."""
     sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     sheet.worksheet = title
     header_idx = _find_header(rows)
@@ -188,7 +190,7 @@ def parse_rows(
     image_col, q_cols = _parse_header(path, rows, header_idx, sheet)
     norm = Normalizer(normalize or ("clean" if clean_answers else "none"))
     sheet.normalization = norm.report
-    _read_rows(path, rows, header_idx, image_col, q_cols, sheet, norm=norm)
+    _read_rows(path, rows, header_idx, image_col, q_cols, sheet, norm=norm, row_numbers=row_numbers)
     return sheet
 
 
@@ -468,6 +470,7 @@ def _read_rows(
     sheet: Sheet,
     *,
     norm: Normalizer,
+    row_numbers: list[int] | None = None,
 ) -> None:
     """Fill `sheet.rows`, `listed_names` and counts; add row problems."""
 
@@ -476,7 +479,8 @@ def _read_rows(
 
     candidates: list[SheetRow] = []
     for i in range(header_idx + 1, len(rows)):
-        values, excel_row = rows[i], i + 1
+        values = rows[i]
+        excel_row = row_numbers[i - header_idx - 1] if row_numbers is not None else i + 1
         name = _cell_text(cell(values, image_col)).strip()
         if not name:
             if any(not _is_empty(cell(values, j)) for j in q_cols):

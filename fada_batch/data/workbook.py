@@ -173,13 +173,15 @@ def _split_rows(
         book.rows_read += 1
         groups.setdefault(cat.name, []).append((i, rest))
     header = without_category(rows[header_idx])
+    top = [*rows[:header_idx], header]
     for name, members in groups.items():
-        table: list[tuple[Cell, ...]] = [()] * len(rows)
-        table[header_idx] = header
-        for i, values in members:
-            table[i] = values
         book.sheets[name] = parse_rows(
-            book.path, title, table, clean_answers=clean_answers, normalize=normalize
+            book.path,
+            title,
+            top + [values for _, values in members],
+            clean_answers=clean_answers,
+            normalize=normalize,
+            row_numbers=[i + 1 for i, _ in members],
         )
     logger.debug("%s: %d rows in %d categories", book.path, book.rows_read, len(groups))
 
