@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, category_key, get_category
 from fada_batch.text import plural
 
 
@@ -50,6 +50,9 @@ class DataConfig:
     # workbook with a `Folder Name` column (`data.workbook`); auto: the workbook when it exists
     # and no per-category sheet does (fada_batch.data.workbook)
     labels: Literal["auto", "per_category", "workbook"] = "auto"
+    # more names per category for folders, sheets and workbook `Folder Name` values, on top of
+    # the built-in aliases: {Abdomen: [Abdo, ABD]}
+    category_aliases: dict[str, list[str]] = field(default_factory=dict)
     workbook: str = "Fetal Ultrasound Annotations Final.xlsx"  # relative to data.root, or absolute
     prompt_template: str = "Question: {question} Answer:"  # BLIP-2's VQA prompt
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression-bomb guard)
@@ -387,6 +390,7 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
             get_category(name)
         except UnknownCategoryError as e:
             problems.append(f"data.categories: {e}")
+    _check_aliases(d, problems)
     for key, value, low in (
         ("train.num_epochs", t.num_epochs, 1),
         ("train.batch_size", t.batch_size, 1),
@@ -406,6 +410,28 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
     problems.extend(image_side_modules(lo.target_modules, "lora.target_modules"))
     problems.extend(image_side_modules(lo.modules_to_save, "lora.modules_to_save"))
     _check_validation_rules(cfg, problems)
+
+
+def _check_aliases(d: DataConfig, problems: list[str]) -> None:
+    """data.category_aliases: known categories, and no alias that names another category."""
+    owner: dict[str, str] = {}
+    for name, aliases in d.category_aliases.items():
+        try:
+            cat = get_category(name)
+        except UnknownCategoryError as e:
+            problems.append(f"data.category_aliases: {e}")
+            continue
+        for alias in aliases:
+            key = category_key(alias)
+            try:
+                other = get_category(alias).name
+            except UnknownCategoryError:
+                other = owner.setdefault(key, cat.name)
+            if other != cat.name:
+                problems.append(
+                    f"data.category_aliases: {alias!r} is given for {cat.name} but already names "
+                    f"{other}; remove it from one of them"
+                )
 
 
 def _check_validation_rules(cfg: JobConfig, problems: list[str]) -> None:
@@ -473,6 +499,7 @@ NOT_IN_FINGERPRINT = (
     "name",
     "data.root",
     "data.categories",
+    "data.category_aliases.",  # how names are matched; split.json pins the images read
     "data.labels",  # where the labels are read from, like data.root: split.json pins the images
     "data.workbook",
     "data.max_image_pixels",

@@ -155,3 +155,20 @@ def test_has_labels_follows_the_labels_form(tmp_path: Path, labels: str, expecte
     make_master(tmp_path, ("Femur",))
     assert has_labels(tmp_path, get_category("Femur"), labels=labels) is expected
     assert has_labels(tmp_path, get_category("Aorta"), labels=labels) is False
+
+
+def test_job_aliases_match_workbook_values_and_are_checked(tmp_path: Path) -> None:
+    """data.category_aliases: the job's own names for a category (a workbook spelling here);
+    an alias that names another category, or an unknown category, is refused."""
+    from fada_batch.config import ConfigError
+
+    make_master(tmp_path, ("Femur",), extra_rows=[["FL view", "Femur_000.png", *ANSWERS]])
+    plain = preflight(job(tmp_path, categories=["Femur"]))  # type: ignore[arg-type]
+    assert [p.value for p in plain.workbook_problems] == ["FL view"]
+    pf = preflight(job(tmp_path, categories=["Femur"], category_aliases={"Femur": ["FL view"]}))  # type: ignore[arg-type]
+    assert not pf.workbook_problems
+    assert [p.code for p in pf.results[0].problems] == ["duplicate_row"]  # the row now counts as Femur's
+    with pytest.raises(ConfigError, match="already names Thorax"):
+        job(tmp_path, category_aliases={"Femur": ["Chest"]})
+    with pytest.raises(ConfigError, match="Unknown category 'Kidney'"):
+        job(tmp_path, category_aliases={"Kidney": ["K"]})

@@ -14,7 +14,7 @@ cervix view), so `Cervical` is no alias of `Cervix`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 IMAGES_DIR = "Fetal Ultrasound"
@@ -119,6 +119,18 @@ _BY_KEY: dict[str, Category] = {}
 for _c in CATEGORIES:
     for _n in _c.all_names():
         _BY_KEY.setdefault(_key(_n), _c)
+
+
+def with_aliases(category: Category, extra: dict[str, list[str]]) -> Category:
+    """`category` with the job's own aliases for it (`data.category_aliases`) added."""
+    mine = [
+        a
+        for name, aliases in extra.items()
+        if get_category(name).name == category.name
+        for a in aliases
+        if a not in category.aliases
+    ]
+    return replace(category, aliases=(*category.aliases, *mine)) if mine else category
 
 
 class UnknownCategoryError(ValueError):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig, normalize_level
-from fada_batch.data.categories import Category, get_category
+from fada_batch.data.categories import Category, get_category, with_aliases
 from fada_batch.data.dataset import load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.split import Split, make_split, read_split, write_split
@@ -115,7 +115,8 @@ def prepare_data(
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
     d = cfg.data
-    cats = [get_category(n) for n in d.categories]
+    category = with_aliases(category, d.category_aliases)
+    cats = [with_aliases(get_category(n), d.category_aliases) for n in d.categories]
     level = normalize_level(d)
     book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], normalize=level)
     data = load_category(

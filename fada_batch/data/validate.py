@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig, normalize_level
-from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
+from fada_batch.data.categories import (
+    IMAGES_DIR,
+    LABELS_DIR,
+    SHEET_SUFFIX,
+    Category,
+    get_category,
+    with_aliases,
+)
 from fada_batch.data.dataset import CategoryData, load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.normalize import Normalization
@@ -121,7 +128,8 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         UnknownCategoryError: a requested name is neither a category nor an alias.
     """
     names = categories if categories is not None else list(cfg.data.categories)
-    cats = [get_category(n.strip()) for n in names]
+    extra = cfg.data.category_aliases
+    cats = [with_aliases(get_category(n.strip()), extra) for n in names]
     root = Path(cfg.data.root)
     wb_path = resolve_labels_form(root, cfg.data.labels, cfg.data.workbook)
     has_book = wb_path is not None and wb_path.is_file()
@@ -129,7 +137,7 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         # one message, not one "data root not found" per category
         results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
         return Preflight(results, data_root=root, no_data=no_data)
-    job_cats = list(dict.fromkeys(get_category(n.strip()) for n in cfg.data.categories))
+    job_cats = list(dict.fromkeys(with_aliases(get_category(n.strip()), extra) for n in cfg.data.categories))
     d = cfg.data
     level = normalize_level(d)
     book = load_workbook(root, d.labels, d.workbook, job_cats, normalize=level)

@@ -194,7 +194,7 @@ def unknown_category_problems(book: Workbook) -> list[Problem]:
             known = get_category(value).name
         except UnknownCategoryError:
             fix = (
-                f"{value!r} is no known category or alias: correct it in 'Folder Name' (known: "
+                f"{value!r} is no known category or alias: correct it in 'Folder Name', or name its category in data.category_aliases (known: "
                 f"{', '.join(CATEGORY_NAMES)}); nothing if these rows are meant to stay out."
             )
         else:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
-from fada_batch.data.categories import Category, get_category
+from fada_batch.data.categories import Category, get_category, with_aliases
 from fada_batch.data.dataset import has_labels
 from fada_batch.data.samples import CategorySamples, DataError, prepare_data
 from fada_batch.fsutil import (
@@ -235,7 +235,9 @@ def train_category(
     summary = _base_summary(cfg, category, out_dir)
 
     d = cfg.data
-    if not has_labels(Path(d.root), category, labels=d.labels, workbook=d.workbook):
+    if not has_labels(
+        Path(d.root), with_aliases(category, d.category_aliases), labels=d.labels, workbook=d.workbook
+    ):
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
