@@ -171,3 +171,22 @@ def test_evaluation_scores_predictions_normalised_like_the_references() -> None:
     got = scored_rows([sample], rows, "adapter", "canonical")
     assert got == [{"question": 1, "reference": "Breech presentation", "prediction": "Breech presentation"}]
     assert scored_rows([sample], rows, "adapter", "clean")[0]["prediction"] == "breach"  # as before
+
+
+def test_training_samples_and_summary_use_the_normalised_answers(tmp_path: Path) -> None:
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.training.recipe import _data_counts
+
+    noisy_master(tmp_path)
+    cfg = config_from_dict(
+        {"data": {"root": str(tmp_path), "normalize": "canonical", "categories": ["Abdomen"]}}
+    )
+    (tmp_path / "out").mkdir()
+    cs = prepare_data(cfg, get_category("Abdomen"), tmp_path / "out", resuming=False)
+    answers = {s.answer for s in cs.train + cs.val + cs.test}
+    assert "Breech presentation" in answers and "Breach" not in answers
+    assert "Routine monitoring" in answers and "Routine montoring" not in answers
+    summary = _data_counts(cs)["normalization"]
+    assert summary["level"] == "canonical"
+    assert {"layer": "spelling", "from": "breach", "to": "breech", "cells": 1} in summary["top_fixes"]
+    json.dumps(summary)  # goes into training_summary.json as is
