@@ -193,8 +193,8 @@ RUN: dict[str, Run] = {
     "fada-batch submit --job job/demo.yaml --executor local": Run(),
     "fada-batch make-demo-data data/demo-workbook --form workbook": Run(),
     "fada-batch validate --job job/demo.yaml -p data.root=data/demo-workbook -p data.normalize=canonical": Run(),
-    "sbatch --array=0-8 slurm/train_array.sbatch job/full.yaml": Run(
-        "sbatch --test-only --array=0-8 slurm/train_array.sbatch job/full.yaml",
+    "sbatch --array=0-13 slurm/train_array.sbatch job/full.yaml": Run(
+        "sbatch --test-only --array=0-13 slurm/train_array.sbatch job/full.yaml",
         "--test-only: the local SLURM cluster checks the request and the script and answers when "
         "it would start; nothing is queued (the plain-sbatch path runs for real in "
         "tests/test_launch.py::test_plain_sbatch_array_trains_the_demo_categories)",
