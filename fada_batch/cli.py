@@ -200,6 +200,12 @@ def _add_make_demo_data(sub: Any) -> None:
     p = sub.add_parser("make-demo-data", help="write a synthetic data set in the real layout")
     p.add_argument("dir", help="data root to create (holds 'Fetal Ultrasound/' ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scans and their answers (default 0)")
+    p.add_argument(
+        "--form",
+        choices=("per_category", "workbook"),
+        default="per_category",
+        help="labels as one sheet per category (default) or one master workbook with misspellings",
+    )
     p.set_defaults(func=cmd_make_demo_data)
 
 
@@ -505,7 +511,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from fada_batch.tools.demo import make_demo_data
 
-    info = make_demo_data(Path(args.dir), seed=args.seed)
+    info = make_demo_data(Path(args.dir), seed=args.seed, form=args.form)
     print(f"demo data written to {args.dir}: {info}")
     return EXIT_OK
 

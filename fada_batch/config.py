@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, get_category
+from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, category_key, get_category
 from fada_batch.text import plural
 
 
@@ -38,7 +38,22 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 42  # fixed so evaluation later sees the same held-out images
-    clean_answers: bool = True  # collapse whitespace, drop a trailing period
+    # an existing split (image -> train/val/test, JSON; relative to data.root or absolute) used
+    # instead of ours, e.g. the FADA team's dataset_splits.json (fada_batch.data.given_split)
+    split_file: str | None = None
+    clean_answers: bool = True  # collapse whitespace, drop a trailing period (false = normalize none)
+    # answer normalisation, each level including the ones before: none, clean (the clean-up
+    # above), spelling (whole-word fixes), canonical (per-question forms); the tables are
+    # data files in fada_batch/data/normalize/
+    normalize: Literal["none", "clean", "spelling", "canonical"] = "clean"
+    # per_category: `Fetal Ultrasound Labeled/<Category>_image_list.xlsx`; workbook: one master
+    # workbook with a `Folder Name` column (`data.workbook`); auto: the workbook when it exists
+    # and no per-category sheet does (fada_batch.data.workbook)
+    labels: Literal["auto", "per_category", "workbook"] = "auto"
+    # more names per category for folders, sheets and workbook `Folder Name` values, on top of
+    # the built-in aliases: {Abdomen: [Abdo, ABD]}
+    category_aliases: dict[str, list[str]] = field(default_factory=dict)
+    workbook: str = "Fetal Ultrasound Annotations Final.xlsx"  # relative to data.root, or absolute
     prompt_template: str = "Question: {question} Answer:"  # BLIP-2's VQA prompt
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression-bomb guard)
 
@@ -375,6 +390,7 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
             get_category(name)
         except UnknownCategoryError as e:
             problems.append(f"data.categories: {e}")
+    _check_aliases(d, problems)
     for key, value, low in (
         ("train.num_epochs", t.num_epochs, 1),
         ("train.batch_size", t.batch_size, 1),
@@ -394,6 +410,28 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
     problems.extend(image_side_modules(lo.target_modules, "lora.target_modules"))
     problems.extend(image_side_modules(lo.modules_to_save, "lora.modules_to_save"))
     _check_validation_rules(cfg, problems)
+
+
+def _check_aliases(d: DataConfig, problems: list[str]) -> None:
+    """data.category_aliases: known categories, and no alias that names another category."""
+    owner: dict[str, str] = {}
+    for name, aliases in d.category_aliases.items():
+        try:
+            cat = get_category(name)
+        except UnknownCategoryError as e:
+            problems.append(f"data.category_aliases: {e}")
+            continue
+        for alias in aliases:
+            key = category_key(alias)
+            try:
+                other = get_category(alias).name
+            except UnknownCategoryError:
+                other = owner.setdefault(key, cat.name)
+            if other != cat.name:
+                problems.append(
+                    f"data.category_aliases: {alias!r} is given for {cat.name} but already names "
+                    f"{other}; remove it from one of them"
+                )
 
 
 def _check_validation_rules(cfg: JobConfig, problems: list[str]) -> None:
@@ -461,6 +499,9 @@ NOT_IN_FINGERPRINT = (
     "name",
     "data.root",
     "data.categories",
+    "data.category_aliases.",  # how names are matched; split.json pins the images read
+    "data.labels",  # where the labels are read from, like data.root: split.json pins the images
+    "data.workbook",
     "data.max_image_pixels",
     "model.device",
     "model.gradient_checkpointing",
@@ -494,11 +535,24 @@ def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
     # the steps hold batch_size x grad_accum_steps samples whatever the split into micro-batches
     # (the loss is the mean over the step's tokens): only the product changes the adapter
     flat["train.effective_batch_size"] = flat.pop("train.batch_size") * flat.pop("train.grad_accum_steps")
+    # the level that gives the answers every run had before the key existed stays out, so
+    # those runs still resume; any other level changes the answers and is in
+    flat["data.normalize"] = normalize_level(cfg.data)
+    if flat["data.normalize"] == "clean":
+        del flat["data.normalize"]
+    if flat.get("data.split_file") is None:  # ours, as before the key existed
+        flat.pop("data.split_file", None)
     return {
         k: v
         for k, v in sorted(flat.items())
         if not any(k == x or (x.endswith(".") and k.startswith(x)) for x in NOT_IN_FINGERPRINT)
     }
+
+
+def normalize_level(data: DataConfig) -> str:
+    """The answer normalisation a job applies: `data.normalize`, or ``none`` when
+    `data.clean_answers` is false (the older key, which turns every layer off)."""
+    return data.normalize if data.clean_answers else "none"
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:

@@ -162,3 +162,30 @@ def test_render_scan_and_describe() -> None:
 def test_too_few_images_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="images_per_category must be at least 2"):
         make_demo_data(tmp_path, images_per_category=1)
+
+
+def test_workbook_form_with_misspellings_counted_per_layer(tmp_path: Path) -> None:
+    """The master-workbook variant: one workbook, Cervix awaiting labels, and the noise each
+    layer of data.normalize removes (counts grow with the level; nothing left after canonical)."""
+    from fada_batch.config import config_from_dict
+    from fada_batch.data.validate import preflight
+    from fada_batch.data.workbook import DEFAULT_WORKBOOK
+
+    info = make_demo_data(tmp_path, images_per_category=N_IMAGES, seed=0, form="workbook")
+    assert not (tmp_path / LABELS_DIR).exists() and (tmp_path / DEFAULT_WORKBOOK).is_file()
+    assert info["unlabeled"] == ["Cervix"] and set(info["sheets"].values()) == {tmp_path / DEFAULT_WORKBOOK}
+    unique = {}
+    for level in ("none", "clean", "spelling", "canonical"):
+        cfg = config_from_dict({"data": {"root": str(tmp_path), "normalize": level}})
+        pf = preflight(cfg, ["Abdomen", "Femur", "Thorax", "Cervix"])
+        assert [d.status for d in pf.results] == ["ok", "ok", "ok", "awaiting_labels"]
+        assert all(d.stats.images_usable == N_IMAGES for d in pf.ready)
+        norm = pf.normalization()
+        assert norm is not None
+        unique[level] = sum(norm.unique_after())
+        if level == "spelling":
+            fixed = {a for layer, a, _, _ in norm.top_fixes(20) if layer == "spelling"}
+            assert fixed == {"palne", "lengh", "iamge", "chammber"}
+    assert unique["none"] > unique["clean"] > unique["spelling"] > unique["canonical"]
+    with pytest.raises(ValueError, match="form must be"):
+        make_demo_data(tmp_path, form="csv")

@@ -191,8 +191,10 @@ RUN: dict[str, Run] = {
         "fada-batch submit --job job/full.yaml --categories Femur,Thorax"
     ),
     "fada-batch submit --job job/demo.yaml --executor local": Run(),
-    "sbatch --array=0-8 slurm/train_array.sbatch job/full.yaml": Run(
-        "sbatch --test-only --array=0-8 slurm/train_array.sbatch job/full.yaml",
+    "fada-batch make-demo-data data/demo-workbook --form workbook": Run(),
+    "fada-batch validate --job job/demo.yaml -p data.root=data/demo-workbook -p data.normalize=canonical": Run(),
+    "sbatch --array=0-13 slurm/train_array.sbatch job/full.yaml": Run(
+        "sbatch --test-only --array=0-13 slurm/train_array.sbatch job/full.yaml",
         "--test-only: the local SLURM cluster checks the request and the script and answers when "
         "it would start; nothing is queued (the plain-sbatch path runs for real in "
         "tests/test_launch.py::test_plain_sbatch_array_trains_the_demo_categories)",
@@ -227,6 +229,10 @@ RUN: dict[str, Run] = {
         "python scripts/scale_benchmark.py --images 40",
         "--images 40 instead of 2,424 scans (~20 s more; the full size runs in the slow "
         "tests/test_scale.py::test_seed_sized_category_validates_and_splits_in_seconds)",
+    ),
+    "python scripts/scale_benchmark.py --workbook --size 64": Run(
+        "python scripts/scale_benchmark.py --workbook --size 32 --images 140",
+        "--images 140: the same 14 categories, 10 rows each instead of 19,019 (the figures are not checked here)",
     ),
     "python scripts/scale_benchmark.py --size 720": Run(
         "python scripts/scale_benchmark.py --size 720 --images 20",

@@ -1,15 +1,20 @@
-"""The nine anatomical categories, their folder and sheet names, and names found in the wild.
+"""The FADA team's 14 anatomical categories, their folder and sheet names, display names and
+names found in the wild.
 
-Images live in `<data root>/Fetal Ultrasound/{folder}/` and labels in
-`<data root>/Fetal Ultrasound Labeled/{sheet}_image_list.xlsx`. Real data sets misspell both
-(an `Abodomen_image_list.xlsx` belongs to Abdomen), so every category carries aliases, and
-lookups are case- and separator-insensitive.
+Images live in `<data root>/Fetal Ultrasound/{folder}/`; labels either in one sheet per
+category, `<data root>/Fetal Ultrasound Labeled/{sheet}_image_list.xlsx`, or in one master
+workbook with a `Folder Name` column (`fada_batch.data.workbook`). Real data sets misspell
+names (an `Abodomen_image_list.xlsx` belongs to Abdomen), so every category carries aliases,
+and lookups are case- and separator-insensitive.
+
+`Cervical` and `Cervix` are two categories in the team's data (a cervical view and a direct
+cervix view), so `Cervical` is no alias of `Cervix`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 IMAGES_DIR = "Fetal Ultrasound"
@@ -31,16 +36,20 @@ STANDARD_QUESTIONS: tuple[str, ...] = (
     "Clinical Recommendations: Provide clinical recommendations based on the ultrasound findings",
 )
 NUM_QUESTIONS = len(STANDARD_QUESTIONS)
+# Other titles of the standard questions, as the FADA team's master workbook heads them
+# (`Q3: Imaging Plane`): a header that is only a title uses the full standard question.
+QUESTION_TITLE_ALIASES: dict[int, tuple[str, ...]] = {2: ("Imaging Plane",), 6: ("Normality Assessment",)}
 
 
 @dataclass(frozen=True)
 class Category:
     """One anatomical category: its canonical name, folder/sheet names and known aliases."""
 
-    name: str  # canonical name, e.g. "Abdomen"
+    name: str  # canonical name, e.g. "Abdomen" (also the `Folder Name` in a master workbook)
     folder: str  # image folder under `Fetal Ultrasound/`
     sheet: str  # sheet stem: `{sheet}_image_list.xlsx`
     aliases: tuple[str, ...] = field(default=())
+    display: str = ""  # name shown to people ("Transcerebellar Plane"); empty = `name`
 
     @property
     def slug(self) -> str:
@@ -51,42 +60,52 @@ class Category:
     def output_dirname(self) -> str:
         return f"blip2_{self.slug}"
 
+    @property
+    def display_name(self) -> str:
+        return self.display or self.name
+
     def all_names(self) -> tuple[str, ...]:
-        return (self.name, self.folder, self.sheet, *self.aliases)
+        return (self.name, self.folder, self.sheet, *self.aliases, *((self.display,) if self.display else ()))
+
+
+def _cat(name: str, *aliases: str, display: str = "") -> Category:
+    """A category whose folder and sheet are named like it."""
+    return Category(name, name, name, aliases=aliases, display=display)
 
 
 CATEGORIES: tuple[Category, ...] = (
-    Category("Abdomen", "Abdomen", "Abdomen", aliases=("Abodomen", "Abdominal")),
-    Category("Femur", "Femur", "Femur"),
-    Category("Thorax", "Thorax", "Thorax", aliases=("Thoracic", "Chest")),
-    Category("Standard_NT", "Standard_NT", "Standard_NT", aliases=("Standard NT", "StandardNT")),
-    Category(
-        "Non_standard_NT",
-        "Non_standard_NT",
-        "Non_standard_NT",
-        aliases=("Non-standard_NT", "Nonstandard_NT", "Non standard NT"),
+    _cat("Abdomen", "Abodomen", "Abdominal"),
+    _cat("Femur"),
+    _cat("Thorax", "Thoracic", "Chest"),
+    _cat("Standard_NT", "Standard NT", "StandardNT", display="Standard NT"),
+    _cat(
+        "Non_standard_NT", "Non-standard_NT", "Nonstandard_NT", "Non standard NT", display="Non-standard NT"
     ),
-    Category("Cervix", "Cervix", "Cervix", aliases=("Cervical",)),
-    Category(
+    _cat("Cervix"),
+    _cat(
         "Trans-cerebellum",
-        "Trans-cerebellum",
-        "Trans-cerebellum",
-        aliases=("Trans_cerebellum", "Transcerebellum", "Trans-cerebellar"),
+        "Trans_cerebellum",
+        "Transcerebellum",
+        "Trans-cerebellar",
+        display="Transcerebellar Plane",
     ),
-    Category(
-        "Trans-thalamic",
-        "Trans-thalamic",
-        "Trans-thalamic",
-        aliases=("Trans_thalamic", "Transthalamic"),
-    ),
-    Category(
-        "Trans-ventricular",
-        "Trans-ventricular",
-        "Trans-ventricular",
-        aliases=("Trans_ventricular", "Transventricular"),
+    _cat("Trans-thalamic", "Trans_thalamic", "Transthalamic", display="Transthalamic Plane"),
+    _cat("Trans-ventricular", "Trans_ventricular", "Transventricular", display="Transventricular Plane"),
+    _cat("Aorta", "Aortic Arch", display="Aortic Arch"),
+    _cat("Cervical", "Cervical View", display="Cervical View"),
+    _cat("CRL-View", "CRL", "CRL_View", display="Crown-Rump Length View"),
+    _cat("NT-View", "NT_View", "NT View", display="Nuchal Translucency View"),
+    _cat(
+        "Public_Symphysis_fetal_head",
+        "Pubic_Symphysis_fetal_head",
+        "Public Symphysis fetal head",
+        display="Fetal Head Position",
     ),
 )
 CATEGORY_NAMES: tuple[str, ...] = tuple(c.name for c in CATEGORIES)
+# The seed's nine categories (the first nine above): the tiny test model is built on these
+# names, so adding a category does not change it.
+SEED_CATEGORY_NAMES: tuple[str, ...] = CATEGORY_NAMES[:9]
 
 
 def _key(name: str) -> str:
@@ -94,10 +113,24 @@ def _key(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name).lower()
 
 
+category_key = _key  # public: how names are compared (workbook category values too)
+
 _BY_KEY: dict[str, Category] = {}
 for _c in CATEGORIES:
     for _n in _c.all_names():
         _BY_KEY.setdefault(_key(_n), _c)
+
+
+def with_aliases(category: Category, extra: dict[str, list[str]]) -> Category:
+    """`category` with the job's own aliases for it (`data.category_aliases`) added."""
+    mine = [
+        a
+        for name, aliases in extra.items()
+        if get_category(name).name == category.name
+        for a in aliases
+        if a not in category.aliases
+    ]
+    return replace(category, aliases=(*category.aliases, *mine)) if mine else category
 
 
 class UnknownCategoryError(ValueError):

@@ -46,8 +46,10 @@ from fada_batch.data.images import (
     name_key,
     resolve_image,
 )
+from fada_batch.data.normalize import Normalization
 from fada_batch.data.problems import Problem, count_by_code, has_errors, make_problem
 from fada_batch.data.sheets import Sheet, SheetRow, read_sheet
+from fada_batch.data.workbook import DEFAULT_WORKBOOK, Workbook, read_workbook, resolve_labels_form
 from fada_batch.text import plural
 
 Status = Literal["ok", "awaiting_labels", "error"]
@@ -106,6 +108,7 @@ class CategoryData:
     problems: list[Problem] = field(default_factory=list)
     stats: CategoryStats = field(default_factory=CategoryStats)
     expected_sheet: Path | None = None  # where a sheet is looked for (canonical name)
+    normalization: Normalization | None = None  # what answer normalisation did (None: no sheet)
 
     @property
     def errors(self) -> list[Problem]:
@@ -136,6 +139,8 @@ class CategoryData:
             },
             "problems": [p.to_dict() for p in self.problems],
         }
+        if self.normalization is not None:
+            out["normalization"] = self.normalization.to_dict()
         if include_records:
             out["records"] = [r.to_dict() for r in self.records]
         return out
@@ -149,6 +154,8 @@ def load_category(
     check_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     warn_image_pixels: int = DEFAULT_WARN_PIXELS,
+    workbook: Workbook | None = None,
+    normalize: str | None = None,
 ) -> CategoryData:
     """Load and check one category's sheet and images.
 
@@ -161,6 +168,9 @@ def load_category(
             inside the folder.
         max_image_pixels: images with more pixels are skipped (decompression-bomb guard).
         warn_image_pixels: images with more pixels are used but reported.
+        normalize: the `data.normalize` level; None: ``clean`` when `clean_answers`, else ``none``.
+        workbook: the master workbook already read (`load_workbook`): the category's rows
+            come from it instead of a per-category sheet; None reads the sheet.
 
     Returns:
         The category's data; see the module docstring for the status rules.
@@ -189,13 +199,10 @@ def load_category(
         )
         return _finish(data)
 
-    data.sheet_path = find_sheet(data_root, cat)
     data.image_dir = find_image_dir(data_root, cat)
-    if data.sheet_path is None:
-        data.status = "awaiting_labels"
-        return data
-
-    sheet = read_sheet(data.sheet_path, clean_answers=clean_answers)
+    sheet = _category_sheet(data, data_root, workbook, clean_answers=clean_answers, normalize=normalize)
+    if sheet is None:
+        return _finish(data) if data.problems else data
     data.questions = list(sheet.questions)
     data.problems.extend(sheet.problems)
     data.stats.images_listed = len(sheet.listed_names)
@@ -210,6 +217,66 @@ def load_category(
         warn_pixels=warn_image_pixels,
     )
     return _finish(data)
+
+
+def _category_sheet(
+    data: CategoryData,
+    data_root: Path,
+    workbook: Workbook | None,
+    *,
+    clean_answers: bool,
+    normalize: str | None,
+) -> Sheet | None:
+    """The category's rows: its rows of the master workbook, else its own sheet. None when
+    there are none (status set to awaiting labels) or the workbook is broken (its errors
+    added to `data.problems`)."""
+    cat = data.category
+    if workbook is not None:
+        data.expected_sheet = data.sheet_path = workbook.path
+        if has_errors(workbook.problems):
+            data.problems.extend(p for p in workbook.problems if p.severity == "error")
+            return None
+        found = workbook.sheet_for(cat)
+        if found is None:
+            data.status, data.sheet_path = "awaiting_labels", None
+        else:
+            data.normalization = found.normalization
+        return found
+    data.sheet_path = find_sheet(data_root, cat)
+    if data.sheet_path is None:
+        data.status = "awaiting_labels"
+        return None
+    sheet = read_sheet(data.sheet_path, clean_answers=clean_answers, normalize=normalize)
+    data.normalization = sheet.normalization
+    return sheet
+
+
+def load_workbook(
+    data_root: Path,
+    labels: str,
+    workbook: str,
+    categories: list[Category],
+    *,
+    clean_answers: bool = True,
+    normalize: str | None = None,
+) -> Workbook | None:
+    """The master workbook split over `categories` when `data.labels` (`labels`) and the
+    data root call for it (`fada_batch.data.workbook.resolve_labels_form`), else None."""
+    path = resolve_labels_form(Path(data_root), labels, workbook)
+    if path is None:
+        return None
+    return read_workbook(path, categories, clean_answers=clean_answers, normalize=normalize)
+
+
+def has_labels(data_root: Path, category: Category, *, labels: str = "auto", workbook: str = "") -> bool:
+    """True when the category has labels in the form the job reads (`data.labels`): its
+    sheet, or rows in the master workbook. A missing or broken workbook counts as labels,
+    so that loading the category reports it instead of the category waiting quietly."""
+    path = resolve_labels_form(Path(data_root), labels, workbook or DEFAULT_WORKBOOK)
+    if path is None:
+        return find_sheet(Path(data_root), category) is not None
+    book = read_workbook(path, [category])
+    return book.sheet_for(category) is not None or has_errors(book.problems)
 
 
 def _read_images(

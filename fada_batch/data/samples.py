@@ -10,14 +10,18 @@ about one image, with its prompt and reference answer. Token ids come later (`tr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fada_batch.config import JobConfig
-from fada_batch.data.categories import Category
-from fada_batch.data.dataset import load_category
+from fada_batch.config import JobConfig, normalize_level
+from fada_batch.data.categories import Category, get_category, with_aliases
+from fada_batch.data.dataset import load_category, load_workbook
+from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.split import Split, make_split, read_split, write_split
+
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -66,6 +70,38 @@ def blocking_text(category: Category, data: Any) -> str:
     return f"{category.name}: the data cannot be used:\n{lines}"
 
 
+def split_file_path(cfg: JobConfig) -> Path | None:
+    """`data.split_file` as a path (relative to `data.root`), or None when the job has none."""
+    if not cfg.data.split_file:
+        return None
+    path = Path(cfg.data.split_file)
+    return path if path.is_absolute() else Path(cfg.data.root) / path
+
+
+def _fresh_split(
+    cfg: JobConfig, category: Category, data: Any, names: list[str], fractions: tuple[float, float, float]
+) -> Split:
+    """Ours (seed and fractions), or the one `data.split_file` gives; the file's problems
+    are added to `data.problems` (warnings).
+
+    Raises:
+        DataError: the split file cannot be read.
+    """
+    path = split_file_path(cfg)
+    if path is None:
+        return make_split(names, seed=cfg.data.split_seed, fractions=fractions)
+    try:
+        split, problems = split_from_file(
+            path, category, names, seed=cfg.data.split_seed, fractions=fractions
+        )
+    except SplitFileError as e:
+        raise DataError(f"{category.name}: data.split_file cannot be used: {e}") from e
+    data.problems.extend(problems)
+    for p in problems:
+        log.warning("%s", p.message)
+    return split
+
+
 def prepare_data(
     cfg: JobConfig, category: Category, out_dir: Path, *, resuming: bool, replace_split: bool = False
 ) -> CategorySamples:
@@ -78,11 +114,17 @@ def prepare_data(
     Raises:
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
+    d = cfg.data
+    category = with_aliases(category, d.category_aliases)
+    cats = [with_aliases(get_category(n), d.category_aliases) for n in d.categories]
+    level = normalize_level(d)
+    book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], normalize=level)
     data = load_category(
-        Path(cfg.data.root),
+        Path(d.root),
         category,
-        clean_answers=cfg.data.clean_answers,
-        max_image_pixels=cfg.data.max_image_pixels,
+        normalize=level,
+        max_image_pixels=d.max_image_pixels,
+        workbook=book,
     )
     if data.status != "ok":
         raise DataError(blocking_text(category, data))
@@ -92,12 +134,13 @@ def prepare_data(
     names = [r.image_name for r in records]
     fractions = (cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction)
     split = None if replace_split else read_split(out_dir)
-    fresh = make_split(names, seed=cfg.data.split_seed, fractions=fractions)
+    fresh = _fresh_split(cfg, category, data, names, fractions)
     if (
         split is None
-        or split.images() != set(names)
+        or split.images() != fresh.images()
         or split.seed != fresh.seed
         or tuple(split.fractions) != tuple(fractions)
+        or (fresh.source is not None and split.to_dict() != fresh.to_dict())
     ):
         if split is not None and resuming:
             raise DataError(

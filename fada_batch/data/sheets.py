@@ -61,10 +61,11 @@ from pathlib import Path
 from openpyxl import load_workbook
 from openpyxl.utils import get_column_letter
 
-from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
+from fada_batch.data.categories import NUM_QUESTIONS, QUESTION_TITLE_ALIASES, STANDARD_QUESTIONS
 from fada_batch.data.images import name_key
+from fada_batch.data.normalize import Normalization, Normalizer
 from fada_batch.data.problems import Problem, has_errors, make_problem, shorten
-from fada_batch.text import clean_answer, plural
+from fada_batch.text import plural
 
 HEADER_SEARCH_ROWS = 10  # the header row is looked for in this many first rows
 IMAGE_NAME_HEADERS = frozenset({"imagename", "imagenames", "image", "imagefile", "imagefilename", "filename"})
@@ -84,7 +85,7 @@ class SheetRow:
 
     row: int  # Excel row number (the header row is 1 in a standard sheet)
     image_name: str  # as written, stripped of surrounding spaces
-    answers: list[str | None]  # NUM_QUESTIONS answers, cleaned when asked; None when empty
+    answers: list[str | None]  # NUM_QUESTIONS answers, normalised as asked; None when empty
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Sheet:
     # including rows dropped as duplicates (so their files are not reported as unlisted)
     worksheet: str | None = None  # the worksheet read
     header_row: int | None = None  # Excel row number of the header
+    normalization: Normalization = field(default_factory=Normalization)  # what it did to the answers
 
     @property
     def ok(self) -> bool:
@@ -114,13 +116,15 @@ class Sheet:
         return [len(self.rows) - n for n in self.empty_answers]
 
 
-def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
+def read_sheet(path: Path, *, clean_answers: bool = True, normalize: str | None = None) -> Sheet:
     """Read a label sheet; bad data becomes problems, never exceptions.
 
     Args:
         path: the ``*_image_list.xlsx`` file.
         clean_answers: apply `fada_batch.text.clean_answer` (collapse whitespace, drop one
             trailing period) to every answer; off keeps the cell text as is.
+        normalize: the `data.normalize` level (`fada_batch.data.normalize`); None means
+            ``clean`` when `clean_answers`, else ``none``.
 
     Returns:
         The sheet; `Sheet.ok` is False when an error blocks it. See the module docstring
@@ -128,7 +132,7 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
     """
     sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     try:
-        worksheets = _load(path)
+        worksheets = load_worksheets(path)
     except Exception as exc:  # openpyxl/zipfile raise many types for a bad file
         sheet.problems.append(
             make_problem(
@@ -146,9 +150,28 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
         return sheet
 
     title, rows = worksheets[0]
+    others = [t for t, r in worksheets[1:] if _find_header(r) is not None]
+    return parse_rows(path, title, rows, others=others, clean_answers=clean_answers, normalize=normalize)
+
+
+def parse_rows(
+    path: Path,
+    title: str,
+    rows: list[tuple[Cell, ...]],
+    *,
+    others: tuple[str, ...] | list[str] = (),
+    clean_answers: bool = True,
+    normalize: str | None = None,
+    row_numbers: list[int] | None = None,
+) -> Sheet:
+    """A label table already read from a worksheet (`title`, its rows of cell values) to a
+    `Sheet`; `others` names other worksheets that also look like labels. Used by
+    `read_sheet` and, per category, by the master workbook reader; an entirely empty row
+    (an empty tuple too) is skipped. `row_numbers`, when given, are the Excel row numbers of
+    the rows after the header (the workbook reader passes one category's rows only)."""
+    sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     sheet.worksheet = title
     header_idx = _find_header(rows)
-    others = [t for t, r in worksheets[1:] if _find_header(r) is not None]
     if header_idx is None:
         sheet.problems.append(_no_header_problem(path, title, rows, others))
         return sheet
@@ -165,11 +188,13 @@ def read_sheet(path: Path, *, clean_answers: bool = True) -> Sheet:
 
     sheet.header_row = header_idx + 1
     image_col, q_cols = _parse_header(path, rows, header_idx, sheet)
-    _read_rows(path, rows, header_idx, image_col, q_cols, sheet, clean_answers=clean_answers)
+    norm = Normalizer(normalize or ("clean" if clean_answers else "none"))
+    sheet.normalization = norm.report
+    _read_rows(path, rows, header_idx, image_col, q_cols, sheet, norm=norm, row_numbers=row_numbers)
     return sheet
 
 
-def _load(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
+def load_worksheets(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
     """(title, rows of cell values) per worksheet, in tab order.
 
     Raises:
@@ -270,8 +295,8 @@ def _question_text(q: int, header_text: str) -> str | None:
     text = _WS.sub(" ", header_text).strip()
     if not text:
         return None
-    title = STANDARD_QUESTIONS[q].split(":", 1)[0]
-    if text.rstrip(":. ").casefold() == title.casefold():
+    titles = (STANDARD_QUESTIONS[q].split(":", 1)[0], *QUESTION_TITLE_ALIASES.get(q, ()))
+    if text.rstrip(":. ").casefold() in {t.casefold() for t in titles}:
         return None
     return text
 
@@ -395,7 +420,7 @@ def _check_header(
 
 
 def _answer(
-    value: Cell, *, clean: bool, path: Path, row: int, q: int, letter: str
+    value: Cell, *, norm: Normalizer, path: Path, row: int, q: int, letter: str
 ) -> tuple[str | None, Problem | None]:
     """One answer cell to text (or None when empty/skipped) and the problem, if any."""
     where = {"file": path, "row": row, "column": f"Q{q + 1}", "column_letter": letter}
@@ -412,8 +437,7 @@ def _answer(
             )
         if not value.strip() or value.strip().casefold() == "nan":
             return None, None
-        text = clean_answer(value) if clean else value
-        return (text or None), None
+        return norm(q, value), None
     if isinstance(value, float) and math.isnan(value):
         return None, None
     if isinstance(value, (dt.datetime, dt.date, dt.time, dt.timedelta)):
@@ -434,7 +458,7 @@ def _answer(
         value=value,
         **where,
     )
-    return (clean_answer(text) if clean else text) or None, problem
+    return norm(q, text), problem
 
 
 def _read_rows(
@@ -445,7 +469,8 @@ def _read_rows(
     q_cols: list[int | None],
     sheet: Sheet,
     *,
-    clean_answers: bool,
+    norm: Normalizer,
+    row_numbers: list[int] | None = None,
 ) -> None:
     """Fill `sheet.rows`, `listed_names` and counts; add row problems."""
 
@@ -454,7 +479,8 @@ def _read_rows(
 
     candidates: list[SheetRow] = []
     for i in range(header_idx + 1, len(rows)):
-        values, excel_row = rows[i], i + 1
+        values = rows[i]
+        excel_row = row_numbers[i - header_idx - 1] if row_numbers is not None else i + 1
         name = _cell_text(cell(values, image_col)).strip()
         if not name:
             if any(not _is_empty(cell(values, j)) for j in q_cols):
@@ -473,9 +499,7 @@ def _read_rows(
         answers: list[str | None] = []
         for q, j in enumerate(q_cols):
             letter = get_column_letter(j + 1) if j is not None else "?"
-            text, problem = _answer(
-                cell(values, j), clean=clean_answers, path=path, row=excel_row, q=q, letter=letter
-            )
+            text, problem = _answer(cell(values, j), norm=norm, path=path, row=excel_row, q=q, letter=letter)
             answers.append(text)
             if problem is not None:
                 sheet.problems.append(problem)

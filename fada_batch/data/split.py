@@ -26,9 +26,12 @@ class Split:
     test: list[str]
     seed: int
     fractions: tuple[float, float, float]
+    source: str | None = None  # the split file it was taken from (data.split_file); None: ours
 
     def to_dict(self) -> dict:
+        extra = {"source": self.source} if self.source else {}
         return {
+            **extra,
             "seed": self.seed,
             "fractions": {"train": self.fractions[0], "val": self.fractions[1], "test": self.fractions[2]},
             "counts": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
@@ -46,6 +49,7 @@ class Split:
             test=list(d["test"]),
             seed=int(d["seed"]),
             fractions=(float(fr["train"]), float(fr["val"]), float(fr["test"])),
+            source=d.get("source"),
         )
 
     def images(self) -> set[str]:

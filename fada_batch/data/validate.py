@@ -6,13 +6,25 @@ Runs on a login node in seconds (no model, no GPU); `fada-batch validate` prints
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fada_batch.config import JobConfig
-from fada_batch.data.categories import IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, Category, get_category
-from fada_batch.data.dataset import CategoryData, load_category
+from fada_batch.config import JobConfig, normalize_level
+from fada_batch.data.categories import (
+    IMAGES_DIR,
+    LABELS_DIR,
+    SHEET_SUFFIX,
+    Category,
+    get_category,
+    with_aliases,
+)
+from fada_batch.data.dataset import CategoryData, load_category, load_workbook
+from fada_batch.data.given_split import SplitFileError, split_from_file
+from fada_batch.data.normalize import Normalization
+from fada_batch.data.problems import Problem, make_problem
+from fada_batch.data.samples import split_file_path
+from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
 
 class NoDataError(ValueError):
@@ -26,6 +38,8 @@ class Preflight:
     results: list[CategoryData]
     data_root: Path | None = None
     no_data: str | None = None  # why the data root holds no data at all (see `find_no_data`)
+    workbook: Path | None = None  # the master workbook read, when the job reads one
+    workbook_problems: list[Problem] = field(default_factory=list)  # rows no category took
 
     @property
     def ready(self) -> list[CategoryData]:
@@ -38,6 +52,16 @@ class Preflight:
     @property
     def blocked(self) -> list[CategoryData]:
         return [d for d in self.results if d.status == "error"]
+
+    def normalization(self) -> Normalization | None:
+        """Answer normalisation over every category read (None when none was)."""
+        parts = [d.normalization for d in self.results if d.normalization is not None]
+        if not parts:
+            return None
+        total = Normalization(level=parts[0].level)
+        for part in parts:
+            total.merge(part)
+        return total
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [d.to_dict() for d in self.results]
@@ -104,28 +128,80 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         UnknownCategoryError: a requested name is neither a category nor an alias.
     """
     names = categories if categories is not None else list(cfg.data.categories)
-    cats = [get_category(n.strip()) for n in names]
+    extra = cfg.data.category_aliases
+    cats = [with_aliases(get_category(n.strip()), extra) for n in names]
     root = Path(cfg.data.root)
-    if cats and (no_data := find_no_data(root, cats)) is not None:
+    wb_path = resolve_labels_form(root, cfg.data.labels, cfg.data.workbook)
+    has_book = wb_path is not None and wb_path.is_file()
+    if cats and not has_book and (no_data := find_no_data(root, cats)) is not None:
         # one message, not one "data root not found" per category
         results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
         return Preflight(results, data_root=root, no_data=no_data)
-    seen: set[str] = set()
-    results = []
-    for cat in cats:
-        if cat.name in seen:
-            continue
-        seen.add(cat.name)
-        results.append(
-            load_category(
-                Path(cfg.data.root),
-                cat,
-                clean_answers=cfg.data.clean_answers,
-                check_images=check_images,
-                max_image_pixels=cfg.data.max_image_pixels,
-            )
+    job_cats = list(dict.fromkeys(with_aliases(get_category(n.strip()), extra) for n in cfg.data.categories))
+    d = cfg.data
+    level = normalize_level(d)
+    book = load_workbook(root, d.labels, d.workbook, job_cats, normalize=level)
+    results = [
+        load_category(
+            root,
+            cat,
+            normalize=level,
+            check_images=check_images,
+            max_image_pixels=d.max_image_pixels,
+            workbook=book,
         )
-    return Preflight(results, data_root=root)
+        for cat in dict.fromkeys(cats)
+    ]
+    _check_split_file(cfg, results)
+    if book is None:
+        return Preflight(results, data_root=root)
+    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
+    return Preflight(results, data_root=root, workbook=book.path, workbook_problems=extra)
+
+
+def normalization_lines(norm: Normalization | None, *, top: int = 10) -> list[str]:
+    """Unique answers per question before and after normalisation, and the top fixes."""
+    if norm is None or norm.level == "none":
+        return []
+    before, after = norm.unique_before(), norm.unique_after()
+    per_q = "  ".join(f"Q{q + 1} {b}->{a}" for q, (b, a) in enumerate(zip(before, after, strict=True)))
+    lines = [
+        f"\nanswers normalised ({norm.level}): {sum(before)} -> {sum(after)} unique (per question: {per_q})",
+        "    cells changed per layer: "
+        + (", ".join(f"{k} {v}" for k, v in norm.cells_changed.items()) or "none"),
+    ]
+    for layer, a, b, n in norm.top_fixes(top):
+        lines.append(f"    {n:>6}  {layer:<9} {a!r} -> {b!r}")
+    return lines
+
+
+def _check_split_file(cfg: JobConfig, results: list[CategoryData]) -> None:
+    """Add the problems of `data.split_file` to each trainable category (unknown, duplicate
+    and unlisted images; an unreadable file blocks every category)."""
+    path = split_file_path(cfg)
+    if path is None:
+        return
+    fractions = (cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction)
+    for d in results:
+        if d.status != "ok":
+            continue
+        names = [r.image_name for r in d.records][: cfg.data.num_images]
+        try:
+            _, problems = split_from_file(
+                path, d.category, names, seed=cfg.data.split_seed, fractions=fractions
+            )
+        except SplitFileError as e:
+            problems = [
+                make_problem(
+                    "split_file_unreadable",
+                    f"The split file cannot be used: {e}.",
+                    fix="point data.split_file at a JSON file of one of the shapes in the message, "
+                    "or remove data.split_file to use our split.",
+                    file=path,
+                )
+            ]
+            d.status = "error"
+        d.problems.extend(problems)
 
 
 def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
@@ -139,12 +215,20 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
         per_q = " ".join(str(n) for n in s.qa_pairs_per_question) if d.status != "awaiting_labels" else ""
         lines.append(f"{d.category.name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
         if d.status == "awaiting_labels":
-            lines.append(f"    no sheet yet (expected {d.expected_sheet})")
+            where = "no rows in" if pf.workbook is not None else "no sheet yet (expected"
+            lines.append(f"    {where} {d.expected_sheet}{'' if pf.workbook is not None else ')'}")
         shown = sorted(d.problems, key=lambda p: p.severity != "error")
         for p in shown[:max_problems]:
             lines.append(f"    [{p.severity}] {p.message}")
         if len(shown) > max_problems:
             lines.append(f"    ... and {len(shown) - max_problems} more (see --json)")
+    lines += normalization_lines(pf.normalization())
+    if pf.workbook is not None:
+        lines.append(f"\nlabels from the master workbook {pf.workbook}")
+        for p in pf.workbook_problems[:max_problems]:
+            lines.append(f"    [{p.severity}] {p.message}")
+        if len(pf.workbook_problems) > max_problems:
+            lines.append(f"    ... and {len(pf.workbook_problems) - max_problems} more (see --json)")
     ready, waiting, blocked = len(pf.ready), len(pf.awaiting), len(pf.blocked)
     lines.append(f"\n{ready} ready, {waiting} awaiting labels, {blocked} blocked by data problems")
     if (why := pf.nothing_ready()) is not None:

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fada_batch.config import normalize_level
+from fada_batch.data.normalize import Normalizer
 from fada_batch.data.samples import Sample
 from fada_batch.evaluation.metrics import aggregate, majority_answers, question_label
 from fada_batch.fsutil import JobProbe, category_lock
@@ -519,6 +521,7 @@ def evaluate_loaded(
     split: str = "test",
     settings: GenerationSettings = DEFAULT_SETTINGS,
     max_pixels: int = 100_000_000,
+    normalize: str = "clean",
 ) -> dict[str, Any]:
     """Evaluate an adapter that is already loaded (a PeftModel in `loaded.model`).
 
@@ -530,6 +533,8 @@ def evaluate_loaded(
             held-out samples, image paths, question texts).
         prompt_template: the template the adapter was trained with.
         split: "test" or "val": which held-out part of split.json.
+        normalize: the job's `data.normalize` level: predictions are normalised like the
+            references were before scoring (predictions.csv keeps them as generated).
 
     Returns:
         the metrics.json content: {"adapter", "base", "majority"} blocks from
@@ -572,10 +577,7 @@ def evaluate_loaded(
         )
     metrics: dict[str, Any] = {}
     for model in MODELS:
-        metrics[model] = aggregate(
-            {"question": s.question_index, "reference": s.answer, "prediction": r[f"{model}_prediction"]}
-            for s, r in zip(held_out, rows, strict=True)
-        )
+        metrics[model] = aggregate(scored_rows(held_out, rows, model, normalize))
     metrics.update(
         settings={**asdict(settings), "do_sample": False, "split": split, "eos_token_id": eos_token_id},
         n_images=len({s.image for s in held_out}),
@@ -587,6 +589,22 @@ def evaluate_loaded(
     )
     write_eval(out_dir, rows, metrics)
     return metrics
+
+
+def scored_rows(
+    held_out: list[Sample], rows: list[dict[str, str]], model: str, normalize: str
+) -> list[dict[str, Any]]:
+    """(question, reference, prediction) of one model for `aggregate`, the prediction put
+    through the same answer normalisation as the references (`data.normalize`), so that a
+    model is not scored down for a spelling the data step would have fixed."""
+    norm = Normalizer(normalize) if normalize in ("spelling", "canonical") else None
+    out = []
+    for s, r in zip(held_out, rows, strict=True):
+        pred = r[f"{model}_prediction"]
+        if norm is not None:
+            pred = norm(s.question_index, pred) or ""
+        out.append({"question": s.question_index, "reference": s.answer, "prediction": pred})
+    return out
 
 
 def prediction_rows(
@@ -673,6 +691,7 @@ def evaluate_after_training(
             split=cfg.eval.split,
             settings=settings_from(cfg.eval, max_new_tokens),
             max_pixels=cfg.data.max_image_pixels,
+            normalize=normalize_level(cfg.data),
         )
     except EvaluationError as e:  # e.g. an empty test split: nothing to evaluate, no traceback
         log.warning("no evaluation after training: %s", e)
@@ -767,6 +786,7 @@ def _evaluate_locked(
         split=cfg.eval.split,
         settings=settings,
         max_pixels=cfg.data.max_image_pixels,
+        normalize=normalize_level(cfg.data),
     )
     log.info(
         "%s: exact match adapter %.3f, base %.3f, majority %.3f on %d %s pairs; %s",

@@ -16,6 +16,13 @@ sheets carry blemishes found in the wild: names without extension, double spaces
 periods and empty cells; Abdomen uses the misspelled folder and sheet name `Abodomen`; and
 Cervix has images but no sheet (it must come out as "awaiting labels").
 
+`form="workbook"` writes the labels as the FADA team holds them instead: one master workbook
+(`Fetal Ultrasound Annotations Final.xlsx`, a `Folder Name` column, the team's short question
+titles) with no Cervix rows, and with their kind of noise on about a quarter of the rows:
+misspellings the spelling table fixes (`palne`, `lengh`, `iamge`, `chammber`) and
+answer variants the canonical table unifies (`routine follow up`), so that `validate` with
+`data.normalize: canonical` shows what each layer does.
+
 `render_scan` and `describe` are public because the tiny model's pretraining
 (`fada_batch.tools.tiny`) draws its captioned scans from the same renderer.
 """
@@ -37,6 +44,7 @@ from fada_batch.data.categories import (
     STANDARD_QUESTIONS,
     get_category,
 )
+from fada_batch.data.workbook import DEFAULT_WORKBOOK
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +104,27 @@ _CONSTANT_ANSWERS: dict[str, dict[int, str]] = {
 }
 # Q5 (gestational age) is drawn at random, independently of the image: not learnable.
 GESTATIONAL_AGE_ANSWERS: tuple[str, ...] = ("20 to 24 weeks", "24 to 28 weeks")
+
+# The master workbook's noise: (question index, right text, wrong text), each fixed by a
+# layer of data.normalize (spelling.json, canonical.json).
+DEMO_MISSPELLINGS: tuple[tuple[int, tuple[str, str]], ...] = (
+    (2, ("plane", "palne")),
+    (2, ("chamber", "chammber")),
+    (3, ("length", "lengh")),
+    (5, ("image", "iamge")),
+    (7, ("Routine follow-up", "routine follow up")),
+)
+# The team's workbook heads its questions with short titles.
+WORKBOOK_QUESTION_HEADERS: tuple[str, ...] = (
+    "Q1: Anatomical Structures",
+    "Q2: Fetal Orientation",
+    "Q3: Imaging Plane",
+    "Q4: Biometric Measurements",
+    "Q5: Gestational Age",
+    "Q6: Image Quality",
+    "Q7: Normality Assessment",
+    "Q8: Clinical Recommendations",
+)
 
 # Shape of the bright structure per category; categories not listed get an ellipse.
 _SHAPES: dict[str, str] = {
@@ -193,6 +222,7 @@ def make_demo_data(
     images_per_category: int = DEFAULT_IMAGES_PER_CATEGORY,
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    form: str = "per_category",
 ) -> dict[str, Any]:
     """Write the demo data set under `root` (created if needed; existing files are replaced).
 
@@ -201,6 +231,8 @@ def make_demo_data(
         images_per_category: images per category; even numbers balance side and noise exactly.
         seed: the same seed writes the same images and sheets.
         image_size: width and height of the PNGs.
+        form: ``per_category`` (one sheet per category) or ``workbook`` (one master workbook
+            with misspellings and answer variants; module docstring).
 
     Returns:
         `{"root": Path, "labeled": [names], "unlabeled": [names],
@@ -210,11 +242,15 @@ def make_demo_data(
     Raises:
         ValueError: when `images_per_category` < 2.
     """
+    if form not in ("per_category", "workbook"):
+        raise ValueError(f"form must be 'per_category' or 'workbook', got {form!r}")
     if images_per_category < 2:
         raise ValueError(f"images_per_category must be at least 2 (one per side), got {images_per_category}")
     root = Path(root)
     labels_dir = root / LABELS_DIR
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    if form == "per_category":
+        labels_dir.mkdir(parents=True, exist_ok=True)
+    frames: list[pd.DataFrame] = []
     result: dict[str, Any] = {
         "root": root,
         "labeled": [],
@@ -234,10 +270,20 @@ def make_demo_data(
         if sheet is None:
             result["unlabeled"].append(name)
             continue
+        result["labeled"].append(name)
+        if form == "workbook":
+            frame = _sheet_frame(rng, rows, misspell=True)
+            frame.insert(0, "Folder Name", folder)
+            frames.append(frame)
+            result["sheets"][name] = root / DEFAULT_WORKBOOK
+            continue
         sheet_path = labels_dir / f"{sheet}{SHEET_SUFFIX}"
         _sheet_frame(rng, rows).to_excel(sheet_path, index=False, engine="openpyxl")
-        result["labeled"].append(name)
         result["sheets"][name] = sheet_path
+    if frames:
+        book = pd.concat(frames, ignore_index=True)
+        book.columns = ["Folder Name", "Image Name", *WORKBOOK_QUESTION_HEADERS]
+        book.to_excel(root / DEFAULT_WORKBOOK, index=False, engine="openpyxl")
     logger.info(
         "Demo data in %s: %s labeled, %s awaiting labels",
         root,
@@ -319,7 +365,18 @@ def _write_category_images(
     return rows
 
 
-def _sheet_frame(rng: np.random.Generator, rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _misspell(rng: np.random.Generator, records: list[list[Any]]) -> None:
+    """The FADA workbook's kind of noise on about a quarter of the rows (module docstring)."""
+    for i in rng.permutation(len(records))[: max(1, len(records) // 4)]:
+        for q, (right, wrong) in DEMO_MISSPELLINGS:
+            cell = records[i][1 + q]
+            if isinstance(cell, str) and right in cell:
+                records[i][1 + q] = cell.replace(right, wrong)
+
+
+def _sheet_frame(
+    rng: np.random.Generator, rows: list[dict[str, Any]], *, misspell: bool = False
+) -> pd.DataFrame:
     """The label sheet of one category, with a few real-world blemishes mixed in."""
     headers = [question_header(i + 1, q) for i, q in enumerate(STANDARD_QUESTIONS)]
     records = []
@@ -354,4 +411,6 @@ def _sheet_frame(rng: np.random.Generator, rows: list[dict[str, Any]]) -> pd.Dat
     for i in empty:
         q = 1 + int(rng.integers(8))
         records[i][q] = None
+    if misspell:
+        _misspell(rng, records)
     return pd.DataFrame(records, columns=["Image Name", *headers])

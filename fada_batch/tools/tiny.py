@@ -63,7 +63,8 @@ from transformers import (
     OPTConfig,
 )
 
-from fada_batch.data.categories import CATEGORY_NAMES, STANDARD_QUESTIONS
+from fada_batch.data.categories import SEED_CATEGORY_NAMES as CATEGORY_NAMES
+from fada_batch.data.categories import STANDARD_QUESTIONS
 from fada_batch.tools.demo import SIDES, all_answers, describe, render_scan
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
-from fada_batch.data.categories import Category, find_sheet, get_category
+from fada_batch.data.categories import Category, get_category, with_aliases
+from fada_batch.data.dataset import has_labels
 from fada_batch.data.samples import CategorySamples, DataError, prepare_data
 from fada_batch.fsutil import (
     JobProbe,
@@ -183,6 +184,8 @@ def _data_counts(cs: CategorySamples) -> dict[str, Any]:
         # rows skipped and why: counts by problem code, and the first messages in full
         "warnings": dict(Counter(p.code for p in warnings)),
         "warning_examples": [p.message for p in warnings[:20]],
+        # data.normalize: unique answers per question before/after, cells changed, top fixes
+        "normalization": data.normalization.to_dict() if data.normalization is not None else None,
     }
 
 
@@ -231,7 +234,10 @@ def train_category(
     out_dir = ensure_writable(category_output_dir(cfg, category))
     summary = _base_summary(cfg, category, out_dir)
 
-    if find_sheet(Path(cfg.data.root), category) is None:
+    d = cfg.data
+    if not has_labels(
+        Path(d.root), with_aliases(category, d.category_aliases), labels=d.labels, workbook=d.workbook
+    ):
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
