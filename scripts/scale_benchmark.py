@@ -40,10 +40,17 @@ from typing import Any
 import numpy as np
 
 from fada_batch.config import config_from_dict
-from fada_batch.data.categories import CATEGORY_NAMES, IMAGES_DIR, LABELS_DIR, SHEET_SUFFIX, get_category
+from fada_batch.data.categories import (
+    CATEGORY_NAMES,
+    DEFAULT_WORKBOOK,
+    IMAGES_DIR,
+    LABELS_DIR,
+    SHEET_SUFFIX,
+    get_category,
+)
 from fada_batch.data.samples import prepare_data
 from fada_batch.data.validate import preflight
-from fada_batch.data.workbook import DEFAULT_WORKBOOK, read_workbook
+from fada_batch.data.workbook import read_workbook
 from fada_batch.tools.bench.model import BLIP2_OPT_27B
 from fada_batch.tools.demo import WORKBOOK_QUESTION_HEADERS, _sheet_frame, render_scan
 

@@ -168,8 +168,8 @@ def test_workbook_form_with_misspellings_counted_per_layer(tmp_path: Path) -> No
     """The master-workbook variant: one workbook, Cervix awaiting labels, and the noise each
     layer of data.normalize removes (counts grow with the level; nothing left after canonical)."""
     from fada_batch.config import config_from_dict
+    from fada_batch.data.categories import DEFAULT_WORKBOOK
     from fada_batch.data.validate import preflight
-    from fada_batch.data.workbook import DEFAULT_WORKBOOK
 
     info = make_demo_data(tmp_path, images_per_category=N_IMAGES, seed=0, form="workbook")
     assert not (tmp_path / LABELS_DIR).exists() and (tmp_path / DEFAULT_WORKBOOK).is_file()

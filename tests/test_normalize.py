@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from fada_batch.config import config_from_dict, fingerprint_hash, normalize_level, training_fingerprint
-from fada_batch.data.categories import CATEGORY_NAMES, get_category
+from fada_batch.data.categories import CATEGORY_NAMES, DEFAULT_WORKBOOK, get_category
 from fada_batch.data.dataset import load_category
 from fada_batch.data.normalize import LEVELS, TABLES, Normalizer, load_tables
 from fada_batch.data.validate import format_table, preflight
-from fada_batch.data.workbook import DEFAULT_WORKBOOK, read_workbook
+from fada_batch.data.workbook import read_workbook
 from tests.test_workbook import make_master
 
 # one row per category in the workbook gets these answers on top of the plain ones

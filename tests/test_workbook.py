@@ -13,6 +13,7 @@ from PIL import Image
 from fada_batch.config import config_from_dict
 from fada_batch.data.categories import (
     CATEGORY_NAMES,
+    DEFAULT_WORKBOOK,
     IMAGES_DIR,
     LABELS_DIR,
     STANDARD_QUESTIONS,
@@ -20,7 +21,7 @@ from fada_batch.data.categories import (
 )
 from fada_batch.data.dataset import has_labels, load_category, load_workbook
 from fada_batch.data.validate import format_table, preflight
-from fada_batch.data.workbook import DEFAULT_WORKBOOK, read_workbook, resolve_labels_form
+from fada_batch.data.workbook import read_workbook, resolve_labels_form
 
 HEADER = [
     "Folder Name",

@@ -20,6 +20,8 @@ from pathlib import Path
 IMAGES_DIR = "Fetal Ultrasound"
 LABELS_DIR = "Fetal Ultrasound Labeled"
 SHEET_SUFFIX = "_image_list.xlsx"
+# The FADA team's master workbook (every category, a `Folder Name` column), in the data root.
+DEFAULT_WORKBOOK = "Fetal Ultrasound Annotations Final.xlsx"
 
 # The seed's eight standard questions (Q1..Q8). A sheet header may carry its own text for a
 # question; when it does not, the prompt uses these.

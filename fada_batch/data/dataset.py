@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from fada_batch.data.categories import (
+    DEFAULT_WORKBOOK,
     IMAGES_DIR,
     LABELS_DIR,
     NUM_QUESTIONS,
@@ -49,7 +50,7 @@ from fada_batch.data.images import (
 from fada_batch.data.normalize import Normalization
 from fada_batch.data.problems import Problem, count_by_code, has_errors, make_problem
 from fada_batch.data.sheets import Sheet, SheetRow, read_sheet
-from fada_batch.data.workbook import DEFAULT_WORKBOOK, Workbook, read_workbook, resolve_labels_form
+from fada_batch.data.workbook import Workbook, read_workbook, resolve_labels_form
 from fada_batch.text import plural
 
 Status = Literal["ok", "awaiting_labels", "error"]

@@ -41,7 +41,6 @@ from fada_batch.text import plural
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKBOOK = "Fetal Ultrasound Annotations Final.xlsx"
 CATEGORY_HEADERS = frozenset({"foldername", "folder", "category", "class", "view"})
 HEADER_SEARCH_ROWS = 10
 

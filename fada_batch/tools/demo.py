@@ -38,13 +38,13 @@ import pandas as pd
 from PIL import Image
 
 from fada_batch.data.categories import (
+    DEFAULT_WORKBOOK,
     IMAGES_DIR,
     LABELS_DIR,
     SHEET_SUFFIX,
     STANDARD_QUESTIONS,
     get_category,
 )
-from fada_batch.data.workbook import DEFAULT_WORKBOOK
 
 logger = logging.getLogger(__name__)
 
