@@ -153,7 +153,15 @@ def make_tiny_model(out_dir: Path, *, seed: int = 0, recipe: TinyRecipe = DEFAUL
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model, processor, stats = build_pretrained(seed=seed, recipe=recipe)
+        # One thread: the tiny model's matrices are too small to split, and torch's default (a
+        # thread per core) made this build ~10x slower where anything else used the CPUs
+        # (the image's build beside CI's tests: 10+ CPU-minutes against ~65 s with one).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model, processor, stats = build_pretrained(seed=seed, recipe=recipe)
+        finally:
+            torch.set_num_threads(threads)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         marker = {**wanted, "pretraining": stats, "build_seconds": time.perf_counter() - start}
