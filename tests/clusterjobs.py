@@ -47,18 +47,27 @@ def wait_done(job_id: str, timeout_s: float, *, expected: int = 1) -> dict[str, 
         if len(rows) >= expected and all(r["State"] in TERMINAL for r in rows.values()):
             return rows
         time.sleep(2)
-    pytest.fail(f"job {job_id} did not finish in {timeout_s} s: {rows}")
+    pytest.fail(f"job {job_id} did not finish in {timeout_s} s: {rows}\n{cluster_state()}")
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float, every_s: float = 0.5) -> Any:
-    """Poll `check()` until it returns something true; fail naming `what` otherwise."""
+def wait_for(
+    what: str,
+    check: Callable[[], Any],
+    timeout_s: float,
+    every_s: float = 0.5,
+    *,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll `check()` until it returns something true; fail naming `what` otherwise, with the
+    cluster's state and `detail()` (a task's log, say)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
         time.sleep(every_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+    extra = detail() if detail else ""
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{cluster_state()}\n{extra}")
 
 
 def task_log(log_dir: Path, task_job_id: str) -> str:
@@ -77,3 +86,58 @@ def read_summary_now(out_root: Path, category: str) -> dict[str, Any] | None:
         return summary(out_root, category)
     except (OSError, ValueError):
         return None
+
+
+def _run_text(*cmd: str) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({e})"
+    return (done.stdout + done.stderr).strip() or "(nothing)"
+
+
+def cluster_state() -> str:
+    """What the test cluster says now (its queue, recent allocations with every requeued run,
+    the node): printed when a wait on it times out, so a failure in CI says why."""
+    return "\n".join(
+        [
+            "--- squeue -t all",
+            _run_text("squeue", "-t", "all", "-o", "%i|%T|%r|%M|%l|%S|%N"),
+            "--- sacct --duplicates (last 30 min)",
+            _run_text(
+                "sacct",
+                "-X",
+                "-n",
+                "-P",
+                "--duplicates",
+                "-S",
+                "now-30minutes",
+                "--format=JobID,JobName%20,State,Start,End,Elapsed,ExitCode,Reason",
+            ),
+            "--- node",
+            _run_text("scontrol", "-o", "show", "node"),
+            "--- uptime",
+            _run_text("uptime"),
+        ]
+    )
+
+
+def queued_jobs(under: Path) -> set[str]:
+    """Jobs not over (squeue's default: pending, running, completing, held) whose stdout lies
+    under `under` (a test session's temporary folder), by array job id (a plain job's own id):
+    other sessions' jobs on the shared test cluster are never touched."""
+    out = _run_text("squeue", "-h", "-O", "ArrayJobID:|,StdOut:")
+    jobs = (line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return {j.strip() for j, stdout in jobs if j.strip().isdigit() and stdout.startswith(str(under))}
+
+
+def cancel_new(under: Path, known: set[str], timeout_s: float = 90) -> list[str]:
+    """Cancel the jobs `queued_jobs(under)` lists that are not in `known` (a module fixture's
+    jobs, say), wait until they are gone; return their ids."""
+    new = sorted(queued_jobs(under) - known, key=int)
+    if new:
+        subprocess.run(["scancel", *new], capture_output=True, timeout=30, check=False)
+        deadline = time.monotonic() + timeout_s
+        while queued_jobs(under) & set(new) and time.monotonic() < deadline:
+            time.sleep(1)
+    return new

@@ -166,3 +166,27 @@ def slurm_conf() -> Iterator[str]:
         yield conf
     if not was_up:
         run("bash", str(TESTCLUSTER / "stop.sh"), timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _slurm_jobs_cancelled_after(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """A SLURM test leaves none of its jobs in the queue: those it left behind (a requeued task
+    still looping, a collector still pending) are cancelled and named on stderr, so they never
+    hold the 2-CPU node while the next test waits for its own. Only jobs submitted during the
+    test from this session (their logs lie under its temporary folder) are touched; a module
+    fixture's jobs, there before the test, are left to the module's other tests."""
+    if "slurm_conf" not in request.fixturenames:
+        yield
+        return
+    import sys
+
+    from clusterjobs import cancel_new, queued_jobs
+
+    request.getfixturevalue("slurm_conf")  # started, and SLURM_CONF set, before asking it
+    mine = tmp_path_factory.getbasetemp()
+    known = queued_jobs(mine)
+    yield
+    if left := cancel_new(mine, known):
+        print(f"SLURM jobs {request.node.nodeid} left in the queue, cancelled: {left}", file=sys.stderr)

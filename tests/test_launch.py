@@ -262,8 +262,11 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
 
     The SLURM run pauses 0.1 s after each of its 420 steps (FADA_STEP_PAUSE_S), so it lasts
     over 42 s of training on any CPU: more than one attempt can hold (each trains for at most
-    ~35 s between its start-up and the stop 20 s before the limit), and only a few on an idle
-    one."""
+    ~35 s between its start-up and the stop 20 s before the limit). Once the first stop is
+    saved, the test lifts the limit to 10 minutes: the requeued attempt (or, when it started
+    before the update and its clock still reads the old limit, the one after it) completes.
+    Under load a 1-minute attempt trains for 10-20 s, and without the lift the run took 14
+    attempts and 9.5 minutes here."""
     overrides = {
         **CLUSTER,
         "cluster.time_min": 1,
@@ -293,6 +296,12 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
         s = json.loads(path.read_text()) if path.is_file() else {}
         return s if s.get("status") not in (None, "running", "interrupted") else None
 
+    wait_for(
+        "a stop saved at the time limit", lambda: "stop.saved@" in _text(trace), timeout_s=600, every_s=1
+    )
+    subprocess.run(
+        ["scontrol", "update", f"JobId={record['tasks']['Femur']}", "TimeLimit=10"], check=True, timeout=30
+    )
     s = wait_for("the task's summary to reach a final status", summary_final, timeout_s=900, every_s=2)
     wait_done(record["array_job_id"], timeout_s=120)
     assert s["status"] == "completed", s.get("error")
@@ -310,6 +319,10 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_conf, job_fac
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 @pytest.mark.slurm

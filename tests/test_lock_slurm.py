@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clusterjobs import cluster_state
 
 from fada_batch import fsutil
 from fada_batch.fsutil import JobPhase, LockedError, category_lock, judge_holder, lock_identity
@@ -169,13 +170,16 @@ def _squeue_state(job_id: str) -> str:
     return states[0] if states else ""
 
 
-def _wait(what: str, ok, timeout_s: float = 300, every: float = 1.0):
+def _wait(what: str, ok, timeout_s: float = 300, every: float = 1.0, logs: Path | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := ok():
             return value
         time.sleep(every)
-    pytest.fail(f"{what}: not after {timeout_s} s")
+    texts = (
+        [f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(logs.glob("*.out"))] if logs else []
+    )
+    pytest.fail("\n".join([f"{what}: not after {timeout_s} s", cluster_state(), *texts]))
 
 
 @pytest.mark.slurm
@@ -221,7 +225,12 @@ if not os.environ.get("SLURM_RESTART_COUNT"):
         held = json.loads(lock.read_text())
         held.update(host="gpu-node-a.invalid", pid=4242, pid_ns=None)  # as if on another node
         lock.write_text(json.dumps(held))
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+        for attempt in range(30):  # a loaded controller may answer "try again later"
+            done = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True)
+            print(f"scontrol requeue: exit {done.returncode} {done.stderr.strip()}", flush=True)
+            if done.returncode == 0:
+                break
+            time.sleep(2)
         time.sleep(600)  # killed by the requeue while it holds the lock
 else:
     before = json.loads(lock.read_text())
@@ -243,7 +252,11 @@ def test_requeued_array_task_takes_over_its_own_lock(slurm_conf, tmp_path):
     array = _sbatch("--array=0-1", f"--output={tmp_path}/task-%a.out", "--open-mode=append", "--wrap", cmd)
     results = [tmp_path / str(i) / "result.json" for i in (0, 1)]
     _wait(
-        "both tasks requeued and finished", lambda: all(p.exists() for p in results), timeout_s=400, every=2
+        "both tasks requeued and finished",
+        lambda: all(p.exists() for p in results),
+        timeout_s=400,
+        every=2,
+        logs=tmp_path,
     )
     job_ids = set()
     for i, path in enumerate(results):
