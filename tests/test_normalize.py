@@ -134,7 +134,9 @@ def test_workbook_misspellings_counted_per_layer(tmp_path: Path) -> None:
 
 def test_validate_and_training_data_use_the_job_level(tmp_path: Path) -> None:
     noisy_master(tmp_path)
-    cfg = config_from_dict({"data": {"root": str(tmp_path), "normalize": "canonical"}})
+    cfg = config_from_dict(
+        {"data": {"root": str(tmp_path), "normalize": "canonical"}, "output": {"root": str(tmp_path / "out")}}
+    )
     pf = preflight(cfg)
     table = format_table(pf)
     assert "answers normalised (canonical):" in table and "Q2 3->2" in table

@@ -23,7 +23,7 @@ from fada_batch.data.dataset import CategoryData, load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.normalize import Normalization
 from fada_batch.data.problems import Problem, make_problem
-from fada_batch.data.samples import split_file_path
+from fada_batch.data.samples import split_file_path, workbook_cache_dir
 from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
 
@@ -63,8 +63,28 @@ class Preflight:
             total.merge(part)
         return total
 
-    def to_dict(self) -> list[dict[str, Any]]:
-        return [d.to_dict() for d in self.results]
+    def to_dict(self) -> dict[str, Any]:
+        """What `validate --json` prints: every category, the master workbook's own warnings
+        (categories not in the job, rows without a category), the normalisation over every
+        category read, the counts, and why nothing can train (null when something can)."""
+        norm = self.normalization()
+        workbook = None
+        if self.workbook is not None:
+            workbook = {
+                "path": str(self.workbook),
+                "problems": [p.to_dict() for p in self.workbook_problems],
+            }
+        return {
+            "categories": [d.to_dict() for d in self.results],
+            "workbook": workbook,
+            "normalization": None if norm is None else norm.to_dict(),
+            "summary": {
+                "ready": len(self.ready),
+                "awaiting_labels": len(self.awaiting),
+                "blocked": len(self.blocked),
+            },
+            "nothing_ready": self.nothing_ready(),
+        }
 
     def nothing_ready(self) -> str | None:
         """Why no requested category can train (None when one can): no data at all, or every
@@ -140,7 +160,9 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
     job_cats = list(dict.fromkeys(with_aliases(get_category(n.strip()), extra) for n in cfg.data.categories))
     d = cfg.data
     level = normalize_level(d)
-    book = load_workbook(root, d.labels, d.workbook, job_cats, normalize=level)
+    book = load_workbook(
+        root, d.labels, d.workbook, job_cats, normalize=level, cache_dir=workbook_cache_dir(cfg)
+    )
     results = [
         load_category(
             root,

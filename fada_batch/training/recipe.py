@@ -34,7 +34,7 @@ import torch
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
 from fada_batch.data.categories import Category, get_category, with_aliases
 from fada_batch.data.dataset import has_labels
-from fada_batch.data.samples import CategorySamples, DataError, prepare_data
+from fada_batch.data.samples import CategorySamples, DataError, prepare_data, workbook_cache_dir
 from fada_batch.fsutil import (
     JobProbe,
     atomic_dir,
@@ -236,7 +236,11 @@ def train_category(
 
     d = cfg.data
     if not has_labels(
-        Path(d.root), with_aliases(category, d.category_aliases), labels=d.labels, workbook=d.workbook
+        Path(d.root),
+        with_aliases(category, d.category_aliases),
+        labels=d.labels,
+        workbook=d.workbook,
+        cache_dir=workbook_cache_dir(cfg),
     ):
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
