@@ -411,23 +411,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from fada_batch.run.collect import collect
+    from dataclasses import asdict
+
+    from fada_batch.run.collect import LabelSource, collect
     from fada_batch.run.report import text_table, write_report
     from fada_batch.run.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
         return EXIT_USAGE
-    cats, data_root, root = None, None, Path(args.outputs) if args.outputs else None
+    cats, labels, root = None, None, Path(args.outputs) if args.outputs else None
     if args.job:
         cfg = _load(args)
-        cats, data_root = _job_categories(cfg), Path(cfg.data.root)
         root = root or Path(cfg.output.root)
+        cats, labels = _job_categories(cfg), LabelSource.from_data(asdict(cfg.data), root)
     try:
         result = collect(
             root,
             categories=cats,
-            data_root=data_root,
+            labels=labels,
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
             job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)

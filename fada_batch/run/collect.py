@@ -23,8 +23,9 @@ Category states (`CategoryResult.state`):
   (`stop_reason`). Needs attention: `resume` holds the command that resumes it.
 - `failed`: training raised; `error_tail` holds the end of the error.
 - `invalid_data`: the data checks blocked training (counts as failed).
-- `awaiting_labels`: the category has no label sheet yet (from its summary, or from the
-  data root when it never ran).
+- `awaiting_labels`: the category has no labels yet (from its summary; or, when it never
+  ran, from the job's labels as `LabelSource` reads them: no sheet of its own, or no row
+  in the master workbook).
 - `not_started`: asked for, but there is no summary.
 - `unreadable`: the summary is corrupt or has an unknown status (named in `problems`).
 """
@@ -41,7 +42,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fada_batch.data.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.data.categories import (
+    CATEGORIES,
+    DEFAULT_WORKBOOK,
+    LABELS_DIR,
+    Category,
+    find_sheet,
+    get_category,
+    with_aliases,
+)
+from fada_batch.data.problems import has_errors
+from fada_batch.data.workbook import Workbook, read_workbook, resolve_labels_form
+from fada_batch.data.workbook_cache import CACHE_DIRNAME
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
 from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
@@ -576,12 +588,70 @@ def _status_now(folder: Path) -> str | None:
     return summary.get("status") if isinstance(summary, dict) else None
 
 
+def _cache_dir(output_root: Path) -> Path | None:
+    """The run's workbook cache, when the output root is there."""
+    return output_root / CACHE_DIRNAME if output_root.is_dir() else None
+
+
+@dataclass
+class LabelSource:
+    """Where the job reads its labels (`data.root`, `data.labels`, `data.workbook`,
+    `data.category_aliases`): tells a category that never ran "awaiting labels" (no sheet, or
+    no row in the master workbook) from "not started". The workbook is read once, on the first
+    question (from the run's cache when the output root holds it)."""
+
+    data_root: Path
+    labels: str = "auto"  # auto | per_category | workbook, as data.labels
+    workbook: str = DEFAULT_WORKBOOK  # data.workbook
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # data.category_aliases
+    cache_dir: Path | None = None  # the run's workbook cache (workbook_cache.CACHE_DIRNAME)
+    _books: dict[str, Workbook | None] = field(default_factory=dict, repr=False)  # per category
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], output_root: Path | None = None) -> LabelSource | None:
+        """From a job's `data` section as a mapping (None without a `root`)."""
+        if not isinstance(data.get("root"), str):
+            return None
+        cache = _cache_dir(output_root) if output_root is not None else None
+        aliases = {
+            str(k): [str(a) for a in v]
+            for k, v in _dict(data.get("category_aliases")).items()
+            if isinstance(v, list)
+        }
+        return cls(
+            Path(data["root"]),
+            labels=str(data.get("labels") or "auto"),
+            workbook=str(data.get("workbook") or DEFAULT_WORKBOOK),
+            aliases=aliases,
+            cache_dir=cache,
+        )
+
+    def labelled(self, category: Category) -> tuple[bool | None, str]:
+        """(whether `category` has labels, where they were looked for): None when that cannot
+        be told here (no label folder, a missing or broken workbook)."""
+        path = resolve_labels_form(self.data_root, self.labels, self.workbook)
+        if path is None:
+            folder = self.data_root / LABELS_DIR
+            if not folder.is_dir():
+                return None, str(folder)
+            return find_sheet(self.data_root, category) is not None, f"no label sheet in {folder}"
+        if not path.is_file():
+            return None, str(path)
+        if category.name not in self._books:
+            book = read_workbook(path, [with_aliases(category, self.aliases)], cache_dir=self.cache_dir)
+            self._books[category.name] = None if has_errors(book.problems) else book
+        book = self._books[category.name]
+        if book is None:
+            return None, str(path)
+        return book.sheet_for(category) is not None, f"no rows in the master workbook {path}"
+
+
 def collect_category(
     category: Category,
     folder: Path,
     *,
     requested: bool,
-    data_root: Path | None,
+    labels: LabelSource | None,
     problems: list[str],
     finished: bool = False,
     now: float | None = None,
@@ -603,10 +673,10 @@ def collect_category(
     r.eval, r.eval_source = _read_eval(folder, summary, problems)
     status = summary.get("status") if summary is not None else None
     if summary is None:
-        labels = data_root / LABELS_DIR if data_root is not None else None
-        if labels is not None and labels.is_dir() and find_sheet(data_root, category) is None:
+        has, where = labels.labelled(category) if labels is not None else (None, "")
+        if has is False:
             r.state = "awaiting_labels"
-            r.detail = f"no label sheet in {labels}"
+            r.detail = where
             return r
         _fill_from_checkpoint(r, folder, problems)
         if r.last_checkpoint:
@@ -625,7 +695,7 @@ def collect_category(
                 category,
                 folder,
                 requested=requested,
-                data_root=data_root,
+                labels=labels,
                 problems=problems,
                 finished=finished,
                 now=now,
@@ -640,8 +710,8 @@ def collect_category(
     elif status == "awaiting_labels":
         r.state = "awaiting_labels"
         r.detail = r.message or "no label sheet yet"
-        if data_root is not None and find_sheet(data_root, category) is not None:
-            r.detail += "; a sheet is there now: rerun to train"
+        if labels is not None and labels.labelled(category)[0]:
+            r.detail += "; labels are there now: rerun to train"
     if r.state in ("incomplete", "stopped", "failed"):
         r.resume = resume_command(category, folder, folder.parent, run, slurm=r.slurm_job_id is not None)
     return r
@@ -747,12 +817,14 @@ def _category_for_folder(name: str) -> Category | None:
     return None
 
 
-def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path | None, str]:
-    """Categories (and data root) from the `config.yaml` each task writes next to its results."""
+def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], LabelSource | None, str]:
+    """Categories (and where the labels are) from the `config.yaml` each task writes next to
+    its results; the labels only when every file names the same data root."""
     from fada_batch.config import safe_load_yaml
 
     names: list[str] = []
     data_roots: set[str] = set()
+    sections: list[dict[str, Any]] = []
     for cfg_path in sorted(output_root.glob("blip2_*/config.yaml")):
         try:
             raw = safe_load_yaml(cfg_path.read_text())
@@ -768,6 +840,7 @@ def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path 
                     names.append(name)
         if isinstance(data.get("root"), str):
             data_roots.add(data["root"])
+            sections.append(data)
     found = [c.name for c in CATEGORIES if (output_root / c.output_dirname).is_dir()]
     if names:
         order = [c.name for c in CATEGORIES if c.name in set(names) | set(found)]
@@ -775,8 +848,8 @@ def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path 
     else:
         order = found
         source = "the category folders found"
-    data_root = Path(next(iter(data_roots))) if len(data_roots) == 1 else None
-    return order, data_root, source
+    labels = LabelSource.from_data(sections[0], output_root) if len(data_roots) == 1 else None
+    return order, labels, source
 
 
 def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
@@ -831,6 +904,7 @@ def collect(
     *,
     categories: list[str] | None = None,
     data_root: Path | None = None,
+    labels: LabelSource | None = None,
     compare: Path | None = None,
     finished: bool = False,
     job_probe: JobProbe | None = None,
@@ -842,7 +916,10 @@ def collect(
         categories: the categories the job asked for (names or aliases). None: those named by
             the `config.yaml` files under the root, else every category folder found.
         data_root: the job's `data.root`; tells "awaiting labels" from "not started" for a
-            category that never ran. None: taken from the folders' config.yaml when they agree.
+            category that never ran (per-category sheets, or the default master workbook).
+            None: taken from the folders' config.yaml when they agree.
+        labels: where the job reads its labels (`LabelSource.from_data(cfg.data)`): the
+            master workbook and the job's aliases too; wins over `data_root`.
         compare: another output root to compare with (its categories inferred).
         finished: the tasks are known to be over (a collector that runs after the array):
             a category that has not completed is `stopped` (needs attention, exit non-zero).
@@ -860,9 +937,11 @@ def collect(
     """
     output_root = Path(output_root)
     problems: list[str] = _check_root(output_root, has_categories=categories is not None)
+    if labels is None and data_root is not None:
+        labels = LabelSource(Path(data_root), cache_dir=_cache_dir(output_root))
     if categories is None:
-        names, inferred_root, source = _infer_job(output_root, problems)
-        data_root = data_root if data_root is not None else inferred_root
+        names, inferred, source = _infer_job(output_root, problems)
+        labels = labels if labels is not None else inferred
     else:
         names = list(dict.fromkeys(get_category(n).name for n in categories))
         source = "the job"
@@ -873,7 +952,7 @@ def collect(
             get_category(n),
             output_root / get_category(n).output_dirname,
             requested=True,
-            data_root=data_root,
+            labels=labels,
             problems=problems,
             finished=finished,
             now=now,

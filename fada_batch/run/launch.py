@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
             shows FAILED).
     """
     from fada_batch.logsetup import setup_logging
-    from fada_batch.run.collect import collect
+    from fada_batch.run.collect import LabelSource, collect
     from fada_batch.run.slurmjobs import job_phase
 
     setup_logging()
@@ -228,7 +228,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
     result = collect(
         Path(cfg.output.root),
         categories=categories,
-        data_root=Path(cfg.data.root),
+        labels=LabelSource.from_data(asdict(cfg.data), Path(cfg.output.root)),
         finished=True,
         job_probe=job_phase,
     )
@@ -555,11 +555,10 @@ def _run_here(
             first = str(e).strip().splitlines()
             print(f"{name}: failed: {first[-1] if first else e}", file=out, flush=True)
         print(f"{name}: {outcome[name]} in {time.time() - t0:.1f} s", file=out, flush=True)
-    from fada_batch.run.collect import collect
+    from fada_batch.run.collect import LabelSource, collect
 
-    result = collect(
-        plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), finished=True
-    )
+    labels = LabelSource.from_data(asdict(cfg.data), plan.output_root)
+    result = collect(plan.output_root, categories=plan.requested, labels=labels, finished=True)
     written = result.write_report()
     print(result.text(), file=out, flush=True)
     print(f"report: {written.get('md')}", file=out, flush=True)
