@@ -289,9 +289,7 @@ def _load(args: argparse.Namespace):
 
 
 def _job_categories(cfg) -> list[str]:
-    from fada_batch.data.categories import get_category
-
-    return [get_category(c).name for c in cfg.data.categories]
+    return [cfg.data.category(c).name for c in cfg.data.categories]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -420,16 +418,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
         return EXIT_USAGE
-    cats, labels, root = None, None, Path(args.outputs) if args.outputs else None
+    cats, labels, table, root = None, None, None, Path(args.outputs) if args.outputs else None
     if args.job:
         cfg = _load(args)
         root = root or Path(cfg.output.root)
         cats, labels = _job_categories(cfg), LabelSource.from_data(asdict(cfg.data), root)
+        table = cfg.data.table()
     try:
         result = collect(
             root,
             categories=cats,
             labels=labels,
+            table=table,
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
             job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)

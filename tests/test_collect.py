@@ -574,10 +574,10 @@ def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys):
         f"no rows in the master workbook {data / 'Fetal Ultrasound Annotations Final.xlsx'}",
     )
     assert states["Cervix"][0] == "awaiting_labels"
-    # the job's alias gives Aorta its row
+    # the job's alias (its category table) gives Aorta its row
     cfg.data.category_aliases = {"Aorta": ["Aortic view"]}
     labels = LabelSource.from_data(asdict(cfg.data), out)
-    (aorta,) = collect(out, categories=["Aorta"], labels=labels).categories
+    (aorta,) = collect(out, categories=["Aorta"], labels=labels, table=cfg.data.table()).categories
     assert aorta.state == "not_started"
     # a data root alone (the default workbook, auto) reads the workbook too
     (aorta,) = collect(out, categories=["Aorta"], data_root=data).categories

@@ -127,6 +127,7 @@ class CategoryData:
         """A JSON-ready summary (paths as strings); records only when asked (large)."""
         out: dict[str, object] = {
             "category": self.category.name,
+            "display": self.category.display_name,
             "status": self.status,
             "sheet_path": None if self.sheet_path is None else str(self.sheet_path),
             "image_dir": None if self.image_dir is None else str(self.image_dir),

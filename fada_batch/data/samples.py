@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig, normalize_level
-from fada_batch.data.categories import Category, with_aliases
+from fada_batch.data.categories import Category
 from fada_batch.data.dataset import load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.split import Split, make_split, read_split, write_split
@@ -126,7 +126,7 @@ def prepare_data(
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
     d = cfg.data
-    category = with_aliases(category, d.category_aliases)
+    category = d.category(category.name)  # with the job's aliases, folder and display name
     level = normalize_level(d)
     # this category's rows only: the others' are no concern of its task
     book = load_workbook(

@@ -16,8 +16,6 @@ from fada_batch.data.categories import (
     LABELS_DIR,
     SHEET_SUFFIX,
     Category,
-    get_category,
-    with_aliases,
 )
 from fada_batch.data.dataset import CategoryData, load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
@@ -148,8 +146,8 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         UnknownCategoryError: a requested name is neither a category nor an alias.
     """
     names = categories if categories is not None else list(cfg.data.categories)
-    extra = cfg.data.category_aliases
-    cats = [with_aliases(get_category(n.strip()), extra) for n in names]
+    table = cfg.data.table()
+    cats = [table.get(n.strip()) for n in names]
     root = Path(cfg.data.root)
     wb_path = resolve_labels_form(root, cfg.data.labels, cfg.data.workbook)
     has_book = wb_path is not None and wb_path.is_file()
@@ -157,7 +155,7 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         # one message, not one "data root not found" per category
         results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
         return Preflight(results, data_root=root, no_data=no_data)
-    job_cats = list(dict.fromkeys(with_aliases(get_category(n.strip()), extra) for n in cfg.data.categories))
+    job_cats = list(dict.fromkeys(table.get(n.strip()) for n in cfg.data.categories))
     d = cfg.data
     level = normalize_level(d)
     book = load_workbook(
@@ -177,7 +175,7 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
     _check_split_file(cfg, results)
     if book is None:
         return Preflight(results, data_root=root)
-    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
+    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book, table)
     return Preflight(results, data_root=root, workbook=book.path, workbook_problems=extra)
 
 
@@ -235,7 +233,9 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
     for d in pf.results:
         s = d.stats
         per_q = " ".join(str(n) for n in s.qa_pairs_per_question) if d.status != "awaiting_labels" else ""
-        lines.append(f"{d.category.name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
+        c = d.category
+        name = f"{c.name} ({c.display})" if c.display and c.display != c.name else c.name
+        lines.append(f"{name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
         if d.status == "awaiting_labels":
             where = "no rows in" if pf.workbook is not None else "no sheet yet (expected"
             lines.append(f"    {where} {d.expected_sheet}{'' if pf.workbook is not None else ')'}")

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fada_batch.data.categories import (
-    CATEGORY_NAMES,
+    DEFAULT_TABLE,
     LABELS_DIR,
     SHEET_SUFFIX,
     Category,
+    CategoryTable,
     UnknownCategoryError,
     category_key,
-    get_category,
 )
 from fada_batch.data.problems import Problem, make_problem, shorten
 from fada_batch.data.sheets import Cell, Sheet, find_header, header_key, parse_rows
@@ -189,16 +189,19 @@ def _split_rows(
     logger.debug("%s: %d rows in %d categories", book.path, book.rows_read, len(groups))
 
 
-def unknown_category_problems(book: Workbook) -> list[Problem]:
-    """One warning per workbook category that the job does not list (its rows unused)."""
+def unknown_category_problems(book: Workbook, table: CategoryTable = DEFAULT_TABLE) -> list[Problem]:
+    """One warning per workbook category that the job does not list (its rows unused);
+    `table`: the job's categories (`DataConfig.table`)."""
     problems = []
     for value, n in sorted(book.not_in_job.items()):
         try:
-            known = get_category(value).name
+            known = table.get(value).name
         except UnknownCategoryError:
             fix = (
-                f"{value!r} is no known category or alias: correct it in 'Folder Name', or name its category in data.category_aliases (known: "
-                f"{', '.join(CATEGORY_NAMES)}); nothing if these rows are meant to stay out."
+                f"{value!r} is no known category or alias: correct it in 'Folder Name', name its "
+                f"category in data.category_aliases (known: {', '.join(table.names)}), or add it as "
+                f"a category of its own with data.category_table: {{{value}: {{display: ...}}}} and "
+                "list it in data.categories; nothing if these rows are meant to stay out."
             )
         else:
             fix = f"add {known!r} to data.categories to train it; nothing if it is meant to stay out."

@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.data.categories import (
-    CATEGORIES,
+    DEFAULT_TABLE,
     DEFAULT_WORKBOOK,
     LABELS_DIR,
     Category,
+    CategoryTable,
+    build_table,
     find_sheet,
-    get_category,
-    with_aliases,
 )
 from fada_batch.data.problems import has_errors
 from fada_batch.data.workbook import Workbook, read_workbook, resolve_labels_form
@@ -97,6 +97,7 @@ class CategoryResult:
     category: str
     folder: str
     state: str  # one of STATES
+    display: str = ""  # the name people see (data.category_table display), "" = `category`
     detail: str = ""  # one line for people: why this state, what to do
     requested: bool = True  # the job asked for it
     summary_status: str | None = None  # the raw `status` of the summary
@@ -595,15 +596,15 @@ def _cache_dir(output_root: Path) -> Path | None:
 
 @dataclass
 class LabelSource:
-    """Where the job reads its labels (`data.root`, `data.labels`, `data.workbook`,
-    `data.category_aliases`): tells a category that never ran "awaiting labels" (no sheet, or
-    no row in the master workbook) from "not started". The workbook is read once, on the first
-    question (from the run's cache when the output root holds it)."""
+    """Where the job reads its labels (`data.root`, `data.labels`, `data.workbook`): tells a
+    category that never ran "awaiting labels" (no sheet, or no row in the master workbook)
+    from "not started". Categories come from the job's table (`DataConfig.table`), with its
+    aliases. The workbook is read once per category (from the run's cache when the output
+    root holds it)."""
 
     data_root: Path
     labels: str = "auto"  # auto | per_category | workbook, as data.labels
     workbook: str = DEFAULT_WORKBOOK  # data.workbook
-    aliases: dict[str, list[str]] = field(default_factory=dict)  # data.category_aliases
     cache_dir: Path | None = None  # the run's workbook cache (workbook_cache.CACHE_DIRNAME)
     _books: dict[str, Workbook | None] = field(default_factory=dict, repr=False)  # per category
 
@@ -613,16 +614,10 @@ class LabelSource:
         if not isinstance(data.get("root"), str):
             return None
         cache = _cache_dir(output_root) if output_root is not None else None
-        aliases = {
-            str(k): [str(a) for a in v]
-            for k, v in _dict(data.get("category_aliases")).items()
-            if isinstance(v, list)
-        }
         return cls(
             Path(data["root"]),
             labels=str(data.get("labels") or "auto"),
             workbook=str(data.get("workbook") or DEFAULT_WORKBOOK),
-            aliases=aliases,
             cache_dir=cache,
         )
 
@@ -638,7 +633,7 @@ class LabelSource:
         if not path.is_file():
             return None, str(path)
         if category.name not in self._books:
-            book = read_workbook(path, [with_aliases(category, self.aliases)], cache_dir=self.cache_dir)
+            book = read_workbook(path, [category], cache_dir=self.cache_dir)
             self._books[category.name] = None if has_errors(book.problems) else book
         book = self._books[category.name]
         if book is None:
@@ -666,7 +661,13 @@ def collect_category(
         run: the output root's submission record (task ids, executor, job file).
     """
     run = run or RunInfo()
-    r = CategoryResult(category=category.name, folder=str(folder), state="not_started", requested=requested)
+    r = CategoryResult(
+        category=category.name,
+        folder=str(folder),
+        state="not_started",
+        requested=requested,
+        display=category.display if category.display != category.name else "",
+    )
     summary, readable = _read(r, folder, problems)
     if not readable:
         return r
@@ -810,46 +811,56 @@ def _unfinished(
 # --------------------------------------------------------------------------------- the run
 
 
-def _category_for_folder(name: str) -> Category | None:
-    for c in CATEGORIES:
-        if c.output_dirname == name:
-            return c
-    return None
+def table_from_data(data: dict[str, Any]) -> CategoryTable:
+    """The job's category table from its `data` section as a mapping (a task's config.yaml);
+    the defaults when it names none or it cannot be built."""
+    entries = {str(k): _dict(v) for k, v in _dict(data.get("category_table")).items()}
+    aliases = {
+        str(k): [str(a) for a in v]
+        for k, v in _dict(data.get("category_aliases")).items()
+        if isinstance(v, list)
+    }
+    try:
+        table, problems = build_table(entries, aliases)
+    except Exception:  # a hand-edited config.yaml: the defaults still read the folders
+        return DEFAULT_TABLE
+    return DEFAULT_TABLE if problems else table
 
 
-def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], LabelSource | None, str]:
-    """Categories (and where the labels are) from the `config.yaml` each task writes next to
-    its results; the labels only when every file names the same data root."""
+def _infer_job(
+    output_root: Path, problems: list[str]
+) -> tuple[list[str], LabelSource | None, str, CategoryTable]:
+    """Categories, where the labels are and the job's category table, from the `config.yaml`
+    each task writes next to its results; the labels only when every file names the same
+    data root."""
     from fada_batch.config import safe_load_yaml
 
-    names: list[str] = []
-    data_roots: set[str] = set()
     sections: list[dict[str, Any]] = []
     for cfg_path in sorted(output_root.glob("blip2_*/config.yaml")):
         try:
-            raw = safe_load_yaml(cfg_path.read_text())
-            data = _dict(_dict(raw).get("data"))
+            sections.append(_dict(_dict(safe_load_yaml(cfg_path.read_text())).get("data")))
         except Exception as e:  # any YAML error: this file just does not help
             problems.append(f"{cfg_path} cannot be read ({type(e).__name__}); ignored")
-            continue
+    table = table_from_data(sections[0]) if sections else DEFAULT_TABLE
+    names: list[str] = []
+    for data in sections:
         listed = data.get("categories")
         for n in listed if isinstance(listed, list) else []:
             with contextlib.suppress(Exception):
-                name = get_category(str(n)).name
+                name = table.get(str(n)).name
                 if name not in names:
                     names.append(name)
-        if isinstance(data.get("root"), str):
-            data_roots.add(data["root"])
-            sections.append(data)
-    found = [c.name for c in CATEGORIES if (output_root / c.output_dirname).is_dir()]
+    found = [c.name for c in table if (output_root / c.output_dirname).is_dir()]
     if names:
-        order = [c.name for c in CATEGORIES if c.name in set(names) | set(found)]
+        order = [c.name for c in table if c.name in set(names) | set(found)]
         source = "the config.yaml files in the category folders"
     else:
         order = found
         source = "the category folders found"
-    labels = LabelSource.from_data(sections[0], output_root) if len(data_roots) == 1 else None
-    return order, labels, source
+    rooted = [d for d in sections if isinstance(d.get("root"), str)]
+    same_root = len({d["root"] for d in rooted}) == 1
+    labels = LabelSource.from_data(rooted[0], output_root) if same_root else None
+    return order, labels, source, table
 
 
 def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
@@ -905,6 +916,7 @@ def collect(
     categories: list[str] | None = None,
     data_root: Path | None = None,
     labels: LabelSource | None = None,
+    table: CategoryTable | None = None,
     compare: Path | None = None,
     finished: bool = False,
     job_probe: JobProbe | None = None,
@@ -919,7 +931,9 @@ def collect(
             category that never ran (per-category sheets, or the default master workbook).
             None: taken from the folders' config.yaml when they agree.
         labels: where the job reads its labels (`LabelSource.from_data(cfg.data)`): the
-            master workbook and the job's aliases too; wins over `data_root`.
+            master workbook too; wins over `data_root`.
+        table: the job's categories (`DataConfig.table`: its own categories, aliases and
+            display names). None: from the folders' config.yaml, else the 14 defaults.
         compare: another output root to compare with (its categories inferred).
         finished: the tasks are known to be over (a collector that runs after the array):
             a category that has not completed is `stopped` (needs attention, exit non-zero).
@@ -940,17 +954,17 @@ def collect(
     if labels is None and data_root is not None:
         labels = LabelSource(Path(data_root), cache_dir=_cache_dir(output_root))
     if categories is None:
-        names, inferred, source = _infer_job(output_root, problems)
-        labels = labels if labels is not None else inferred
+        names, inferred, source, found_table = _infer_job(output_root, problems)
+        labels, table = labels or inferred, table or found_table
     else:
-        names = list(dict.fromkeys(get_category(n).name for n in categories))
-        source = "the job"
+        table = table or DEFAULT_TABLE
+        names, source = list(dict.fromkeys(table.get(n).name for n in categories)), "the job"
     now = time.time()
     run = read_run_info(output_root, problems)
     results = [
         collect_category(
-            get_category(n),
-            output_root / get_category(n).output_dirname,
+            table.get(n),
+            output_root / table.get(n).output_dirname,
             requested=True,
             labels=labels,
             problems=problems,
@@ -961,7 +975,7 @@ def collect(
         )
         for n in names
     ]
-    problems += _folders_left_out(output_root, names)
+    problems += _folders_left_out(output_root, names, table)
     result = CollectResult(
         output_root=str(output_root),
         generated=now_iso(),
@@ -993,13 +1007,13 @@ def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
     return [f"output root {output_root} does not exist yet: no task has started"]
 
 
-def _folders_left_out(output_root: Path, names: list[str]) -> list[str]:
+def _folders_left_out(output_root: Path, names: list[str], table: CategoryTable) -> list[str]:
     """A problem for each `blip2_*` folder that is no category, or not one asked for."""
     problems = []
     for p in sorted(output_root.glob("blip2_*")):
         if not p.is_dir():
             continue
-        cat = _category_for_folder(p.name)
+        cat = table.for_folder(p.name)
         if cat is None:
             problems.append(f"{p} does not belong to any category; ignored")
         elif cat.name not in names:
@@ -1032,7 +1046,9 @@ def compare_runs(this: CollectResult, other: CollectResult) -> dict[str, Any]:
     """Side by side: per category, this run's value, the other's and the change (this - other)."""
     mine = {c.category: c for c in this.categories}
     theirs = {c.category: c for c in other.categories}
-    order = [c.name for c in CATEGORIES if c.name in mine or c.name in theirs]
+    seen = list(dict.fromkeys([*mine, *theirs]))
+    defaults = DEFAULT_TABLE.names  # the defaults in their order, then the jobs' own
+    order = sorted(seen, key=lambda n: (defaults.index(n) if n in defaults else len(defaults), seen.index(n)))
     rows = []
     for name in order:
         a, b = mine.get(name), theirs.get(name)

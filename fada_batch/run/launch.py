@@ -120,11 +120,11 @@ class TrainTask(submitit.helpers.Checkpointable):
             requeue.RequeueError: the requeue could not happen (summary: failed, requeue_failed).
             SystemExit: requeued (submitit's exit after a requeue).
         """
-        from fada_batch.data.categories import get_category
         from fada_batch.training.outputs import category_output_dir
 
-        out_dir = category_output_dir(cfg, get_category(category))
-        resume = requeue.resume_hint(cfg.name, get_category(category).name, checkpoint)
+        cat = cfg.data.category(category)
+        out_dir = category_output_dir(cfg, cat)
+        resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
         if self._signum == signal.SIGTERM:
             requeue.record_stop(
                 out_dir,
@@ -229,6 +229,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
         Path(cfg.output.root),
         categories=categories,
         labels=LabelSource.from_data(asdict(cfg.data), Path(cfg.output.root)),
+        table=cfg.data.table(),
         finished=True,
         job_probe=job_phase,
     )
@@ -558,7 +559,9 @@ def _run_here(
     from fada_batch.run.collect import LabelSource, collect
 
     labels = LabelSource.from_data(asdict(cfg.data), plan.output_root)
-    result = collect(plan.output_root, categories=plan.requested, labels=labels, finished=True)
+    result = collect(
+        plan.output_root, categories=plan.requested, labels=labels, table=cfg.data.table(), finished=True
+    )
     written = result.write_report()
     print(result.text(), file=out, flush=True)
     print(f"report: {written.get('md')}", file=out, flush=True)
