@@ -548,9 +548,10 @@ def test_any_summary_never_crashes_the_report(tmp_path, summary, metrics):
     render_html(collected, make_plots(collected))
 
 
-def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys):
+def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys, monkeypatch):
     """A workbook job: a listed category that never ran and has no row in the master workbook
     awaits labels; one with rows is not started; the job's aliases count; the CLI passes it on."""
+    import fada_batch.run.collect as collect_mod
     from fada_batch.config import config_from_dict
     from fada_batch.run.collect import LabelSource
     from tests.test_workbook import ANSWERS, make_master
@@ -566,7 +567,13 @@ def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys):
         }
     )
     labels = LabelSource.from_data(asdict(cfg.data), out)
+    reads = []
+    real_read = collect_mod.read_workbook
+    monkeypatch.setattr(
+        collect_mod, "read_workbook", lambda *a, **k: reads.append(a[1]) or real_read(*a, **k)
+    )
     result = collect(out, categories=["Femur", "Aorta", "Cervix"], labels=labels)
+    assert [[c.name for c in cats] for cats in reads] == [["Femur", "Aorta", "Cervix"]]  # read once for all
     states = {c.category: (c.state, c.detail) for c in result.categories}
     assert states["Femur"][0] == "not_started"
     assert states["Aorta"] == (

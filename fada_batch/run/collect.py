@@ -599,14 +599,19 @@ class LabelSource:
     """Where the job reads its labels (`data.root`, `data.labels`, `data.workbook`): tells a
     category that never ran "awaiting labels" (no sheet, or no row in the master workbook)
     from "not started". Categories come from the job's table (`DataConfig.table`), with its
-    aliases. The workbook is read once per category (from the run's cache when the output
-    root holds it)."""
+    aliases. The workbook is read once, for every category `expect` named, on the first
+    question (from the run's cache when the output root holds it)."""
 
     data_root: Path
     labels: str = "auto"  # auto | per_category | workbook, as data.labels
     workbook: str = DEFAULT_WORKBOOK  # data.workbook
     cache_dir: Path | None = None  # the run's workbook cache (workbook_cache.CACHE_DIRNAME)
     _books: dict[str, Workbook | None] = field(default_factory=dict, repr=False)  # per category
+    _expected: list[Category] = field(default_factory=list, repr=False)
+
+    def expect(self, categories: list[Category]) -> None:
+        """The categories that will be asked about: one read of the workbook serves them all."""
+        self._expected = list(categories)
 
     @classmethod
     def from_data(cls, data: dict[str, Any], output_root: Path | None = None) -> LabelSource | None:
@@ -633,8 +638,10 @@ class LabelSource:
         if not path.is_file():
             return None, str(path)
         if category.name not in self._books:
-            book = read_workbook(path, [category], cache_dir=self.cache_dir)
-            self._books[category.name] = None if has_errors(book.problems) else book
+            cats = [*(c for c in self._expected if c.name not in self._books), category]
+            book = read_workbook(path, list(dict.fromkeys(cats)), cache_dir=self.cache_dir)
+            for c in cats:
+                self._books[c.name] = None if has_errors(book.problems) else book
         book = self._books[category.name]
         if book is None:
             return None, str(path)
@@ -951,14 +958,7 @@ def collect(
     """
     output_root = Path(output_root)
     problems: list[str] = _check_root(output_root, has_categories=categories is not None)
-    if labels is None and data_root is not None:
-        labels = LabelSource(Path(data_root), cache_dir=_cache_dir(output_root))
-    if categories is None:
-        names, inferred, source, found_table = _infer_job(output_root, problems)
-        labels, table = labels or inferred, table or found_table
-    else:
-        table = table or DEFAULT_TABLE
-        names, source = list(dict.fromkeys(table.get(n).name for n in categories)), "the job"
+    names, labels, table, source = _the_job(output_root, categories, data_root, labels, table, problems)
     now = time.time()
     run = read_run_info(output_root, problems)
     results = [
@@ -989,6 +989,29 @@ def collect(
         other = collect(Path(compare), categories=None, finished=finished)
         result.compare = compare_runs(result, other)
     return result
+
+
+def _the_job(
+    output_root: Path,
+    categories: list[str] | None,
+    data_root: Path | None,
+    labels: LabelSource | None,
+    table: CategoryTable | None,
+    problems: list[str],
+) -> tuple[list[str], LabelSource | None, CategoryTable, str]:
+    """The categories to collect (canonical names), where their labels are, the job's table,
+    and where the names came from: `collect`'s arguments, else the tasks' config.yaml."""
+    if labels is None and data_root is not None:
+        labels = LabelSource(Path(data_root), cache_dir=_cache_dir(output_root))
+    if categories is None:
+        names, inferred, source, found_table = _infer_job(output_root, problems)
+        labels, table = labels or inferred, table or found_table
+    else:
+        table = table or DEFAULT_TABLE
+        names, source = list(dict.fromkeys(table.get(n).name for n in categories)), "the job"
+    if labels is not None:
+        labels.expect([table.get(n) for n in names])
+    return names, labels, table, source
 
 
 def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
