@@ -68,6 +68,13 @@ def test_a_changed_workbook_is_read_again(tmp_path: Path) -> None:
     after = read_workbook(path, [femur], cache_dir=cache).sheet_for(femur)
     assert after is not None and after.rows[0].answers[1] == "breech!!"
     assert len(list(cache.iterdir())) == 2
+    # edited again and again: the newest entries stay, this version's among them
+    for i in range(3):
+        wb.active.cell(row=2, column=4).value = f"version {i}"
+        wb.save(path)
+        read_workbook(path, [femur], cache_dir=cache)
+    assert len(list(cache.iterdir())) == workbook_cache.KEEP_ENTRIES
+    assert (cache / f"{workbook_cache.file_sha256(path)}.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ worksheet once and keeps its cell values in a cache folder (the job's
 copied-back workbook never matches a stale entry, whatever its size or modification time
 say. A cache file is written whole or not at all (temp file, then rename); one that cannot
 be read, or that does not hold what its name says, is ignored and rewritten. A cache folder
-that cannot be written (a read-only output root) only costs the speed.
+that cannot be written (a read-only output root) only costs the speed. The three newest
+entries are kept (earlier versions of an edited workbook go).
 
 JSON, not pickle: the cache lives in a shared folder, and loading a pickle someone else
 wrote there would run their code.
@@ -16,6 +17,7 @@ wrote there would run their code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -29,6 +31,7 @@ from fada_batch.fsutil import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the stored shape or the reading of cells changes
+KEEP_ENTRIES = 3  # entries kept per cache folder (the newest): a workbook edited N times leaves 3
 CACHE_DIRNAME = ".cache/workbook"  # under output.root
 
 _TIME_TYPES: dict[str, Any] = {
@@ -119,4 +122,18 @@ def first_worksheet(path: Path, cache_dir: Path | None = None) -> tuple[str, lis
         atomic_write_text(cache_file, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
     except (OSError, TypeError) as e:  # a read-only output root, an odd cell: only slower
         logger.info("%s: not cached in %s (%s)", path, cache_dir, e)
+    else:
+        _prune(Path(cache_dir))
     return title, rows
+
+
+def _prune(cache_dir: Path) -> None:
+    """Keep the `KEEP_ENTRIES` newest entries (earlier versions of the workbook). A task
+    reading an entry removed meanwhile still reads it (POSIX), or else reads the workbook."""
+    try:
+        entries = sorted(cache_dir.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    except OSError:  # an entry removed while listed: next time
+        return
+    for old in entries[KEEP_ENTRIES:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
