@@ -131,7 +131,9 @@ def test_new_category_is_validated_and_split_from_the_workbook(tmp_path: Path) -
     cs = prepare_data(cfg, cfg.data.category("Kidney"), out, resuming=False)
     assert len(cs.split.images()) == 4 and (out / "split.json").is_file()
     # a job that does not define it: its rows are reported, with the way to add it
-    plain = config_from_dict({"data": {"root": str(tmp_path), "categories": ["Femur"]}})
+    plain = config_from_dict(
+        {"data": {"root": str(tmp_path), "categories": ["Femur"]}, "output": {"root": str(tmp_path / "o")}}
+    )
     (problem,) = preflight(plain).workbook_problems
     assert problem.value == "Renal" and "data.category_table: {Renal: {display: ...}}" in problem.message
 

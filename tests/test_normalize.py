@@ -181,7 +181,10 @@ def test_training_samples_and_summary_use_the_normalised_answers(tmp_path: Path)
 
     noisy_master(tmp_path)
     cfg = config_from_dict(
-        {"data": {"root": str(tmp_path), "normalize": "canonical", "categories": ["Abdomen"]}}
+        {
+            "data": {"root": str(tmp_path), "normalize": "canonical", "categories": ["Abdomen"]},
+            "output": {"root": str(tmp_path / "out")},
+        }
     )
     (tmp_path / "out").mkdir()
     cs = prepare_data(cfg, get_category("Abdomen"), tmp_path / "out", resuming=False)
