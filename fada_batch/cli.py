@@ -289,9 +289,7 @@ def _load(args: argparse.Namespace):
 
 
 def _job_categories(cfg) -> list[str]:
-    from fada_batch.data.categories import get_category
-
-    return [get_category(c).name for c in cfg.data.categories]
+    return [cfg.data.category(c).name for c in cfg.data.categories]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -411,23 +409,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from fada_batch.run.collect import collect
+    from dataclasses import asdict
+
+    from fada_batch.run.collect import LabelSource, collect
     from fada_batch.run.report import text_table, write_report
     from fada_batch.run.slurmjobs import job_phase
 
     if not args.job and not args.outputs:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
         return EXIT_USAGE
-    cats, data_root, root = None, None, Path(args.outputs) if args.outputs else None
+    cats, labels, table, root = None, None, None, Path(args.outputs) if args.outputs else None
     if args.job:
         cfg = _load(args)
-        cats, data_root = _job_categories(cfg), Path(cfg.data.root)
         root = root or Path(cfg.output.root)
+        cats, labels = _job_categories(cfg), LabelSource.from_data(asdict(cfg.data), root)
+        table = cfg.data.table()
     try:
         result = collect(
             root,
             categories=cats,
-            data_root=data_root,
+            labels=labels,
+            table=table,
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
             job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)

@@ -23,8 +23,25 @@ from typing import Any, Literal
 
 import yaml
 
-from fada_batch.data.categories import CATEGORY_NAMES, UnknownCategoryError, category_key, get_category
+from fada_batch.data.categories import (
+    CATEGORY_NAMES,
+    Category,
+    CategoryTable,
+    UnknownCategoryError,
+    build_table,
+)
 from fada_batch.text import plural
+
+
+@dataclass
+class CategoryEntry:
+    """One category of the job's own (`data.category_table`): a new one, or a default one
+    re-described. Every field is optional."""
+
+    folder: str | None = None  # image folder under `Fetal Ultrasound/`; default: the name
+    sheet: str | None = None  # sheet stem, `{sheet}_image_list.xlsx`; default: the name
+    aliases: list[str] = field(default_factory=list)  # other names: folders, sheets, `Folder Name` values
+    display: str | None = None  # the name reports and logs show ("Renal View"); default: the name
 
 
 @dataclass
@@ -53,9 +70,29 @@ class DataConfig:
     # more names per category for folders, sheets and workbook `Folder Name` values, on top of
     # the built-in aliases: {Abdomen: [Abdo, ABD]}
     category_aliases: dict[str, list[str]] = field(default_factory=dict)
+    # categories of the job's own, or the defaults re-described: name -> folder, sheet,
+    # aliases, display (each optional), e.g. {Kidney: {display: Renal View, aliases: [Renal]}};
+    # list a new one in data.categories to train it (fada_batch.data.categories.build_table)
+    category_table: dict[str, CategoryEntry] = field(default_factory=dict)
     workbook: str = "Fetal Ultrasound Annotations Final.xlsx"  # relative to data.root, or absolute
     prompt_template: str = "Question: {question} Answer:"  # BLIP-2's VQA prompt
     max_image_pixels: int = 40_000_000  # larger images are refused (decompression-bomb guard)
+
+    def table(self) -> CategoryTable:
+        """The job's categories: the defaults with `category_table` and `category_aliases`
+        (problems in them are refused when the config is built)."""
+        entries = {
+            k: asdict(v) if dataclasses.is_dataclass(v) else dict(v) for k, v in self.category_table.items()
+        }
+        return build_table(entries, self.category_aliases)[0]
+
+    def category(self, name: str) -> Category:
+        """The job's category for a name or alias.
+
+        Raises:
+            UnknownCategoryError: naming the job's categories.
+        """
+        return self.table().get(name.strip())
 
 
 @dataclass
@@ -238,6 +275,8 @@ def _coerce(value: Any, t: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a mapping, got {value!r}")
             return value
         return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if dataclasses.is_dataclass(t):
+        return _coerce_entry(value, t, key, problems)
     if t is bool:
         if not isinstance(value, bool):
             problems.append(f"{key}: expected true/false, got {value!r}")
@@ -256,6 +295,27 @@ def _coerce(value: Any, t: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported config annotation {t!r} for {key}")
+
+
+def _coerce_entry(value: Any, t: type, key: str, problems: list[str]) -> Any:
+    """A mapping inside a mapping (a `data.category_table` entry) to its dataclass; unknown
+    keys are refused with the valid ones."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(f"{key}: expected a mapping, got {value!r}")
+        return t()
+    hints = typing.get_type_hints(t)
+    valid = [f.name for f in fields(t)]
+    kwargs = {}
+    for k, v in value.items():
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key '{key}.{k}'{hint}; valid keys there: {', '.join(valid)}")
+            continue
+        kwargs[k] = _coerce(v, hints[k], f"{key}.{k}", problems)
+    return t(**kwargs)
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str], unmatched: list[str]) -> Any:
@@ -385,12 +445,7 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
         )
     if "{question}" not in d.prompt_template:
         problems.append("data.prompt_template must contain '{question}'")
-    for name in d.categories:
-        try:
-            get_category(name)
-        except UnknownCategoryError as e:
-            problems.append(f"data.categories: {e}")
-    _check_aliases(d, problems)
+    _check_categories(d, problems)
     for key, value, low in (
         ("train.num_epochs", t.num_epochs, 1),
         ("train.batch_size", t.batch_size, 1),
@@ -412,26 +467,26 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
     _check_validation_rules(cfg, problems)
 
 
-def _check_aliases(d: DataConfig, problems: list[str]) -> None:
-    """data.category_aliases: known categories, and no alias that names another category."""
-    owner: dict[str, str] = {}
-    for name, aliases in d.category_aliases.items():
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-]*$")
+
+
+def _check_categories(d: DataConfig, problems: list[str]) -> None:
+    """data.categories against the job's table; data.category_table and
+    data.category_aliases: known names, safe new names, no name given to two categories."""
+    entries = {k: asdict(v) if dataclasses.is_dataclass(v) else {} for k, v in d.category_table.items()}
+    bad = [k for k in entries if not _SAFE_NAME.match(k)]
+    for name in bad:
+        problems.append(
+            f"data.category_table: {name!r} cannot name a category (it names its output folder): "
+            "use letters, digits, spaces, '.', '_' and '-'"
+        )
+    table, found = build_table({k: v for k, v in entries.items() if k not in bad}, d.category_aliases)
+    problems.extend(found)
+    for name in d.categories:
         try:
-            cat = get_category(name)
+            table.get(name.strip())
         except UnknownCategoryError as e:
-            problems.append(f"data.category_aliases: {e}")
-            continue
-        for alias in aliases:
-            key = category_key(alias)
-            try:
-                other = get_category(alias).name
-            except UnknownCategoryError:
-                other = owner.setdefault(key, cat.name)
-            if other != cat.name:
-                problems.append(
-                    f"data.category_aliases: {alias!r} is given for {cat.name} but already names "
-                    f"{other}; remove it from one of them"
-                )
+            problems.append(f"data.categories: {e}")
 
 
 def _check_validation_rules(cfg: JobConfig, problems: list[str]) -> None:
@@ -500,6 +555,7 @@ NOT_IN_FINGERPRINT = (
     "data.root",
     "data.categories",
     "data.category_aliases.",  # how names are matched; split.json pins the images read
+    "data.category_table.",  # names, folders and display names, likewise
     "data.labels",  # where the labels are read from, like data.root: split.json pins the images
     "data.workbook",
     "data.max_image_pixels",

@@ -48,7 +48,8 @@ from fada_batch.data.categories import (
     SHEET_SUFFIX,
     get_category,
 )
-from fada_batch.data.samples import prepare_data
+from fada_batch.data.dataset import has_labels
+from fada_batch.data.samples import prepare_data, workbook_cache_dir
 from fada_batch.data.validate import preflight
 from fada_batch.data.workbook import read_workbook
 from fada_batch.tools.bench.model import BLIP2_OPT_27B
@@ -119,32 +120,54 @@ def make_workbook(root: Path, n: int, *, size: int, seed: int = 0) -> None:
     book.to_excel(root / DEFAULT_WORKBOOK, index=False, engine="openpyxl")
 
 
-def measure_workbook(root: Path) -> dict[str, Any]:
-    """Time reading the master workbook, and the pre-flight of its 14 categories."""
-    cfg = config_from_dict({"data": {"root": str(root), "normalize": "canonical"}})
-    t0 = time.perf_counter()
-    book = read_workbook(
-        root / DEFAULT_WORKBOOK, [get_category(n) for n in CATEGORY_NAMES], normalize="canonical"
+def measure_workbook(root: Path, out: Path) -> dict[str, Any]:
+    """Time reading the master workbook, the pre-flight of its 14 categories, and one
+    array task's data step, without and with the workbook cache (`{out}/.cache/workbook`)."""
+    cfg = config_from_dict(
+        {"data": {"root": str(root), "normalize": "canonical"}, "output": {"root": str(out)}}
     )
+    cats = [get_category(n) for n in CATEGORY_NAMES]
+    t0 = time.perf_counter()
+    book = read_workbook(root / DEFAULT_WORKBOOK, cats, normalize="canonical")
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pf_quick = preflight(cfg, check_images=False)
+    pf_quick = preflight(cfg, check_images=False)  # no output root yet: no cache
     t_quick = time.perf_counter() - t0
     t0 = time.perf_counter()
     pf = preflight(cfg)
     t_full = time.perf_counter() - t0
+    out.mkdir(parents=True)  # as submit does: its pre-flight fills the cache
+    t0 = time.perf_counter()
+    preflight(cfg, check_images=False)
+    t_fill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pf_cached = preflight(cfg, check_images=False)
+    t_cached = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cached = read_workbook(
+        root / DEFAULT_WORKBOOK, cats, normalize="canonical", cache_dir=workbook_cache_dir(cfg)
+    )
+    t_read_cached = time.perf_counter() - t0
+    t0 = time.perf_counter()  # one array task: has it labels, then its rows, split and samples
+    cat = get_category("Trans-thalamic")
+    assert has_labels(root, cat, cache_dir=workbook_cache_dir(cfg))
+    prepare_data(cfg, cat, out / cat.output_dirname, resuming=False)
+    t_task = time.perf_counter() - t0
     norm = pf.normalization()
     assert norm is not None
+    ok = all(len(p.ready) == len(CATEGORY_NAMES) for p in (pf, pf_quick, pf_cached))
     return {
-        "status": "ok"
-        if len(pf.ready) == len(CATEGORY_NAMES) and len(pf_quick.ready) == len(CATEGORY_NAMES)
-        else "error",
+        "status": "ok" if ok and cached.rows_read == book.rows_read else "error",
         "rows": book.rows_read,
         "categories_ready": len(pf.ready),
         "images": sum(d.stats.images_usable for d in pf.results),
         "read_workbook_s": round(t_read, 2),
+        "read_workbook_cached_s": round(t_read_cached, 2),
         "validate_no_image_decode_s": round(t_quick, 2),
         "validate_s": round(t_full, 2),
+        "validate_no_image_decode_filling_cache_s": round(t_fill, 2),
+        "validate_no_image_decode_cached_s": round(t_cached, 2),
+        "task_data_step_cached_s": round(t_task, 2),
         "unique_answers_before": sum(norm.unique_before()),
         "unique_answers_after": sum(norm.unique_after()),
         "cells_changed": dict(norm.cells_changed),
@@ -157,8 +180,12 @@ def describe_workbook(r: dict[str, Any], size: int) -> str:
             f"master workbook: {r['rows']} rows, {r['categories_ready']} of 14 categories ready, "
             f"{r['images']} images ({size} px PNG), status {r['status']}",
             f"read + split by category + normalise (canonical): {r['read_workbook_s']:.2f} s",
+            f"  the same from the workbook cache:               {r['read_workbook_cached_s']:.2f} s",
             f"pre-flight check, images found but not decoded:   {r['validate_no_image_decode_s']:.2f} s",
             f"pre-flight check, every image decoded (validate): {r['validate_s']:.2f} s",
+            f"pre-flight, not decoded, filling the cache:       {r['validate_no_image_decode_filling_cache_s']:.2f} s",
+            f"pre-flight, not decoded, from the cache:          {r['validate_no_image_decode_cached_s']:.2f} s",
+            f"one array task's data step from the cache:        {r['task_data_step_cached_s']:.2f} s",
             f"unique answers {r['unique_answers_before']} -> {r['unique_answers_after']}; cells changed {r['cells_changed']}",
         ]
     )
@@ -171,7 +198,9 @@ def feature_cache_bytes(images: int, dtype: str = "bfloat16") -> int:
 
 def measure(root: Path, out: Path) -> dict[str, Any]:
     """Time the pre-flight check and `prepare_data` on the category under `root`."""
-    cfg = config_from_dict({"data": {"root": str(root), "categories": ["Abdomen"]}})
+    cfg = config_from_dict(
+        {"data": {"root": str(root), "categories": ["Abdomen"]}, "output": {"root": str(out.parent)}}
+    )
     t0 = time.perf_counter()
     pf = preflight(cfg)
     t_validate = time.perf_counter() - t0
@@ -241,7 +270,7 @@ def _main_workbook(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         make_workbook(root, n, size=args.size)
         print(f"generated a {n}-row workbook and {n} scans in {time.perf_counter() - t0:.1f} s", flush=True)
-        result = measure_workbook(root)
+        result = measure_workbook(root, Path(tmp) / "outputs")
     result["image_size"] = args.size
     print(describe_workbook(result, args.size))
     if args.json:

@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -545,3 +546,57 @@ def test_any_summary_never_crashes_the_report(tmp_path, summary, metrics):
     render_markdown(collected)
     render_csv(collected)
     render_html(collected, make_plots(collected))
+
+
+def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys, monkeypatch):
+    """A workbook job: a listed category that never ran and has no row in the master workbook
+    awaits labels; one with rows is not started; the job's aliases count; the CLI passes it on."""
+    import fada_batch.run.collect as collect_mod
+    from fada_batch.config import config_from_dict
+    from fada_batch.run.collect import LabelSource
+    from tests.test_workbook import ANSWERS, make_master
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_master(data, ("Femur",), extra_rows=[["Aortic view", "a.png", *ANSWERS]])
+    out = tmp_path / "out"
+    cfg = config_from_dict(
+        {
+            "data": {"root": str(data), "labels": "workbook", "categories": ["Femur", "Aorta", "Cervix"]},
+            "output": {"root": str(out)},
+        }
+    )
+    labels = LabelSource.from_data(asdict(cfg.data), out)
+    reads = []
+    real_read = collect_mod.read_workbook
+    monkeypatch.setattr(
+        collect_mod, "read_workbook", lambda *a, **k: reads.append(a[1]) or real_read(*a, **k)
+    )
+    result = collect(out, categories=["Femur", "Aorta", "Cervix"], labels=labels)
+    assert [[c.name for c in cats] for cats in reads] == [["Femur", "Aorta", "Cervix"]]  # read once for all
+    states = {c.category: (c.state, c.detail) for c in result.categories}
+    assert states["Femur"][0] == "not_started"
+    assert states["Aorta"] == (
+        "awaiting_labels",
+        f"no rows in the master workbook {data / 'Fetal Ultrasound Annotations Final.xlsx'}",
+    )
+    assert states["Cervix"][0] == "awaiting_labels"
+    # the job's alias (its category table) gives Aorta its row
+    cfg.data.category_aliases = {"Aorta": ["Aortic view"]}
+    labels = LabelSource.from_data(asdict(cfg.data), out)
+    (aorta,) = collect(out, categories=["Aorta"], labels=labels, table=cfg.data.table()).categories
+    assert aorta.state == "not_started"
+    # a data root alone (the default workbook, auto) reads the workbook too
+    (aorta,) = collect(out, categories=["Aorta"], data_root=data).categories
+    assert aorta.state == "awaiting_labels"
+    # a broken workbook cannot tell: not started, not awaiting
+    (data / "Fetal Ultrasound Annotations Final.xlsx").write_bytes(b"not a workbook")
+    (aorta,) = collect(out, categories=["Aorta"], data_root=data).categories
+    assert aorta.state == "not_started"
+    # through the CLI with --job
+    make_master(data, ("Femur",))
+    job = tmp_path / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    cli.main(["collect", "--job", str(job)])
+    table = capsys.readouterr().out
+    assert "awaiting" in table and "no rows in the master workbook" in (out / "collected.json").read_text()

@@ -176,7 +176,9 @@ def test_workbook_form_with_misspellings_counted_per_layer(tmp_path: Path) -> No
     assert info["unlabeled"] == ["Cervix"] and set(info["sheets"].values()) == {tmp_path / DEFAULT_WORKBOOK}
     unique = {}
     for level in ("none", "clean", "spelling", "canonical"):
-        cfg = config_from_dict({"data": {"root": str(tmp_path), "normalize": level}})
+        cfg = config_from_dict(
+            {"data": {"root": str(tmp_path), "normalize": level}, "output": {"root": str(tmp_path / "out")}}
+        )
         pf = preflight(cfg, ["Abdomen", "Femur", "Thorax", "Cervix"])
         assert [d.status for d in pf.results] == ["ok", "ok", "ok", "awaiting_labels"]
         assert all(d.stats.images_usable == N_IMAGES for d in pf.ready)

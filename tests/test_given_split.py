@@ -32,7 +32,12 @@ def team_split(root: Path, extra_test: list[str] = ()) -> Path:  # type: ignore[
 
 
 def job(root: Path, **data: object):  # type: ignore[no-untyped-def]
-    return config_from_dict({"data": {"root": str(root), "split_file": "dataset_splits.json", **data}})
+    return config_from_dict(
+        {
+            "data": {"root": str(root), "split_file": "dataset_splits.json", **data},
+            "output": {"root": str(root / "out")},
+        }
+    )
 
 
 def test_team_split_file_is_used_and_written_to_split_json(tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def test_validate_reads_a_read_only_data_mount(image: str, demo_root: Path):
         "validate", "--job", "job/demo.yaml", "-p", "data.root=/data", "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    report = json.loads(r.stdout)
+    report = json.loads(r.stdout)["categories"]
     statuses = {d["category"]: d["status"] for d in report}
     assert statuses == {"Abdomen": "ok", "Femur": "ok", "Thorax": "ok", "Cervix": "awaiting_labels"}
     assert all(d["image_dir"].startswith("/data/Fetal Ultrasound/") for d in report if d["status"] == "ok")

@@ -134,7 +134,9 @@ def test_workbook_misspellings_counted_per_layer(tmp_path: Path) -> None:
 
 def test_validate_and_training_data_use_the_job_level(tmp_path: Path) -> None:
     noisy_master(tmp_path)
-    cfg = config_from_dict({"data": {"root": str(tmp_path), "normalize": "canonical"}})
+    cfg = config_from_dict(
+        {"data": {"root": str(tmp_path), "normalize": "canonical"}, "output": {"root": str(tmp_path / "out")}}
+    )
     pf = preflight(cfg)
     table = format_table(pf)
     assert "answers normalised (canonical):" in table and "Q2 3->2" in table
@@ -179,7 +181,10 @@ def test_training_samples_and_summary_use_the_normalised_answers(tmp_path: Path)
 
     noisy_master(tmp_path)
     cfg = config_from_dict(
-        {"data": {"root": str(tmp_path), "normalize": "canonical", "categories": ["Abdomen"]}}
+        {
+            "data": {"root": str(tmp_path), "normalize": "canonical", "categories": ["Abdomen"]},
+            "output": {"root": str(tmp_path / "out")},
+        }
     )
     (tmp_path / "out").mkdir()
     cs = prepare_data(cfg, get_category("Abdomen"), tmp_path / "out", resuming=False)

@@ -9,6 +9,7 @@ refusing the job) prints one line with the fix and exits 1, having written nothi
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -71,7 +72,11 @@ def test_validate_without_data_says_where_it_looked(job_factory, tmp_path, kind,
     assert "-p data.root=DIR" in out and "--bind" in out
     assert len(out.strip().splitlines()) == 1  # not one "data root not found" per category
     js = cli("validate", "--job", str(job), "--json")
-    assert js.returncode == 1 and "no data found" in js.stderr and js.stdout.lstrip().startswith("[")
+    assert (
+        js.returncode == 1
+        and "no data found" in js.stderr
+        and json.loads(js.stdout)["nothing_ready"].startswith("no data found")
+    )
 
 
 def test_data_present_but_every_category_awaits_labels(job_factory, demo_root, tmp_path, cli):

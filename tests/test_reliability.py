@@ -422,7 +422,7 @@ def test_validate_cli_reports_every_problem_and_exit_status(job_factory, demo_ro
     (data / "Fetal Ultrasound Labeled" / "Thorax_image_list.xlsx").write_bytes(b"garbage")
     next((data / "Fetal Ultrasound" / "Femur").glob("*.png")).unlink()
     assert cli_main(["validate", "--job", str(job), "--json"]) == 1
-    report = {d["category"]: d for d in json.loads(capsys.readouterr().out)}
+    report = {d["category"]: d for d in json.loads(capsys.readouterr().out)["categories"]}
     assert report["Thorax"]["status"] == "error"
     assert report["Femur"]["status"] == "ok"  # a missing image is a warning: row skipped
     codes = {p["code"] for p in report["Femur"]["problems"]}

@@ -82,7 +82,7 @@ def test_non_ascii_names_validate_train_and_collect(job_factory, demo_root, tmp_
     job.write_text(dump_yaml(cfg), encoding="utf-8")
 
     assert cli_main(["validate", "--job", str(job), "--json"]) == 0
-    femur = {d["category"]: d for d in json.loads(capsys.readouterr().out)}["Femur"]
+    femur = {d["category"]: d for d in json.loads(capsys.readouterr().out)["categories"]}["Femur"]
     assert femur["status"] == "ok", femur["problems"]
     codes = {p["code"] for p in femur["problems"]}
     assert not codes & {

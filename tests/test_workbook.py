@@ -61,7 +61,7 @@ def make_master(
 
 
 def job(root: Path, **data: object) -> object:
-    return config_from_dict({"data": {"root": str(root), **data}})
+    return config_from_dict({"data": {"root": str(root), **data}, "output": {"root": str(root / "out")}})
 
 
 def test_fourteen_categories_by_default() -> None:
@@ -173,3 +173,59 @@ def test_job_aliases_match_workbook_values_and_are_checked(tmp_path: Path) -> No
         job(tmp_path, category_aliases={"Femur": ["Chest"]})
     with pytest.raises(ConfigError, match="Unknown category 'Kidney'"):
         job(tmp_path, category_aliases={"Kidney": ["K"]})
+
+
+def test_workbook_header_is_found_like_a_sheets_header(tmp_path: Path) -> None:
+    """One header parser for both forms: a title row above the header and an image column
+    headed 'Image File' (a header per-category sheets accept) work in the workbook too."""
+    from fada_batch.data.sheets import find_header
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["FADA annotations, export of 2025-06"])
+    ws.append(["Folder Name", "Image File", *HEADER[2:]])
+    folder = tmp_path / IMAGES_DIR / "Femur"
+    folder.mkdir(parents=True)
+    Image.new("L", (16, 12), 80).save(folder / "a.png")
+    ws.append(["Femur", "a.png", *ANSWERS])
+    wb.save(tmp_path / DEFAULT_WORKBOOK)
+    rows = [tuple(r) for r in wb.active.iter_rows(values_only=True)]
+    assert find_header(rows) == 1
+    book = read_workbook(tmp_path / DEFAULT_WORKBOOK, [get_category("Femur")])
+    assert not book.problems, [p.message for p in book.problems]
+    femur = book.sheet_for(get_category("Femur"))
+    assert femur is not None and femur.header_row == 2 and [r.row for r in femur.rows] == [3]
+
+
+def test_validate_json_carries_the_workbook_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate --json` holds what the text shows: the workbook's categories that the job
+    does not list, rows without a category, split-file entries unknown or listed twice."""
+    import json
+
+    from fada_batch.cli import main
+    from fada_batch.config import dump_yaml
+    from tests.test_given_split import team_split
+
+    make_master(tmp_path, ("Femur", "Thorax"), extra_rows=[[None, "y.png", *ANSWERS]])
+    team_split(tmp_path, extra_test=["Femur/ghost.png", "Femur/Femur_001.png"])
+    cfg = job(tmp_path, categories=["Femur", "Aorta"], split_file="dataset_splits.json")
+    cfg.output.root = str(tmp_path / "out")  # type: ignore[attr-defined]
+    (tmp_path / "job.yaml").write_text(dump_yaml(cfg))  # type: ignore[arg-type]
+    assert main(["validate", "--job", str(tmp_path / "job.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert main(["validate", "--job", str(tmp_path / "job.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    book = report["workbook"]
+    assert book["path"] == str(tmp_path / DEFAULT_WORKBOOK)
+    codes = {(p["code"], p.get("value")) for p in book["problems"]}
+    assert codes == {("workbook_category_not_in_job", "Thorax"), ("empty_category", None)}
+    thorax = next(p for p in book["problems"] if p["code"] == "workbook_category_not_in_job")
+    assert thorax["message"] in text and "add 'Thorax' to data.categories" in thorax["message"]
+    femur, aorta = report["categories"]
+    assert (femur["status"], aorta["status"]) == ("ok", "awaiting_labels")
+    assert {p["code"] for p in femur["problems"]} == {"split_image_unknown", "split_image_duplicate"}
+    assert report["summary"] == {"ready": 1, "awaiting_labels": 1, "blocked": 0}
+    assert report["nothing_ready"] is None
+    assert report["normalization"]["level"] == "clean"

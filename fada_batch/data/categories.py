@@ -14,8 +14,10 @@ cervix view), so `Cervical` is no alias of `Cervix`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 IMAGES_DIR = "Fetal Ultrasound"
 LABELS_DIR = "Fetal Ultrasound Labeled"
@@ -152,6 +154,108 @@ def get_category(name: str) -> Category:
             "(aliases such as 'Abodomen' are accepted)."
         )
     return cat
+
+
+class CategoryTable:
+    """The categories a job knows: the 14 defaults, plus or re-described by the job's own
+    (`data.category_table`, `data.category_aliases`). Looks names up like `get_category`."""
+
+    def __init__(self, categories: tuple[Category, ...] = CATEGORIES) -> None:
+        self.categories = tuple(categories)
+        self._by_key: dict[str, Category] = {}
+        for c in self.categories:
+            for n in c.all_names():
+                self._by_key.setdefault(_key(n), c)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.categories)
+
+    def __iter__(self) -> Iterator[Category]:
+        return iter(self.categories)
+
+    def get(self, name: str) -> Category:
+        """The category for a name or alias (case/separator-insensitive).
+
+        Raises:
+            UnknownCategoryError: naming the valid categories and how to add one.
+        """
+        cat = self._by_key.get(_key(name))
+        if cat is None:
+            raise UnknownCategoryError(
+                f"Unknown category {name!r}. Valid categories are: {', '.join(self.names)} "
+                "(aliases such as 'Abodomen' are accepted); a new one is added with "
+                f"data.category_table: {{{name}: {{display: ..., aliases: [...]}}}}."
+            )
+        return cat
+
+    def for_folder(self, dirname: str) -> Category | None:
+        """The category whose output folder is `dirname` (`blip2_{slug}`), or None."""
+        return next((c for c in self.categories if c.output_dirname == dirname), None)
+
+
+DEFAULT_TABLE = CategoryTable()
+
+
+def build_table(
+    entries: dict[str, dict[str, Any]], extra_aliases: dict[str, list[str]]
+) -> tuple[CategoryTable, list[str]]:
+    """The job's category table and its problems (each naming the job key and the fix).
+
+    `entries` (`data.category_table`): name -> folder, sheet, aliases, display (each
+    optional). A name that is a default category re-describes it (folder, sheet and display
+    replaced, aliases added); any other name is a new category whose folder and sheet default
+    to the name. `extra_aliases` (`data.category_aliases`) adds names to any category. A
+    name may belong to one category only.
+    """
+    problems: list[str] = []
+    cats = {c.name: c for c in CATEGORIES}
+    added: list[tuple[str, str, str]] = []  # (job key, category, name it adds)
+    for name, entry in entries.items():
+        default = DEFAULT_TABLE._by_key.get(_key(name))
+        if default is not None and _key(default.name) != _key(name):
+            problems.append(
+                f"data.category_table: {name!r} is an alias of the category {default.name}; "
+                f"use the name {default.name!r} to re-describe it"
+            )
+            continue
+        base = default or Category(name, name, name)
+        new = replace(
+            base,
+            folder=entry.get("folder") or base.folder,
+            sheet=entry.get("sheet") or base.sheet,
+            aliases=(*base.aliases, *(a for a in entry.get("aliases") or () if a not in base.aliases)),
+            display=entry.get("display") or base.display,
+        )
+        cats[base.name] = new
+        key = f"data.category_table.{name}"
+        added += [
+            (key, new.name, n) for n in new.all_names() if default is None or n not in default.all_names()
+        ]
+    table = CategoryTable(tuple(cats.values()))
+    for name, aliases in extra_aliases.items():
+        try:
+            cat = table.get(name)
+        except UnknownCategoryError as e:
+            problems.append(f"data.category_aliases: {e}")
+            continue
+        cats[cat.name] = replace(cat, aliases=(*cat.aliases, *(a for a in aliases if a not in cat.aliases)))
+        added += [("data.category_aliases", cat.name, a) for a in aliases]
+    return CategoryTable(tuple(cats.values())), problems + _clashes(added)
+
+
+def _clashes(added: list[tuple[str, str, str]]) -> list[str]:
+    """A problem for each name the job gives a category that already names another one
+    (a default category's names first, then the job's in order)."""
+    owner = {k: c.name for k, c in DEFAULT_TABLE._by_key.items()}
+    problems = []
+    for key, cat, name in added:
+        first = owner.setdefault(_key(name), cat)
+        if first != cat:
+            problems.append(
+                f"{key}: {name!r} is given for {cat} but already names {first}; remove it from one of them"
+            )
+    return problems
 
 
 def find_sheet(data_root: Path, category: Category) -> Path | None:

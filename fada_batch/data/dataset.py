@@ -127,6 +127,7 @@ class CategoryData:
         """A JSON-ready summary (paths as strings); records only when asked (large)."""
         out: dict[str, object] = {
             "category": self.category.name,
+            "display": self.category.display_name,
             "status": self.status,
             "sheet_path": None if self.sheet_path is None else str(self.sheet_path),
             "image_dir": None if self.image_dir is None else str(self.image_dir),
@@ -260,23 +261,34 @@ def load_workbook(
     *,
     clean_answers: bool = True,
     normalize: str | None = None,
+    cache_dir: Path | None = None,
 ) -> Workbook | None:
     """The master workbook split over `categories` when `data.labels` (`labels`) and the
-    data root call for it (`fada_batch.data.workbook.resolve_labels_form`), else None."""
+    data root call for it (`fada_batch.data.workbook.resolve_labels_form`), else None;
+    `cache_dir`: see `read_workbook`."""
     path = resolve_labels_form(Path(data_root), labels, workbook)
     if path is None:
         return None
-    return read_workbook(path, categories, clean_answers=clean_answers, normalize=normalize)
+    return read_workbook(
+        path, categories, clean_answers=clean_answers, normalize=normalize, cache_dir=cache_dir
+    )
 
 
-def has_labels(data_root: Path, category: Category, *, labels: str = "auto", workbook: str = "") -> bool:
+def has_labels(
+    data_root: Path,
+    category: Category,
+    *,
+    labels: str = "auto",
+    workbook: str = "",
+    cache_dir: Path | None = None,
+) -> bool:
     """True when the category has labels in the form the job reads (`data.labels`): its
     sheet, or rows in the master workbook. A missing or broken workbook counts as labels,
     so that loading the category reports it instead of the category waiting quietly."""
     path = resolve_labels_form(Path(data_root), labels, workbook or DEFAULT_WORKBOOK)
     if path is None:
         return find_sheet(Path(data_root), category) is not None
-    book = read_workbook(path, [category])
+    book = read_workbook(path, [category], cache_dir=cache_dir)
     return book.sheet_for(category) is not None or has_errors(book.problems)
 
 

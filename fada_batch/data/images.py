@@ -198,6 +198,8 @@ def _check_inside(image_dir: Path, path: Path, where: dict[str, Any]) -> None:
     Raises:
         ImageError: with code ``image_outside_folder``.
     """
+    if path.parent == image_dir and not path.is_symlink():
+        return  # a plain file right in the folder: inside, whatever the folder resolves to (one lstat, not two realpaths)
     root = image_dir.resolve()
     try:
         real = path.resolve()

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig, normalize_level
-from fada_batch.data.categories import Category, get_category, with_aliases
+from fada_batch.data.categories import Category
 from fada_batch.data.dataset import load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.split import Split, make_split, read_split, write_split
+from fada_batch.data.workbook_cache import CACHE_DIRNAME
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ def split_file_path(cfg: JobConfig) -> Path | None:
     return path if path.is_absolute() else Path(cfg.data.root) / path
 
 
+def workbook_cache_dir(cfg: JobConfig) -> Path | None:
+    """Where the master workbook's cell values are kept between the tasks of a run
+    (`fada_batch.data.workbook_cache`): `{output.root}/.cache/workbook/`, beside the outputs
+    every task writes, so the array's tasks share it. None (no cache) while the output root
+    does not exist: a `validate` before any run leaves nothing behind, and `submit` makes
+    the root before its pre-flight, which so fills the cache for the array's tasks."""
+    root = Path(cfg.output.root)
+    return root / CACHE_DIRNAME if root.is_dir() else None
+
+
 def _fresh_split(
     cfg: JobConfig, category: Category, data: Any, names: list[str], fractions: tuple[float, float, float]
 ) -> Split:
@@ -115,10 +126,12 @@ def prepare_data(
         DataError: blocking data problems, or a changed image set under a checkpoint.
     """
     d = cfg.data
-    category = with_aliases(category, d.category_aliases)
-    cats = [with_aliases(get_category(n), d.category_aliases) for n in d.categories]
+    category = d.category(category.name)  # with the job's aliases, folder and display name
     level = normalize_level(d)
-    book = load_workbook(Path(d.root), d.labels, d.workbook, [*cats, category], normalize=level)
+    # this category's rows only: the others' are no concern of its task
+    book = load_workbook(
+        Path(d.root), d.labels, d.workbook, [category], normalize=level, cache_dir=workbook_cache_dir(cfg)
+    )
     data = load_category(
         Path(d.root),
         category,

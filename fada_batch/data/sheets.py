@@ -150,7 +150,7 @@ def read_sheet(path: Path, *, clean_answers: bool = True, normalize: str | None 
         return sheet
 
     title, rows = worksheets[0]
-    others = [t for t, r in worksheets[1:] if _find_header(r) is not None]
+    others = [t for t, r in worksheets[1:] if find_header(r) is not None]
     return parse_rows(path, title, rows, others=others, clean_answers=clean_answers, normalize=normalize)
 
 
@@ -171,7 +171,7 @@ def parse_rows(
     the rows after the header (the workbook reader passes one category's rows only)."""
     sheet = Sheet(path=path, questions=list(STANDARD_QUESTIONS))
     sheet.worksheet = title
-    header_idx = _find_header(rows)
+    header_idx = find_header(rows)
     if header_idx is None:
         sheet.problems.append(_no_header_problem(path, title, rows, others))
         return sheet
@@ -194,8 +194,13 @@ def parse_rows(
     return sheet
 
 
-def load_worksheets(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
-    """(title, rows of cell values) per worksheet, in tab order.
+def load_worksheets(path: Path, *, first_only: bool = False) -> list[tuple[str, list[tuple[Cell, ...]]]]:
+    """(title, rows of cell values) per worksheet, in tab order (only the first one when
+    `first_only`).
+
+    openpyxl's read-only mode streams the cells (about a fifth faster than a full load, and
+    far less memory); each worksheet's recorded dimensions are reset first, since some
+    writers record wrong ones and read-only mode would stop reading at them.
 
     Raises:
         Exception: whatever openpyxl or zipfile raise for a file that is not a valid xlsx.
@@ -203,9 +208,13 @@ def load_worksheets(path: Path) -> list[tuple[str, list[tuple[Cell, ...]]]]:
     with warnings.catch_warnings():
         # openpyxl warns about unsupported extensions (data validation, styles); not ours.
         warnings.simplefilter("ignore", UserWarning)
-        wb = load_workbook(path, read_only=False, data_only=True, keep_links=False)
+        wb = load_workbook(path, read_only=True, data_only=True, keep_links=False)
     try:
-        return [(ws.title, list(ws.iter_rows(values_only=True))) for ws in wb.worksheets]
+        out = []
+        for ws in wb.worksheets[:1] if first_only else wb.worksheets:
+            ws.reset_dimensions()
+            out.append((ws.title, [tuple(r) for r in ws.iter_rows(values_only=True)]))
+        return out
     finally:
         wb.close()
 
@@ -234,16 +243,23 @@ def _label(value: Cell) -> str:
     return shorten(_WS.sub(" ", _cell_text(value)).strip(), 40)
 
 
+def header_key(value: Cell) -> str:
+    """A header cell reduced for matching: lower case, letters and digits only
+    (`Image_Name`, `image name` and `ImageName` are all ``imagename``)."""
+    return re.sub(r"[^a-z0-9]", "", _cell_text(value).casefold())
+
+
 def _is_image_name_header(value: Cell) -> bool:
-    return re.sub(r"[^a-z0-9]", "", _cell_text(value).casefold()) in IMAGE_NAME_HEADERS
+    return header_key(value) in IMAGE_NAME_HEADERS
 
 
 def _is_empty(value: Cell) -> bool:
     return _cell_text(value).strip() == ""
 
 
-def _find_header(rows: list[tuple[Cell, ...]]) -> int | None:
-    """Index (0-based) of the first row, among the first few, with an Image Name column."""
+def find_header(rows: list[tuple[Cell, ...]]) -> int | None:
+    """Index (0-based) of the first row, among the first few, with an Image Name column: the
+    header row of a per-category sheet and of the master workbook alike."""
     for i, values in enumerate(rows[:HEADER_SEARCH_ROWS]):
         if any(_is_image_name_header(v) for v in values):
             return i
@@ -307,7 +323,7 @@ def _parse_header(
     """The (first) Image Name column and one column per question (None when missing).
 
     Fills `sheet.questions` and adds header problems to `sheet.problems`. The header row
-    holds an Image Name column by construction (`_find_header`).
+    holds an Image Name column by construction (`find_header`).
     """
     image_cols, q_found = _classify_columns(path, rows, header_idx, sheet)
     _check_header(path, rows[header_idx], header_idx + 1, image_cols, q_found, sheet)

@@ -16,14 +16,12 @@ from fada_batch.data.categories import (
     LABELS_DIR,
     SHEET_SUFFIX,
     Category,
-    get_category,
-    with_aliases,
 )
 from fada_batch.data.dataset import CategoryData, load_category, load_workbook
 from fada_batch.data.given_split import SplitFileError, split_from_file
 from fada_batch.data.normalize import Normalization
 from fada_batch.data.problems import Problem, make_problem
-from fada_batch.data.samples import split_file_path
+from fada_batch.data.samples import split_file_path, workbook_cache_dir
 from fada_batch.data.workbook import resolve_labels_form, unknown_category_problems
 
 
@@ -63,8 +61,28 @@ class Preflight:
             total.merge(part)
         return total
 
-    def to_dict(self) -> list[dict[str, Any]]:
-        return [d.to_dict() for d in self.results]
+    def to_dict(self) -> dict[str, Any]:
+        """What `validate --json` prints: every category, the master workbook's own warnings
+        (categories not in the job, rows without a category), the normalisation over every
+        category read, the counts, and why nothing can train (null when something can)."""
+        norm = self.normalization()
+        workbook = None
+        if self.workbook is not None:
+            workbook = {
+                "path": str(self.workbook),
+                "problems": [p.to_dict() for p in self.workbook_problems],
+            }
+        return {
+            "categories": [d.to_dict() for d in self.results],
+            "workbook": workbook,
+            "normalization": None if norm is None else norm.to_dict(),
+            "summary": {
+                "ready": len(self.ready),
+                "awaiting_labels": len(self.awaiting),
+                "blocked": len(self.blocked),
+            },
+            "nothing_ready": self.nothing_ready(),
+        }
 
     def nothing_ready(self) -> str | None:
         """Why no requested category can train (None when one can): no data at all, or every
@@ -128,8 +146,8 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         UnknownCategoryError: a requested name is neither a category nor an alias.
     """
     names = categories if categories is not None else list(cfg.data.categories)
-    extra = cfg.data.category_aliases
-    cats = [with_aliases(get_category(n.strip()), extra) for n in names]
+    table = cfg.data.table()
+    cats = [table.get(n.strip()) for n in names]
     root = Path(cfg.data.root)
     wb_path = resolve_labels_form(root, cfg.data.labels, cfg.data.workbook)
     has_book = wb_path is not None and wb_path.is_file()
@@ -137,10 +155,12 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
         # one message, not one "data root not found" per category
         results = [load_category(root, c, check_images=False) for c in dict.fromkeys(cats)]
         return Preflight(results, data_root=root, no_data=no_data)
-    job_cats = list(dict.fromkeys(with_aliases(get_category(n.strip()), extra) for n in cfg.data.categories))
+    job_cats = list(dict.fromkeys(table.get(n.strip()) for n in cfg.data.categories))
     d = cfg.data
     level = normalize_level(d)
-    book = load_workbook(root, d.labels, d.workbook, job_cats, normalize=level)
+    book = load_workbook(
+        root, d.labels, d.workbook, job_cats, normalize=level, cache_dir=workbook_cache_dir(cfg)
+    )
     results = [
         load_category(
             root,
@@ -155,7 +175,7 @@ def preflight(cfg: JobConfig, categories: list[str] | None = None, *, check_imag
     _check_split_file(cfg, results)
     if book is None:
         return Preflight(results, data_root=root)
-    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book)
+    extra = [p for p in book.problems if p.severity != "error"] + unknown_category_problems(book, table)
     return Preflight(results, data_root=root, workbook=book.path, workbook_problems=extra)
 
 
@@ -213,7 +233,9 @@ def format_table(pf: Preflight, *, max_problems: int = 20) -> str:
     for d in pf.results:
         s = d.stats
         per_q = " ".join(str(n) for n in s.qa_pairs_per_question) if d.status != "awaiting_labels" else ""
-        lines.append(f"{d.category.name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
+        c = d.category
+        name = f"{c.name} ({c.display})" if c.display and c.display != c.name else c.name
+        lines.append(f"{name:<18} {d.status:<16} {s.images_usable:>7} {s.qa_pairs:>9}  {per_q}")
         if d.status == "awaiting_labels":
             where = "no rows in" if pf.workbook is not None else "no sheet yet (expected"
             lines.append(f"    {where} {d.expected_sheet}{'' if pf.workbook is not None else ')'}")

@@ -22,27 +22,26 @@ workbook when `data.workbook` exists under the data root and no per-category she
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fada_batch.data.categories import (
-    CATEGORY_NAMES,
+    DEFAULT_TABLE,
     LABELS_DIR,
     SHEET_SUFFIX,
     Category,
+    CategoryTable,
     UnknownCategoryError,
     category_key,
-    get_category,
 )
 from fada_batch.data.problems import Problem, make_problem, shorten
-from fada_batch.data.sheets import Cell, Sheet, load_worksheets, parse_rows
+from fada_batch.data.sheets import Cell, Sheet, find_header, header_key, parse_rows
+from fada_batch.data.workbook_cache import first_worksheet
 from fada_batch.text import plural
 
 logger = logging.getLogger(__name__)
 
-CATEGORY_HEADERS = frozenset({"foldername", "folder", "category", "class", "view"})
-HEADER_SEARCH_ROWS = 10
+CATEGORY_HEADERS = frozenset({"foldername", "folder", "category", "class", "view"})  # `header_key`s
 
 
 @dataclass
@@ -61,27 +60,33 @@ class Workbook:
         return self.sheets.get(category.name)
 
 
-def _header_key(value: Cell) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(value or "").casefold())
-
-
 def _find_category_column(rows: list[tuple[Cell, ...]]) -> tuple[int, int] | None:
-    """(header row index, category column index) of the first header row with both an
-    image-name column and a category column, among the first rows."""
-    for i, values in enumerate(rows[:HEADER_SEARCH_ROWS]):
-        keys = [_header_key(v) for v in values]
-        if any(k in {"imagename", "imagenames", "filename"} for k in keys):
-            for j, k in enumerate(keys):
-                if k in CATEGORY_HEADERS:
-                    return i, j
+    """(header row index, category column index): the header row is found as in a
+    per-category sheet (`sheets.find_header`, the first rows' first with an Image Name
+    column); None when there is none or it has no category column."""
+    header_idx = find_header(rows)
+    if header_idx is None:
+        return None
+    for j, value in enumerate(rows[header_idx]):
+        if header_key(value) in CATEGORY_HEADERS:
+            return header_idx, j
     return None
 
 
 def read_workbook(
-    path: Path, categories: list[Category], *, clean_answers: bool = True, normalize: str | None = None
+    path: Path,
+    categories: list[Category],
+    *,
+    clean_answers: bool = True,
+    normalize: str | None = None,
+    cache_dir: Path | None = None,
 ) -> Workbook:
     """Read the master workbook and split its rows over `categories`; never raises for bad
-    data (problems go to `Workbook.problems`, and per category to each `Sheet`)."""
+    data (problems go to `Workbook.problems`, and per category to each `Sheet`).
+
+    `cache_dir` keeps the cell values read, keyed by the file's content
+    (`fada_batch.data.workbook_cache`), so that the next read of the same workbook (the
+    array's other tasks) skips openpyxl."""
     book = Workbook(path=path)
     if not path.is_file():
         book.problems.append(
@@ -95,7 +100,7 @@ def read_workbook(
         )
         return book
     try:
-        worksheets = load_worksheets(path)
+        title, rows = first_worksheet(path, cache_dir)
     except Exception as exc:  # openpyxl/zipfile raise many types for a bad file
         book.problems.append(
             make_problem(
@@ -107,7 +112,6 @@ def read_workbook(
             )
         )
         return book
-    title, rows = worksheets[0] if worksheets else ("(none)", [])
     found = _find_category_column(rows)
     if found is None:
         book.problems.append(
@@ -185,16 +189,19 @@ def _split_rows(
     logger.debug("%s: %d rows in %d categories", book.path, book.rows_read, len(groups))
 
 
-def unknown_category_problems(book: Workbook) -> list[Problem]:
-    """One warning per workbook category that the job does not list (its rows unused)."""
+def unknown_category_problems(book: Workbook, table: CategoryTable = DEFAULT_TABLE) -> list[Problem]:
+    """One warning per workbook category that the job does not list (its rows unused);
+    `table`: the job's categories (`DataConfig.table`)."""
     problems = []
     for value, n in sorted(book.not_in_job.items()):
         try:
-            known = get_category(value).name
+            known = table.get(value).name
         except UnknownCategoryError:
             fix = (
-                f"{value!r} is no known category or alias: correct it in 'Folder Name', or name its category in data.category_aliases (known: "
-                f"{', '.join(CATEGORY_NAMES)}); nothing if these rows are meant to stay out."
+                f"{value!r} is no known category or alias: correct it in 'Folder Name', name its "
+                f"category in data.category_aliases (known: {', '.join(table.names)}), or add it as "
+                f"a category of its own with data.category_table: {{{value}: {{display: ...}}}} and "
+                "list it in data.categories; nothing if these rows are meant to stay out."
             )
         else:
             fix = f"add {known!r} to data.categories to train it; nothing if it is meant to stay out."

@@ -722,11 +722,10 @@ def evaluate_category(cfg: Any, category_name: str, *, job_probe: JobProbe | Non
         ModelLoadError: the base model cannot be loaded (e.g. offline and not cached).
         DataError: the data no longer matches split.json.
     """
-    from fada_batch.data.categories import get_category
     from fada_batch.data.split import SPLIT_FILE
     from fada_batch.training.outputs import FINAL_MODEL, category_output_dir, final_model_complete
 
-    category = get_category(category_name)
+    category = cfg.data.category(category_name)
     out_dir = category_output_dir(cfg, category)
     if not final_model_complete(out_dir):
         raise EvaluationError(
@@ -803,12 +802,12 @@ def _evaluate_locked(
 
 def trained_categories(cfg: Any) -> list[str]:
     """Categories with a complete final_model/ under the output root (job's categories first)."""
-    from fada_batch.data.categories import CATEGORY_NAMES, get_category
     from fada_batch.training.outputs import category_output_dir, final_model_complete
 
-    names = [get_category(c).name for c in cfg.data.categories]
-    names += [n for n in CATEGORY_NAMES if n not in names]
-    return [n for n in names if final_model_complete(category_output_dir(cfg, get_category(n)))]
+    table = cfg.data.table()
+    names = [table.get(c).name for c in cfg.data.categories]
+    names += [n for n in table.names if n not in names]
+    return [n for n in names if final_model_complete(category_output_dir(cfg, table.get(n)))]
 
 
 def format_metrics(category: str, metrics: dict[str, Any]) -> str:

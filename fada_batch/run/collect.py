@@ -23,8 +23,9 @@ Category states (`CategoryResult.state`):
   (`stop_reason`). Needs attention: `resume` holds the command that resumes it.
 - `failed`: training raised; `error_tail` holds the end of the error.
 - `invalid_data`: the data checks blocked training (counts as failed).
-- `awaiting_labels`: the category has no label sheet yet (from its summary, or from the
-  data root when it never ran).
+- `awaiting_labels`: the category has no labels yet (from its summary; or, when it never
+  ran, from the job's labels as `LabelSource` reads them: no sheet of its own, or no row
+  in the master workbook).
 - `not_started`: asked for, but there is no summary.
 - `unreadable`: the summary is corrupt or has an unknown status (named in `problems`).
 """
@@ -41,7 +42,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fada_batch.data.categories import CATEGORIES, LABELS_DIR, Category, find_sheet, get_category
+from fada_batch.data.categories import (
+    DEFAULT_TABLE,
+    DEFAULT_WORKBOOK,
+    LABELS_DIR,
+    Category,
+    CategoryTable,
+    build_table,
+    find_sheet,
+)
+from fada_batch.data.problems import has_errors
+from fada_batch.data.workbook import Workbook, read_workbook, resolve_labels_form
+from fada_batch.data.workbook_cache import CACHE_DIRNAME
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
 from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
@@ -85,6 +97,7 @@ class CategoryResult:
     category: str
     folder: str
     state: str  # one of STATES
+    display: str = ""  # the name people see (data.category_table display), "" = `category`
     detail: str = ""  # one line for people: why this state, what to do
     requested: bool = True  # the job asked for it
     summary_status: str | None = None  # the raw `status` of the summary
@@ -576,12 +589,71 @@ def _status_now(folder: Path) -> str | None:
     return summary.get("status") if isinstance(summary, dict) else None
 
 
+def _cache_dir(output_root: Path) -> Path | None:
+    """The run's workbook cache, when the output root is there."""
+    return output_root / CACHE_DIRNAME if output_root.is_dir() else None
+
+
+@dataclass
+class LabelSource:
+    """Where the job reads its labels (`data.root`, `data.labels`, `data.workbook`): tells a
+    category that never ran "awaiting labels" (no sheet, or no row in the master workbook)
+    from "not started". Categories come from the job's table (`DataConfig.table`), with its
+    aliases. The workbook is read once, for every category `expect` named, on the first
+    question (from the run's cache when the output root holds it)."""
+
+    data_root: Path
+    labels: str = "auto"  # auto | per_category | workbook, as data.labels
+    workbook: str = DEFAULT_WORKBOOK  # data.workbook
+    cache_dir: Path | None = None  # the run's workbook cache (workbook_cache.CACHE_DIRNAME)
+    _books: dict[str, Workbook | None] = field(default_factory=dict, repr=False)  # per category
+    _expected: list[Category] = field(default_factory=list, repr=False)
+
+    def expect(self, categories: list[Category]) -> None:
+        """The categories that will be asked about: one read of the workbook serves them all."""
+        self._expected = list(categories)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], output_root: Path | None = None) -> LabelSource | None:
+        """From a job's `data` section as a mapping (None without a `root`)."""
+        if not isinstance(data.get("root"), str):
+            return None
+        cache = _cache_dir(output_root) if output_root is not None else None
+        return cls(
+            Path(data["root"]),
+            labels=str(data.get("labels") or "auto"),
+            workbook=str(data.get("workbook") or DEFAULT_WORKBOOK),
+            cache_dir=cache,
+        )
+
+    def labelled(self, category: Category) -> tuple[bool | None, str]:
+        """(whether `category` has labels, where they were looked for): None when that cannot
+        be told here (no label folder, a missing or broken workbook)."""
+        path = resolve_labels_form(self.data_root, self.labels, self.workbook)
+        if path is None:
+            folder = self.data_root / LABELS_DIR
+            if not folder.is_dir():
+                return None, str(folder)
+            return find_sheet(self.data_root, category) is not None, f"no label sheet in {folder}"
+        if not path.is_file():
+            return None, str(path)
+        if category.name not in self._books:
+            cats = [*(c for c in self._expected if c.name not in self._books), category]
+            book = read_workbook(path, list(dict.fromkeys(cats)), cache_dir=self.cache_dir)
+            for c in cats:
+                self._books[c.name] = None if has_errors(book.problems) else book
+        book = self._books[category.name]
+        if book is None:
+            return None, str(path)
+        return book.sheet_for(category) is not None, f"no rows in the master workbook {path}"
+
+
 def collect_category(
     category: Category,
     folder: Path,
     *,
     requested: bool,
-    data_root: Path | None,
+    labels: LabelSource | None,
     problems: list[str],
     finished: bool = False,
     now: float | None = None,
@@ -596,17 +668,23 @@ def collect_category(
         run: the output root's submission record (task ids, executor, job file).
     """
     run = run or RunInfo()
-    r = CategoryResult(category=category.name, folder=str(folder), state="not_started", requested=requested)
+    r = CategoryResult(
+        category=category.name,
+        folder=str(folder),
+        state="not_started",
+        requested=requested,
+        display=category.display if category.display != category.name else "",
+    )
     summary, readable = _read(r, folder, problems)
     if not readable:
         return r
     r.eval, r.eval_source = _read_eval(folder, summary, problems)
     status = summary.get("status") if summary is not None else None
     if summary is None:
-        labels = data_root / LABELS_DIR if data_root is not None else None
-        if labels is not None and labels.is_dir() and find_sheet(data_root, category) is None:
+        has, where = labels.labelled(category) if labels is not None else (None, "")
+        if has is False:
             r.state = "awaiting_labels"
-            r.detail = f"no label sheet in {labels}"
+            r.detail = where
             return r
         _fill_from_checkpoint(r, folder, problems)
         if r.last_checkpoint:
@@ -625,7 +703,7 @@ def collect_category(
                 category,
                 folder,
                 requested=requested,
-                data_root=data_root,
+                labels=labels,
                 problems=problems,
                 finished=finished,
                 now=now,
@@ -640,8 +718,8 @@ def collect_category(
     elif status == "awaiting_labels":
         r.state = "awaiting_labels"
         r.detail = r.message or "no label sheet yet"
-        if data_root is not None and find_sheet(data_root, category) is not None:
-            r.detail += "; a sheet is there now: rerun to train"
+        if labels is not None and labels.labelled(category)[0]:
+            r.detail += "; labels are there now: rerun to train"
     if r.state in ("incomplete", "stopped", "failed"):
         r.resume = resume_command(category, folder, folder.parent, run, slurm=r.slurm_job_id is not None)
     return r
@@ -740,43 +818,56 @@ def _unfinished(
 # --------------------------------------------------------------------------------- the run
 
 
-def _category_for_folder(name: str) -> Category | None:
-    for c in CATEGORIES:
-        if c.output_dirname == name:
-            return c
-    return None
+def table_from_data(data: dict[str, Any]) -> CategoryTable:
+    """The job's category table from its `data` section as a mapping (a task's config.yaml);
+    the defaults when it names none or it cannot be built."""
+    entries = {str(k): _dict(v) for k, v in _dict(data.get("category_table")).items()}
+    aliases = {
+        str(k): [str(a) for a in v]
+        for k, v in _dict(data.get("category_aliases")).items()
+        if isinstance(v, list)
+    }
+    try:
+        table, problems = build_table(entries, aliases)
+    except Exception:  # a hand-edited config.yaml: the defaults still read the folders
+        return DEFAULT_TABLE
+    return DEFAULT_TABLE if problems else table
 
 
-def _infer_job(output_root: Path, problems: list[str]) -> tuple[list[str], Path | None, str]:
-    """Categories (and data root) from the `config.yaml` each task writes next to its results."""
+def _infer_job(
+    output_root: Path, problems: list[str]
+) -> tuple[list[str], LabelSource | None, str, CategoryTable]:
+    """Categories, where the labels are and the job's category table, from the `config.yaml`
+    each task writes next to its results; the labels only when every file names the same
+    data root."""
     from fada_batch.config import safe_load_yaml
 
-    names: list[str] = []
-    data_roots: set[str] = set()
+    sections: list[dict[str, Any]] = []
     for cfg_path in sorted(output_root.glob("blip2_*/config.yaml")):
         try:
-            raw = safe_load_yaml(cfg_path.read_text())
-            data = _dict(_dict(raw).get("data"))
+            sections.append(_dict(_dict(safe_load_yaml(cfg_path.read_text())).get("data")))
         except Exception as e:  # any YAML error: this file just does not help
             problems.append(f"{cfg_path} cannot be read ({type(e).__name__}); ignored")
-            continue
+    table = table_from_data(sections[0]) if sections else DEFAULT_TABLE
+    names: list[str] = []
+    for data in sections:
         listed = data.get("categories")
         for n in listed if isinstance(listed, list) else []:
             with contextlib.suppress(Exception):
-                name = get_category(str(n)).name
+                name = table.get(str(n)).name
                 if name not in names:
                     names.append(name)
-        if isinstance(data.get("root"), str):
-            data_roots.add(data["root"])
-    found = [c.name for c in CATEGORIES if (output_root / c.output_dirname).is_dir()]
+    found = [c.name for c in table if (output_root / c.output_dirname).is_dir()]
     if names:
-        order = [c.name for c in CATEGORIES if c.name in set(names) | set(found)]
+        order = [c.name for c in table if c.name in set(names) | set(found)]
         source = "the config.yaml files in the category folders"
     else:
         order = found
         source = "the category folders found"
-    data_root = Path(next(iter(data_roots))) if len(data_roots) == 1 else None
-    return order, data_root, source
+    rooted = [d for d in sections if isinstance(d.get("root"), str)]
+    same_root = len({d["root"] for d in rooted}) == 1
+    labels = LabelSource.from_data(rooted[0], output_root) if same_root else None
+    return order, labels, source, table
 
 
 def _totals(cats: list[CategoryResult], now: datetime) -> dict[str, Any]:
@@ -831,6 +922,8 @@ def collect(
     *,
     categories: list[str] | None = None,
     data_root: Path | None = None,
+    labels: LabelSource | None = None,
+    table: CategoryTable | None = None,
     compare: Path | None = None,
     finished: bool = False,
     job_probe: JobProbe | None = None,
@@ -842,7 +935,12 @@ def collect(
         categories: the categories the job asked for (names or aliases). None: those named by
             the `config.yaml` files under the root, else every category folder found.
         data_root: the job's `data.root`; tells "awaiting labels" from "not started" for a
-            category that never ran. None: taken from the folders' config.yaml when they agree.
+            category that never ran (per-category sheets, or the default master workbook).
+            None: taken from the folders' config.yaml when they agree.
+        labels: where the job reads its labels (`LabelSource.from_data(cfg.data)`): the
+            master workbook too; wins over `data_root`.
+        table: the job's categories (`DataConfig.table`: its own categories, aliases and
+            display names). None: from the folders' config.yaml, else the 14 defaults.
         compare: another output root to compare with (its categories inferred).
         finished: the tasks are known to be over (a collector that runs after the array):
             a category that has not completed is `stopped` (needs attention, exit non-zero).
@@ -860,20 +958,15 @@ def collect(
     """
     output_root = Path(output_root)
     problems: list[str] = _check_root(output_root, has_categories=categories is not None)
-    if categories is None:
-        names, inferred_root, source = _infer_job(output_root, problems)
-        data_root = data_root if data_root is not None else inferred_root
-    else:
-        names = list(dict.fromkeys(get_category(n).name for n in categories))
-        source = "the job"
+    names, labels, table, source = _the_job(output_root, categories, data_root, labels, table, problems)
     now = time.time()
     run = read_run_info(output_root, problems)
     results = [
         collect_category(
-            get_category(n),
-            output_root / get_category(n).output_dirname,
+            table.get(n),
+            output_root / table.get(n).output_dirname,
             requested=True,
-            data_root=data_root,
+            labels=labels,
             problems=problems,
             finished=finished,
             now=now,
@@ -882,7 +975,7 @@ def collect(
         )
         for n in names
     ]
-    problems += _folders_left_out(output_root, names)
+    problems += _folders_left_out(output_root, names, table)
     result = CollectResult(
         output_root=str(output_root),
         generated=now_iso(),
@@ -896,6 +989,29 @@ def collect(
         other = collect(Path(compare), categories=None, finished=finished)
         result.compare = compare_runs(result, other)
     return result
+
+
+def _the_job(
+    output_root: Path,
+    categories: list[str] | None,
+    data_root: Path | None,
+    labels: LabelSource | None,
+    table: CategoryTable | None,
+    problems: list[str],
+) -> tuple[list[str], LabelSource | None, CategoryTable, str]:
+    """The categories to collect (canonical names), where their labels are, the job's table,
+    and where the names came from: `collect`'s arguments, else the tasks' config.yaml."""
+    if labels is None and data_root is not None:
+        labels = LabelSource(Path(data_root), cache_dir=_cache_dir(output_root))
+    if categories is None:
+        names, inferred, source, found_table = _infer_job(output_root, problems)
+        labels, table = labels or inferred, table or found_table
+    else:
+        table = table or DEFAULT_TABLE
+        names, source = list(dict.fromkeys(table.get(n).name for n in categories)), "the job"
+    if labels is not None:
+        labels.expect([table.get(n) for n in names])
+    return names, labels, table, source
 
 
 def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
@@ -914,13 +1030,13 @@ def _check_root(output_root: Path, *, has_categories: bool) -> list[str]:
     return [f"output root {output_root} does not exist yet: no task has started"]
 
 
-def _folders_left_out(output_root: Path, names: list[str]) -> list[str]:
+def _folders_left_out(output_root: Path, names: list[str], table: CategoryTable) -> list[str]:
     """A problem for each `blip2_*` folder that is no category, or not one asked for."""
     problems = []
     for p in sorted(output_root.glob("blip2_*")):
         if not p.is_dir():
             continue
-        cat = _category_for_folder(p.name)
+        cat = table.for_folder(p.name)
         if cat is None:
             problems.append(f"{p} does not belong to any category; ignored")
         elif cat.name not in names:
@@ -953,7 +1069,9 @@ def compare_runs(this: CollectResult, other: CollectResult) -> dict[str, Any]:
     """Side by side: per category, this run's value, the other's and the change (this - other)."""
     mine = {c.category: c for c in this.categories}
     theirs = {c.category: c for c in other.categories}
-    order = [c.name for c in CATEGORIES if c.name in mine or c.name in theirs]
+    seen = list(dict.fromkeys([*mine, *theirs]))
+    defaults = DEFAULT_TABLE.names  # the defaults in their order, then the jobs' own
+    order = sorted(seen, key=lambda n: (defaults.index(n) if n in defaults else len(defaults), seen.index(n)))
     rows = []
     for name in order:
         a, b = mine.get(name), theirs.get(name)

@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,11 @@ class TrainTask(submitit.helpers.Checkpointable):
             requeue.RequeueError: the requeue could not happen (summary: failed, requeue_failed).
             SystemExit: requeued (submitit's exit after a requeue).
         """
-        from fada_batch.data.categories import get_category
         from fada_batch.training.outputs import category_output_dir
 
-        out_dir = category_output_dir(cfg, get_category(category))
-        resume = requeue.resume_hint(cfg.name, get_category(category).name, checkpoint)
+        cat = cfg.data.category(category)
+        out_dir = category_output_dir(cfg, cat)
+        resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
         if self._signum == signal.SIGTERM:
             requeue.record_stop(
                 out_dir,
@@ -218,7 +218,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
             shows FAILED).
     """
     from fada_batch.logsetup import setup_logging
-    from fada_batch.run.collect import collect
+    from fada_batch.run.collect import LabelSource, collect
     from fada_batch.run.slurmjobs import job_phase
 
     setup_logging()
@@ -228,7 +228,8 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
     result = collect(
         Path(cfg.output.root),
         categories=categories,
-        data_root=Path(cfg.data.root),
+        labels=LabelSource.from_data(asdict(cfg.data), Path(cfg.output.root)),
+        table=cfg.data.table(),
         finished=True,
         job_probe=job_phase,
     )
@@ -555,10 +556,11 @@ def _run_here(
             first = str(e).strip().splitlines()
             print(f"{name}: failed: {first[-1] if first else e}", file=out, flush=True)
         print(f"{name}: {outcome[name]} in {time.time() - t0:.1f} s", file=out, flush=True)
-    from fada_batch.run.collect import collect
+    from fada_batch.run.collect import LabelSource, collect
 
+    labels = LabelSource.from_data(asdict(cfg.data), plan.output_root)
     result = collect(
-        plan.output_root, categories=plan.requested, data_root=Path(cfg.data.root), finished=True
+        plan.output_root, categories=plan.requested, labels=labels, table=cfg.data.table(), finished=True
     )
     written = result.write_report()
     print(result.text(), file=out, flush=True)

@@ -438,7 +438,7 @@ def _md_categories(cats: list[dict[str, Any]]) -> list[str]:
         ["Category", "Status", "Detail", "SLURM job", "Requeues", "Adapter"],
         [
             [
-                c["category"],
+                category_label(c),
                 STATE_LABELS.get(c.get("state"), c.get("state")),
                 c.get("detail", ""),
                 _slurm(c),
@@ -668,7 +668,7 @@ def _html_category_row(c: dict[str, Any]) -> str:
     )
     return (
         f'<tr data-category="{_e(c["category"])}" data-state="{_e(c.get("state"))}">'
-        f"<th>{_e(c['category'])}</th><td>{_badge(c.get('state'))}</td>"
+        f"<th>{_e(category_label(c))}</th><td>{_badge(c.get('state'))}</td>"
         + _td(c.get("detail", ""), "wrap")
         + _td(fmt_splits(c.get("images")), "num")
         + _td(fmt_splits(c.get("qa_pairs")), "num")
@@ -758,6 +758,13 @@ def _html_compare(cmp: dict[str, Any] | None) -> list[str]:
 # ------------------------------------------------------------------------------------ stdout
 
 
+def category_label(c: dict[str, Any]) -> str:
+    """A category as people read it: its name, and its display name when the job gives one
+    that differs (`Trans-cerebellum (Transcerebellar Plane)`)."""
+    display = c.get("display")
+    return f"{c['category']} ({display})" if display and display != c["category"] else str(c["category"])
+
+
 def text_table(collected: dict[str, Any]) -> str:
     """A short plain-text table for the terminal."""
     lines = [
@@ -766,7 +773,7 @@ def text_table(collected: dict[str, Any]) -> str:
     for c in collected.get("categories") or []:
         detail = (c.get("detail") or "").replace("\n", " ")
         lines.append(
-            f"{c['category']:<18} {STATE_LABELS.get(c.get('state'), c.get('state')):<22} {_steps(c):>7} "
+            f"{category_label(c):<18} {STATE_LABELS.get(c.get('state'), c.get('state')):<22} {_steps(c):>7} "
             f"{fmt_num(c.get('final_train_loss')):>10} {fmt_num(c.get('final_val_loss')):>9} "
             f"{fmt_duration(c.get('wall_time_s') or c.get('train_time_s')):>8}  {detail[:80]}"
         )

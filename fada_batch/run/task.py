@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from fada_batch.config import JobConfig
-from fada_batch.data.categories import get_category
 from fada_batch.evaluation.evaluate import evaluate_after_training
 from fada_batch.run import requeue
 from fada_batch.run.slurmjobs import job_phase
@@ -113,7 +112,7 @@ def run_category_on_signals(
         )
     except StopRequested as e:
         print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
-        cat = get_category(category)
+        cat = cfg.data.category(category)
         reason = requeue.after_sbatch_stop(
             category_output_dir(cfg, cat),
             cat.name,

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from fada_batch.config import FingerprintMismatch, JobConfig, fingerprint_diff, training_fingerprint
-from fada_batch.data.categories import Category, get_category
+from fada_batch.data.categories import Category
 from fada_batch.training import checkpoint as ckpt
 from fada_batch.training.summary import read_summary
 
@@ -139,7 +139,7 @@ def check_fingerprints(cfg: JobConfig, categories: list[str]) -> dict[str, str]:
     messages = []
     found: dict[str, str] = {}
     for name in categories:
-        category = get_category(name)
+        category = cfg.data.category(name)
         out_dir = category_output_dir(cfg, category)
         try:
             if completed_under(out_dir, category, cfg, quiet=True) is not None:

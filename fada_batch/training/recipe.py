@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
-from fada_batch.data.categories import Category, get_category, with_aliases
+from fada_batch.data.categories import Category
 from fada_batch.data.dataset import has_labels
-from fada_batch.data.samples import CategorySamples, DataError, prepare_data
+from fada_batch.data.samples import CategorySamples, DataError, prepare_data, workbook_cache_dir
 from fada_batch.fsutil import (
     JobProbe,
     atomic_dir,
@@ -161,6 +161,7 @@ def save_final_model(
 def _base_summary(cfg: JobConfig, category: Category, out_dir: Path) -> dict[str, Any]:
     return {
         "category": category.name,
+        "display": category.display_name,  # the job's display name (data.category_table)
         "output_dir": str(out_dir),
         "config_hash": cfg.config_hash(),
         # the config keys that change the adapter: a rerun skips this category only under the same
@@ -229,14 +230,18 @@ def train_category(
         StopRequested: stopped on request after a checkpoint (summary status `interrupted`).
         LockedError: another live task trains this category into the same folder.
     """
-    category = get_category(category_name)
+    category = cfg.data.category(category_name)
     _check_data_root(cfg, category)
     out_dir = ensure_writable(category_output_dir(cfg, category))
     summary = _base_summary(cfg, category, out_dir)
 
     d = cfg.data
     if not has_labels(
-        Path(d.root), with_aliases(category, d.category_aliases), labels=d.labels, workbook=d.workbook
+        Path(d.root),
+        category,
+        labels=d.labels,
+        workbook=d.workbook,
+        cache_dir=workbook_cache_dir(cfg),
     ):
         return _awaiting_labels(cfg, category, out_dir, summary)
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
@@ -295,18 +300,21 @@ def _awaiting_labels(
         DataError: the category is completed, so its sheet went missing (or data.root is wrong).
     """
     from fada_batch.data.categories import LABELS_DIR
+    from fada_batch.data.workbook import resolve_labels_form
 
-    labels = Path(cfg.data.root) / LABELS_DIR
+    book = resolve_labels_form(Path(cfg.data.root), cfg.data.labels, cfg.data.workbook)
+    labels = book if book is not None else Path(cfg.data.root) / LABELS_DIR
+    what = "no row in the master workbook" if book is not None else "no label sheet"
     previous = completed_summary(out_dir)
     if previous is not None:
         raise DataError(
-            f"{category.name}: no label sheet in {labels}, but {out_dir} holds a completed adapter "
+            f"{category.name}: {what} in {labels}, but {out_dir} holds a completed adapter "
             f"trained from {previous.get('sheet') or 'a sheet'}. Check data.root (now "
             f"{cfg.data.root}); the completed category is left as it is."
         )
-    summary.update(status="awaiting_labels", message=f"no label sheet for {category.name} yet (in {labels})")
+    summary.update(status="awaiting_labels", message=f"{what} for {category.name} yet (in {labels})")
     write_summary(out_dir, summary)
-    log.info("%s: awaiting labels (no sheet); nothing to train", category.name)
+    log.info("%s (%s): awaiting labels (%s); nothing to train", category.name, category.display_name, what)
     return summary
 
 

@@ -136,33 +136,65 @@ class Normalizer:
             re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.I) if words else None
         )
         self.report = Normalization(level=level)
+        # (question, raw answer) -> (answer, layers that changed it, fixes): see __call__
+        self._memo: dict[
+            tuple[int, str], tuple[str | None, tuple[str, ...], tuple[tuple[str, str, str], ...]]
+        ] = {}
 
     def __call__(self, q: int, raw: str | None) -> str | None:
-        """The answer to question `q` (0-based) normalised; None stays None (empty answer)."""
+        """The answer to question `q` (0-based) normalised; None stays None (empty answer).
+
+        Each distinct (question, answer) is worked out once (`_normalise`); a repeat replays
+        its counts, so every cell is still counted (a 19,000-row workbook holds a few
+        thousand distinct answers, and the regular expressions were most of its reading)."""
         if raw is None:
             return None
-        self.report.before[q][raw] += 1
-        text: str | None = raw
-        if self.rank >= 1:
-            text = self._layer("clean", raw, clean_answer(raw)) or None
-        if text is not None and self.rank >= 2:
-            text = self._spell(text)
-        if text is not None and self.rank >= 3:
-            text = self._layer("canonical", text, self._canonical(q, text))
+        done = self._memo.get((q, raw))
+        if done is None:
+            done = self._memo[(q, raw)] = self._normalise(q, raw)
+        text, layers, fixes = done
+        report = self.report
+        report.before[q][raw] += 1
+        for layer in layers:
+            report.cells_changed[layer] += 1
+        for fix in fixes:
+            report.fixes[fix] += 1
         if text is not None:
-            self.report.after[q][text] += 1
+            report.after[q][text] += 1
         return text
 
-    def _layer(self, layer: str, old: str, new: str) -> str:
-        if new != old:
-            self.report.cells_changed[layer] += 1
-            if layer == "canonical":
-                self.report.fixes[(layer, old, new)] += 1
-        return new
+    def _normalise(
+        self, q: int, raw: str
+    ) -> tuple[str | None, tuple[str, ...], tuple[tuple[str, str, str], ...]]:
+        """(the normalised answer, the layers that changed it, the fixes it took), uncounted."""
+        layers: list[str] = []
+        fixes: list[tuple[str, str, str]] = []
+        text: str | None = raw
+        if self.rank >= 1:
+            new = clean_answer(raw)
+            if new != raw:
+                layers.append("clean")
+            text = new or None
+        if text is not None and self.rank >= 2:
+            new, found = self._spell(text)
+            fixes += [
+                ("spelling", a, b) for a, b in sorted(found)
+            ]  # counted per cell, as the team counts them
+            if new != text:
+                layers.append("spelling")
+            text = new
+        if text is not None and self.rank >= 3:
+            new = self._canonical(q, text)
+            if new != text:
+                layers.append("canonical")
+                fixes.append(("canonical", text, new))
+            text = new
+        return text, tuple(layers), tuple(fixes)
 
-    def _spell(self, text: str) -> str:
+    def _spell(self, text: str) -> tuple[str, set[tuple[str, str]]]:
+        """The text with whole-word spelling fixes, and the (from, to) pairs applied."""
         if self._spelling is None:
-            return text
+            return text, set()
         seen: set[tuple[str, str]] = set()
 
         def fix(m: re.Match[str]) -> str:
@@ -170,12 +202,7 @@ class Normalizer:
             seen.add((word.casefold(), self.tables.spelling[word.casefold()]))
             return _same_case(word, self.tables.spelling[word.casefold()])
 
-        new = self._spelling.sub(fix, text)
-        for a, b in seen:  # counted per cell, as the team counts them
-            self.report.fixes[("spelling", a, b)] += 1
-        if new != text:
-            self.report.cells_changed["spelling"] += 1
-        return new
+        return self._spelling.sub(fix, text), seen
 
     def _canonical(self, q: int, text: str) -> str:
         key = match_key(text)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fada_batch.config import JobConfig
-from fada_batch.data.categories import NUM_QUESTIONS, get_category
+from fada_batch.data.categories import NUM_QUESTIONS
 
 SAFETY = 1.3  # sbatch --time = estimate x SAFETY + SLACK_S, rounded up to ROUND_S
 SLACK_S = 600
@@ -138,4 +138,4 @@ def estimate_counts(cfg: JobConfig, images: int | None) -> dict[str, tuple[str, 
 
 
 def job_categories(cfg: JobConfig) -> list[str]:
-    return list(dict.fromkeys(get_category(c).name for c in cfg.data.categories))
+    return list(dict.fromkeys(cfg.data.category(c).name for c in cfg.data.categories))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fada_batch.config import JobConfig
-from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS, get_category
+from fada_batch.data.categories import NUM_QUESTIONS, STANDARD_QUESTIONS
 from fada_batch.data.samples import Sample
 from fada_batch.text import plural
 from fada_batch.tools.bench.measure import sync
@@ -98,7 +98,7 @@ def category_inputs(cfg: JobConfig, encoder: Encoder, category: str, n_samples: 
 
     data = load_category(
         Path(cfg.data.root),
-        get_category(category),
+        cfg.data.category(category),
         clean_answers=cfg.data.clean_answers,
         check_images=False,
         max_image_pixels=cfg.data.max_image_pixels,
