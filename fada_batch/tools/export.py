@@ -35,12 +35,11 @@ from typing import Any
 from fada_batch.evaluation.evaluate import AdapterInfo, check_base_model, read_adapter_info
 from fada_batch.fsutil import atomic_dir, atomic_write_json, category_lock
 from fada_batch.training.card import CARD_FILE, front_matter, hub_base_model, with_front_matter
-from fada_batch.training.outputs import CONFIG_FILE, FINAL_MARKER
+from fada_batch.training.outputs import CONFIG_FILE, EXPORTS_FILE, FINAL_MARKER
 from fada_batch.training.summary import SUMMARY_FILE, now_iso
 
 log = logging.getLogger(__name__)
 
-EXPORTS_FILE = "exports.json"  # in the category folder: where its adapter was exported to
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 QUANTIZED = ("8bit", "4bit", "int8", "int4", "nf4", "fp4", "8-bit", "4-bit")
 
