@@ -1,4 +1,4 @@
-"""The model card written with the adapter: `final_model/README.md`, front matter the hub and
+"""The model card written with the adapter: `README.md` in `final_model/`, front matter the hub and
 peft read, and the facts of the run (data, normalisation, settings, shipped step, scores)."""
 
 from __future__ import annotations

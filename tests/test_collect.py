@@ -578,7 +578,7 @@ def test_report_links_event_files_card_and_exports(real_run, run_copy, tmp_path)
     row = next(line for line in md.splitlines() if line.startswith("| Femur |"))
     targets = re.findall(r"\]\(<([^>]+)>\)", row)
     assert targets == [
-        "blip2_femur/final_model/README.md",
+        (Path("blip2_femur") / "final_model" / "README.md").as_posix(),
         "blip2_femur/tensorboard",
         "exports/femur adapter",
         str(elsewhere.resolve()),

@@ -125,7 +125,7 @@ class CategoryResult:
     adapter_path: str | None = None
     adapter_bytes: int | None = None
     tensorboard_dir: str | None = None  # its TensorBoard event files (written as it trains)
-    card_path: str | None = None  # final_model/README.md, the model card
+    card_path: str | None = None  # the model card: README.md in final_model/
     exports: list[dict[str, Any]] = field(default_factory=list)  # `fada-batch export`s that exist
     error: str | None = None  # the whole error text, as the summary holds it
     error_tail: str | None = None  # its last lines

@@ -1,4 +1,4 @@
-"""The model card, `final_model/README.md`: what an adapter is, what it was trained on, and its limits.
+"""The model card, `README.md` in `final_model/`: what an adapter is, what it was trained on, and its limits.
 
     text = render_card(facts)                            # written with the adapter (recipe)
     text = replace_section(text, EVAL_SECTION, body)     # evaluation puts its scores in later
