@@ -150,10 +150,11 @@ def _copy(info: AdapterInfo, out: Path, *, base_model: str | None) -> ExportResu
             if src.is_file() and src.name != CONFIG_FILE:
                 shutil.copy2(src, tmp / src.name)
         config = json.loads((tmp / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = base
+        if base:  # the name the published adapter gives as its base (peft loads it from there)
+            config["base_model_name_or_path"] = base
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         card = tmp / CARD_FILE
-        if card.is_file():
+        if card.is_file() and base:
             text = card.read_text()
             meta = front_matter(text)
             tags = [t for t in meta.get("tags", []) if not str(t).startswith("base_model:")]

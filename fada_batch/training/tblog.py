@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from fada_batch.fsutil import atomic_write_bytes
+from fada_batch.fsutil import atomic_write_bytes, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,7 @@ class EventLog:
         """A new event file in `folder`, after removing from older files every event past
         `resume_step` (the steps this attempt writes again; 0 for a fresh start)."""
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(folder)  # a rewrite killed half-way (its name holds "tfevents" too)
         if (n := drop_after(folder, resume_step)) > 0:
             log.info("%s: dropped %d events past step %d (written again now)", folder, n, resume_step)
         path = folder / _new_file_name(folder)
