@@ -6,6 +6,7 @@ fada-batch collect --job job/full.yaml [--compare OTHER]
 fada-batch validate --job job/full.yaml [--json]
 fada-batch evaluate --job job/full.yaml [--category Femur]
 fada-batch ask --adapter outputs/blip2_femur/final_model --image scan.png
+fada-batch export --adapter outputs/blip2_femur/final_model --to OUT [--merge [--dtype float32]]
 fada-batch bench --job job/full.yaml [--baseline]
 fada-batch stage-model --model Salesforce/blip2-opt-2.7b --to /shared/models/blip2-opt-2.7b
 fada-batch demo                      # tiny model + demo data + the demo job, on a CPU
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_collect,
         _add_evaluate,
         _add_ask,
+        _add_export,
         _add_make_tiny_model,
         _add_make_demo_data,
         _add_stage_model,
@@ -181,6 +183,32 @@ def _add_ask(sub: Any) -> None:
     )
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="copy an adapter into a clean folder to publish, or merge it into the base model"
+    )
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a category's final_model/ folder")
+    p.add_argument("--to", required=True, metavar="OUT", help="folder to create")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the LoRA into a copy of the base model: a plain transformers model "
+        "(Blip2ForConditionalGeneration.from_pretrained(OUT))",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="the merged model's dtype: bfloat16 (default, bf16) or float32 (fp32); 8-bit/4-bit is refused",
+    )
+    p.add_argument(
+        "--base-model",
+        help="with --merge: the base to merge into (default: the adapter's own); without: the name "
+        "the adapter gives as its base (default: the hub id of a staged folder)",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_make_tiny_model(sub: Any) -> None:
@@ -499,6 +527,26 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(rows, indent=2, ensure_ascii=False) if args.json else format_answers(rows))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fada_batch.evaluation.evaluate import AdapterError
+    from fada_batch.tools.export import ExportError, export_adapter, format_result
+
+    try:
+        result = export_adapter(
+            Path(args.adapter),
+            Path(args.to),
+            merge=args.merge,
+            dtype=args.dtype,
+            base_model=args.base_model,
+            force=args.force,
+        )
+    except (AdapterError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_result(result))
     return EXIT_OK
 
 

@@ -141,6 +141,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 100  # optimizer steps between checkpoints (0 = epoch ends only)
     keep_checkpoints: int = 2  # keep the last K complete checkpoints
     log_every_s: float = 30.0  # progress line interval when not on a terminal
+    # TensorBoard event files in {category folder}/tensorboard/ as training goes (loss, learning
+    # rate, samples/s, validation loss, evaluation scores): `tensorboard --logdir {output.root}`
+    tensorboard: bool = True
     max_steps: int | None = None  # stop after N optimizer steps (smoke runs); None = all epochs
     eval_every_steps: int = 0  # validation loss also every N optimizer steps (0 = epoch ends only)
     # best: the adapter of the step with the lowest validation loss ships as final_model/ (as
@@ -565,6 +568,7 @@ NOT_IN_FINGERPRINT = (
     "train.checkpoint_every_steps",
     "train.keep_checkpoints",
     "train.log_every_s",
+    "train.tensorboard",
     "eval.",
     "output.",
     "cluster.",

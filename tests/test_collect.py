@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -600,3 +601,46 @@ def test_workbook_job_category_without_rows_awaits_labels(tmp_path, capsys, monk
     cli.main(["collect", "--job", str(job)])
     table = capsys.readouterr().out
     assert "awaiting" in table and "no rows in the master workbook" in (out / "collected.json").read_text()
+
+
+def test_report_links_event_files_card_and_exports(real_run, run_copy, tmp_path):
+    """Each category's TensorBoard folder, model card and exports are linked from the report,
+    relative to the output root when they lie in it; links resolve to what they name."""
+    from urllib.parse import unquote
+
+    from fada_batch.tools.export import export_adapter
+
+    femur_dir = run_copy / "blip2_femur"
+    inside = run_copy / "exports" / "femur adapter"
+    elsewhere = tmp_path / "published femur"
+    export_adapter(femur_dir / "final_model", inside)
+    export_adapter(femur_dir / "final_model", elsewhere)
+    gone = tmp_path / "deleted export"
+    export_adapter(femur_dir / "final_model", gone)
+    shutil.rmtree(gone)
+    result = collect(run_copy, categories=ALL, data_root=real_run["data_root"])
+    cats = _by_name(result)
+    femur, thorax = cats["Femur"], cats["Thorax"]
+    assert femur.tensorboard_dir == str(femur_dir / "tensorboard")
+    assert femur.card_path == str(femur_dir / "final_model" / "README.md")
+    assert [e["path"] for e in femur.exports] == [str(inside.resolve()), str(elsewhere.resolve())]
+    # stopped part-way: its curves are there, no card yet
+    assert thorax.tensorboard_dir is not None and thorax.card_path is None and thorax.exports == []
+    assert cats["Cervix"].tensorboard_dir is None  # awaiting labels
+    paths = write_report(result.to_dict(), run_copy)
+    md = paths["md"].read_text()
+    assert f"tensorboard --logdir {run_copy}" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Femur |"))
+    targets = re.findall(r"\]\(<([^>]+)>\)", row)
+    assert targets == [
+        (Path("blip2_femur") / "final_model" / "README.md").as_posix(),
+        "blip2_femur/tensorboard",
+        "exports/femur adapter",
+        str(elsewhere.resolve()),
+    ]
+    for t in targets:
+        assert (run_copy / t).exists(), t  # an absolute target joins as itself
+    html = paths["html"].read_text()
+    femur_row = html.split('data-category="Femur"', 1)[1].split("</tr>", 1)[0]
+    hrefs = [unquote(h) for h in re.findall(r'<a href="([^"]+)"', femur_row)]
+    assert hrefs == targets

@@ -61,6 +61,7 @@ PROGRAMS = frozenset(
         "fada-batch", "make", "python", "python3", "pip", "bash", "sh", "source", "eval", "cd",
         "export", "git", "sbatch", "srun", "squeue", "sacct", "scancel", "scontrol", "sinfo",
         "docker", "apptainer", "singularity", "curl", "wget", "huggingface-cli", "hf", "pytest",
+        "tensorboard",
     }
 )  # fmt: skip
 
@@ -207,6 +208,8 @@ RUN: dict[str, Run] = {
         "fada-batch bench --job job/bench-cpu.yaml --make-bench-model --baseline --threads 1 --steps 1",
         SHORT_BENCH,
     ),
+    "fada-batch export --adapter outputs/blip2_femur/final_model --to publish/femur": Run(),
+    "fada-batch export --adapter outputs/blip2_femur/final_model --to serve/femur --merge": Run(),
     # docs/evaluation.md
     "fada-batch evaluate --job job/full.yaml --category Femur": Run(),
     "fada-batch evaluate --job job/full.yaml": Run(),
@@ -273,6 +276,10 @@ HUB = (
 )
 NOT_RUN: dict[str, str] = {
     # README.md
+    "tensorboard --logdir outputs/demo": (
+        "starts a web server that runs until stopped; the event files it reads are read back "
+        "with tensorboard's own reader in tests/test_tensorboard.py"
+    ),
     "make test-container": (
         "the container check itself: .ci/run runs it after the tests (it builds the image with "
         "podman and runs tests/test_image.py and tests/test_image_cluster.py against it)"

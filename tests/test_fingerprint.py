@@ -49,6 +49,7 @@ def test_fingerprint_covers_what_changes_the_adapter_only():
         "data.root",
         "cluster.partition",
         "train.log_every_s",
+        "train.tensorboard",
         "eval.batch_size",
         "name",
     ):
@@ -59,7 +60,12 @@ def test_fingerprint_covers_what_changes_the_adapter_only():
             "name": "elsewhere",
             "output": {"root": "/other"},
             "eval": {"batch_size": 4, "after_training": False},
-            "train": {**base.to_dict()["train"], "log_every_s": 1.0, "checkpoint_every_steps": 7},
+            "train": {
+                **base.to_dict()["train"],
+                "log_every_s": 1.0,
+                "checkpoint_every_steps": 7,
+                "tensorboard": False,
+            },
         }
     )
     assert training_fingerprint(moved) == fp

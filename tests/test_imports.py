@@ -4,10 +4,10 @@ The parts, first to last (a module may import its own part and earlier ones):
 
     shared  config, fsutil, text, killpoints, logsetup, the package itself
     data    categories, sheets, images, dataset, problems, split, validate, samples
-    training    model, collate, features, step, recipe, checkpoint, outputs, progress, summary
+    training    model, collate, features, step, recipe, checkpoint, outputs, progress, summary, tblog, card
     evaluation  evaluate, ask, metrics
     run     task (trains, then evaluates), launch, requeue, slurmjobs, collect, report
-    tools   bench, stage, tiny, demo
+    tools   bench, stage, export, tiny, demo
     cli     the command line: the only module that imports every part (and __main__ it)
 
 Every import counts, also one inside a function: a lazy import still ties the two modules

@@ -699,7 +699,65 @@ def evaluate_after_training(
     except Exception as e:
         log.exception("evaluation after training failed; rerun it with `fada-batch evaluate`")
         return {"error": f"{type(e).__name__}: {e}"[-2000:]}
+    publish_scores(out_dir, metrics, tensorboard=cfg.train.tensorboard)
     return summary_block(metrics)
+
+
+def publish_scores(out_dir: Path, metrics: dict[str, Any], *, tensorboard: bool) -> None:
+    """Put an evaluation's scores where people look: the adapter's model card (its evaluation
+    section, rewritten atomically) and the category's TensorBoard folder (tags
+    `eval/<model>/<question>/<metric>` at the step whose adapter shipped, replacing an earlier
+    evaluation's)."""
+    from fada_batch.fsutil import atomic_write_text
+    from fada_batch.training.card import CARD_FILE, EVAL_SECTION, replace_section
+    from fada_batch.training.outputs import FINAL_MARKER, FINAL_MODEL
+    from fada_batch.training.tblog import TENSORBOARD_DIR, append_scalars
+
+    card = Path(out_dir) / FINAL_MODEL / CARD_FILE
+    if card.is_file():
+        atomic_write_text(card, replace_section(card.read_text(), EVAL_SECTION, card_scores(metrics)))
+    if not tensorboard:
+        return
+    try:
+        marker = json.loads((Path(out_dir) / FINAL_MODEL / FINAL_MARKER).read_text())
+        step = int((marker.get("shipped") or {}).get("step") or 0)
+    except (OSError, ValueError, TypeError):
+        step = 0
+    values = {
+        f"eval/{model}/{q}/{name}": value
+        for model in MODELS
+        for q, block in metrics[model].items()
+        for name, value in block.items()
+        if name != "n"
+    }
+    append_scalars(Path(out_dir) / TENSORBOARD_DIR, values, step, replace="eval/")
+
+
+def card_scores(metrics: dict[str, Any]) -> str:
+    """The model card's evaluation section: per question, the adapter against the base model
+    alone and the majority answer (exact match and token F1)."""
+    st = metrics["settings"]
+    head = ["question", "pairs"] + [f"{m} {k}" for m in MODELS for k in ("EM", "F1")]
+    rows = []
+    for q, block in metrics["adapter"].items():
+        cells = [
+            f"{(metrics[m].get(q) or {}).get(k, float('nan')):.3f}"
+            for m in MODELS
+            for k in ("exact_match", "token_f1")
+        ]
+        rows.append([f"**{q}**" if q == "overall" else q, block.get("n", ""), *cells])
+    lines = [
+        f"{plural(metrics['n_pairs'], 'question/answer pair')} on "
+        f"{plural(metrics['n_images'], 'held-out image')} (the `{st['split']}` part of `split.json`), "
+        f"greedy decoding, at most {st['max_new_tokens']} new tokens. EM: exact match; F1: token F1 "
+        "(docs/evaluation.md of fada-batch); base: the base model without the adapter; majority: "
+        "each question's most frequent training answer.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows),
+    ]
+    return "\n".join(lines)
 
 
 def evaluate_category(cfg: Any, category_name: str, *, job_probe: JobProbe | None = None) -> dict[str, Any]:
@@ -787,6 +845,7 @@ def _evaluate_locked(
         max_pixels=cfg.data.max_image_pixels,
         normalize=normalize_level(cfg.data),
     )
+    publish_scores(out_dir, metrics, tensorboard=cfg.train.tensorboard)
     log.info(
         "%s: exact match adapter %.3f, base %.3f, majority %.3f on %d %s pairs; %s",
         category.name,

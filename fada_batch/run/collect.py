@@ -57,7 +57,10 @@ from fada_batch.data.workbook_cache import CACHE_DIRNAME
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
 from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
+from fada_batch.training.card import CARD_FILE
+from fada_batch.training.outputs import EXPORTS_FILE, FINAL_MODEL
 from fada_batch.training.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
+from fada_batch.training.tblog import TENSORBOARD_DIR, event_files
 
 SCHEMA_VERSION = 1
 EVAL_FILE = Path("eval") / "metrics.json"
@@ -134,6 +137,9 @@ class CategoryResult:
     slurm_array_task_id: str | None = None
     adapter_path: str | None = None
     adapter_bytes: int | None = None
+    tensorboard_dir: str | None = None  # its TensorBoard event files (written as it trains)
+    card_path: str | None = None  # the model card: README.md in final_model/
+    exports: list[dict[str, Any]] = field(default_factory=list)  # `fada-batch export`s that exist
     error: str | None = None  # the whole error text, as the summary holds it
     error_tail: str | None = None  # its last lines
     start_time: str | None = None
@@ -580,6 +586,22 @@ def _read(r: CategoryResult, folder: Path, problems: list[str]) -> tuple[dict[st
     return summary, True
 
 
+def _find_files(r: CategoryResult, folder: Path) -> None:
+    """The category's event files folder, model card and exports, where they exist."""
+    if event_files(folder / TENSORBOARD_DIR):
+        r.tensorboard_dir = str(folder / TENSORBOARD_DIR)
+    if (folder / FINAL_MODEL / CARD_FILE).is_file():
+        r.card_path = str(folder / FINAL_MODEL / CARD_FILE)
+    try:
+        entries = json.loads((folder / EXPORTS_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    for e in entries if isinstance(entries, list) else []:
+        path = _str(e.get("path")) if isinstance(e, dict) else None
+        if path and Path(path).is_dir():  # an export deleted since is not linked
+            r.exports.append({"path": path, "merged": bool(e.get("merged")), "dtype": _str(e.get("dtype"))})
+
+
 def _status_now(folder: Path) -> str | None:
     """The summary's status as it is on disk now (None when it cannot be read)."""
     try:
@@ -679,6 +701,7 @@ def collect_category(
     if not readable:
         return r
     r.eval, r.eval_source = _read_eval(folder, summary, problems)
+    _find_files(r, folder)
     status = summary.get("status") if summary is not None else None
     if summary is None:
         has, where = labels.labelled(category) if labels is not None else (None, "")

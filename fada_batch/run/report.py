@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fada_batch.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fada_batch.text import plural
@@ -397,7 +398,7 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
     `plot_files`: name -> relative path), the comparison and the problems found."""
     cats = collected.get("categories") or []
     out = _md_totals(collected)
-    out += _md_categories(cats)
+    out += _md_categories(cats, collected.get("output_root"))
     out += _md_training(cats)
     out += _md_attention(cats)
     out += _md_evaluation(cats)
@@ -432,10 +433,37 @@ def _md_totals(collected: dict[str, Any]) -> list[str]:
     return out + [f"- {label}: {value}" for label, value in _time_lines(t)]
 
 
-def _md_categories(cats: list[dict[str, Any]]) -> list[str]:
+def _links(c: dict[str, Any], root: str | None) -> list[tuple[str, str]]:
+    """(label, target) of a category's files to open: its model card, its TensorBoard event
+    files and its exports; targets relative to the output root (where the report is) when
+    they lie in it."""
+
+    def rel(path: str) -> str:
+        if root and Path(path).is_relative_to(root):
+            return Path(path).relative_to(root).as_posix()
+        return Path(path).as_posix()
+
+    out = []
+    if c.get("card_path"):
+        out.append(("model card", rel(c["card_path"])))
+    if c.get("tensorboard_dir"):
+        out.append(("TensorBoard events", rel(c["tensorboard_dir"])))
+    for e in c.get("exports") or []:
+        label = f"merged {e.get('dtype') or ''}".strip() if e.get("merged") else "adapter export"
+        out.append((label, rel(e["path"])))
+    return out
+
+
+def _md_link(label: str, target: str) -> str:
+    return f"[{label}](<{target}>)"
+
+
+def _md_categories(cats: list[dict[str, Any]], root: str | None = None) -> list[str]:
     out = ["", "## Categories", ""]
+    if any(c.get("tensorboard_dir") for c in cats):
+        out += [f"Curves of every category, live while they train: `tensorboard --logdir {root}`.", ""]
     return out + _md_table(
-        ["Category", "Status", "Detail", "SLURM job", "Requeues", "Adapter"],
+        ["Category", "Status", "Detail", "SLURM job", "Requeues", "Adapter", "Files"],
         [
             [
                 category_label(c),
@@ -446,6 +474,7 @@ def _md_categories(cats: list[dict[str, Any]]) -> list[str]:
                 f"`{c['adapter_path']}` ({fmt_bytes(c.get('adapter_bytes'))})"
                 if c.get("adapter_path")
                 else "–",
+                " · ".join(_md_link(label, t) for label, t in _links(c, root)) or "–",
             ]
             for c in cats
         ],
@@ -598,7 +627,7 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     `render_markdown`, with a status badge per category."""
     cats = collected.get("categories") or []
     parts = _html_head(collected) + _html_totals(collected.get("totals") or {})
-    parts += _html_categories(cats)
+    parts += _html_categories(cats, collected.get("output_root"))
     parts += _html_attention(cats)
     parts += _html_plots(plots)
     parts += _html_evaluation(cats)
@@ -650,19 +679,27 @@ def _html_totals(t: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _html_categories(cats: list[dict[str, Any]]) -> list[str]:
+def _html_categories(cats: list[dict[str, Any]], root: str | None = None) -> list[str]:
     head = ["Category", "Status", "Detail", "Images tr/val/test", "QA pairs tr/val/test", "Epochs",
             "Steps", "Wall time", "Train time", "Samples /s", "Peak memory", "Final train loss",
-            "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter"]  # fmt: skip
-    rows = [_html_category_row(c) for c in cats]
+            "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter", "Files"]  # fmt: skip
+    rows = [_html_category_row(c, root) for c in cats]
+    curves = (
+        [
+            f"<p>Curves of every category, live while they train: <code>tensorboard --logdir {_e(root)}</code></p>"
+        ]
+        if any(c.get("tensorboard_dir") for c in cats)
+        else []
+    )
     return [
         '<section id="categories"><h2>Categories</h2>',
+        *curves,
         _html_table(head, rows, table_id="results"),
         "</section>",
     ]
 
 
-def _html_category_row(c: dict[str, Any]) -> str:
+def _html_category_row(c: dict[str, Any], root: str | None = None) -> str:
     adapter = (
         f"{_e(c['adapter_path'])} ({_e(fmt_bytes(c.get('adapter_bytes')))})" if c.get("adapter_path") else "–"
     )
@@ -684,7 +721,10 @@ def _html_category_row(c: dict[str, Any]) -> str:
         + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
         + _td(c.get("requeues"), "num")
         + _td(_slurm(c))
-        + f'<td class="path">{adapter}</td></tr>'
+        + f'<td class="path">{adapter}</td>'
+        + '<td class="files">'
+        + (" · ".join(f'<a href="{_e(quote(t))}">{_e(label)}</a>' for label, t in _links(c, root)) or "–")
+        + "</td></tr>"
     )
 
 

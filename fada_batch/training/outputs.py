@@ -32,6 +32,10 @@ FINAL_MARKER = "fada_batch.json"  # written last into final_model/: its presence
 
 CONFIG_FILE = "config.yaml"
 
+EXPORTS_FILE = (
+    "exports.json"  # where `fada-batch export` put copies of final_model/ (the collector links them)
+)
+
 
 def category_output_dir(cfg: JobConfig, category: Category) -> Path:
     return Path(cfg.output.root) / category.output_dirname

@@ -48,6 +48,7 @@ from fada_batch.fsutil import (
 from fada_batch.killpoints import reached
 from fada_batch.text import plural
 from fada_batch.training import checkpoint as ckpt
+from fada_batch.training.card import CARD_FILE, hub_base_model, render_card
 from fada_batch.training.collate import Encoded, Encoder, answer_length_stats
 from fada_batch.training.features import FeatureSource
 from fada_batch.training.model import (
@@ -85,6 +86,7 @@ from fada_batch.training.summary import (
     slurm_ids,
     write_summary,
 )
+from fada_batch.training.tblog import TENSORBOARD_DIR, EventLog
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,10 @@ def save_final_model(
     eos: int,
     *,
     record: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> Path:
-    """Write `final_model/` atomically: adapter, tokenizer + processor files, then the marker.
+    """Write `final_model/` atomically: adapter, tokenizer + processor files, the model card
+    (`card`, as README.md, in place of peft's template), then the marker.
 
     The marker (`fada_batch.json`) holds what `evaluate` and `ask` need to answer as training's
     own evaluation does: questions, prompt, EOS, how the base model was loaded (quantization and
@@ -140,6 +144,8 @@ def save_final_model(
         loaded.model.save_pretrained(str(tmp))
         loaded.processor.save_pretrained(str(tmp))
         (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card)
         atomic_write_json(
             tmp / FINAL_MARKER,
             {
@@ -416,6 +422,7 @@ def _prepare_folder(
     if force:  # only now that the data is usable: a --force on bad data keeps the old adapter
         ckpt.remove_all(out_dir)
         remove_dir(out_dir / FINAL_MODEL)
+        remove_dir(out_dir / TENSORBOARD_DIR)
     config_yaml = dump_yaml(cfg)
     atomic_write_text(out_dir / CONFIG_FILE, config_yaml)
     write_summary(out_dir, summary)
@@ -483,6 +490,7 @@ class _Run:
     progress: Progress | None = None
     last_ckpt: Path | None = None
     after_save: AfterSave | None = None
+    events: EventLog | None = None  # TensorBoard event file of this attempt (train.tensorboard)
 
     @property
     def model(self) -> Any:
@@ -608,6 +616,8 @@ def _validate(run: _Run, *, epoch_end: int | None = None) -> float | None:
         if val is None:
             return None
         state.val_history.append([step, round(val, 6)])
+        if run.events is not None:
+            run.events.scalars({"val/loss": val}, step)
         if state.best_val_loss is None or val < state.best_val_loss - tc.early_stopping_min_delta:
             if tc.final_model == "best":
                 ckpt.save_best(run.out_dir, model=run.model, step=step, val_loss=val)
@@ -651,6 +661,7 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
         state.micro_batch_size = new_micro
 
     features = run.features
+    t0 = time.perf_counter()
     step_loss, run.micro = run_with_oom_backoff(
         lambda m: accumulate_step(
             run.model, features, run.cs.train, run.train_enc, run.encoder, run.device, step, m
@@ -668,6 +679,17 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
     state.global_step += 1
     state.samples_seen += len(step)
     state.loss_curve.append([state.global_step, round(step_loss, 6)])
+    if run.events is not None:
+        seconds = time.perf_counter() - t0
+        run.events.scalars(
+            {
+                "train/loss": step_loss,
+                "train/learning_rate": lr,
+                "train/samples_per_s": len(step) / seconds if seconds > 0 else None,
+                "train/epoch": state.global_step / run.steps_per_epoch,
+            },
+            state.global_step,
+        )
     progress.update(state.global_step, step_loss, len(step), epoch)
     reached("step.done", state.global_step)
     return step_loss
@@ -845,7 +867,13 @@ def _run_training(
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     set_train_mode(run.model)
-    _loop(run, should_stop)
+    if cfg.train.tensorboard:  # a resumed attempt drops the events past its checkpoint first
+        run.events = EventLog.open(out_dir / TENSORBOARD_DIR, resume_step=run.state.global_step)
+    try:
+        _loop(run, should_stop)
+    finally:
+        if run.events is not None:
+            run.events.close()
     run.progress.close()
     return _finish(run, t_start, feature_s, (trainable, total_params))
 
@@ -863,7 +891,10 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
         "max_new_tokens": answers["max_new_tokens"],  # evaluation's and ask's default limit
         "shipped": {k: shipped[k] for k in ("kind", "step", "val_loss", "reason")},
     }
-    final = save_final_model(run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record)
+    card = render_card(_card_facts(run, shipped, answers["max_new_tokens"], eos))
+    final = save_final_model(
+        run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record, card=card
+    )
     reached("final.saved")
     if run.after_save is not None:  # e.g. the task's evaluation: answers from the model in memory
         final_model = FinalModel(cfg, run.loaded, cs, run.out_dir, eos, answers["max_new_tokens"])
@@ -920,6 +951,56 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
         f"done in {walls['wall_time_s']:.1f} s; adapter of step {shipped['step']} ({shipped['reason']}) in {final}"
     )
     return summary
+
+
+def _card_facts(run: _Run, shipped: dict[str, Any], max_new_tokens: int, eos: int) -> dict[str, Any]:
+    """What the model card says (`training.card.render_card`), from the run and its summary."""
+    import fada_batch
+    from fada_batch.config import fingerprint_hash, normalize_level
+
+    cfg, cat, summary, tc = run.cfg, run.category, run.summary, run.cfg.train
+    split = run.cs.split
+    return {
+        "category": cat.name,
+        "category_display": cat.display or cat.name,
+        "folder": cat.folder,
+        "base_model": hub_base_model(cfg.model.name_or_path),
+        "questions": list(run.cs.questions),
+        "prompt_template": cfg.data.prompt_template,
+        "eos_token_id": eos,
+        "max_new_tokens": max_new_tokens,
+        "images": summary.get("images") or {},
+        "qa_pairs": summary.get("qa_pairs") or {},
+        "labels": Path(summary["sheet"]).name if summary.get("sheet") else "the label sheet",
+        "num_images": cfg.data.num_images,
+        "split_source": f"taken from `{Path(split.source).name}`" if split.source else None,
+        "split_seed": split.seed,
+        "split_fractions": list(split.fractions),
+        "normalize": normalize_level(cfg.data),
+        "normalization": summary.get("normalization"),
+        "empty_answers": summary.get("empty_answers_skipped", 0),
+        "warnings": summary.get("warnings") or {},
+        "dtype": str(run.loaded.dtype).removeprefix("torch."),
+        "quantization": run.loaded.quantization,
+        "lora": {
+            k: getattr(cfg.lora, k) for k in ("r", "alpha", "dropout", "target_modules", "modules_to_save")
+        },
+        "train": {
+            "epochs": tc.num_epochs,
+            "steps": run.state.global_step,
+            "effective_batch_size": tc.batch_size * tc.grad_accum_steps,
+            "learning_rate": tc.learning_rate,
+            "lr_schedule": tc.lr_schedule,
+            "warmup_steps": run.warmup,
+            "weight_decay": tc.weight_decay,
+            "max_grad_norm": tc.max_grad_norm,
+            "seed": tc.seed,
+        },
+        "shipped": shipped,
+        "fada_batch_version": fada_batch.__version__,
+        "created": now_iso(),
+        "fingerprint_hash": fingerprint_hash(training_fingerprint(cfg)),
+    }
 
 
 def _thin(curve: list[list[float]], max_points: int) -> list[list[float]]:
