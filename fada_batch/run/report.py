@@ -578,15 +578,16 @@ _COMPARE_COLUMNS = (
 
 
 def _compare_rows(cmp: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One cell per figure, "this / other (change)", so the table fits a 1200 px window."""
     head = ["Category", "Status (this / other)"]
-    for _key, label, _d, _dur in _COMPARE_COLUMNS:
-        head += [f"{label} this", f"{label} other", f"{label} change"]
+    head += [f"{label}: this / other (change)" for _key, label, _d, _dur in _COMPARE_COLUMNS]
     rows = []
     for r in cmp.get("rows") or []:
         row = [r["category"], f"{STATE_LABELS.get(r.get('state'), r.get('state') or '–')} / "
                f"{STATE_LABELS.get(r.get('other_state'), r.get('other_state') or '–')}"]  # fmt: skip
         for key, _label, digits, dur in _COMPARE_COLUMNS:
-            row += list(fmt_change(r.get(key), digits, duration=dur))
+            this, other, change = fmt_change(r.get(key), digits, duration=dur)
+            row.append(f"{this} / {other} ({change})")
         rows.append(row)
     return head, rows
 
@@ -600,10 +601,11 @@ h3{font-size:15px;margin:16px 0 6px}.meta{color:#57606a;margin:0 0 16px}code{fon
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #d0d7de;border-radius:6px;padding:10px 14px;min-width:120px}
 .card .n{font-size:24px;font-weight:600}.card .l{color:#57606a;font-size:12px}
 .scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:12.5px;max-width:100%}
-th,td{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-td.wrap{min-width:140px;max-width:300px}th{background:#f6f8fa}
-thead th{vertical-align:bottom}td.path{word-break:break-all;min-width:110px;max-width:200px;font-size:11px}
+th,td{border:1px solid #d0d7de;padding:3px 5px;text-align:left;vertical-align:top}
+td{overflow-wrap:anywhere}td.wrap{min-width:120px;max-width:300px}th{background:#f6f8fa}.badge{overflow-wrap:normal}tbody th{overflow-wrap:anywhere}
+thead th{vertical-align:bottom}td.path{word-break:break-all;min-width:90px;max-width:200px;font-size:11px}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.pair{white-space:normal;overflow-wrap:normal}
 .banner{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:8px 12px;font-weight:600}
 .note{color:#57606a;font-size:12px;max-width:1100px}.ci{color:#57606a;font-size:11px}
 td.same{background:#f6f8fa;color:#57606a}th.q{max-width:170px}
@@ -700,9 +702,10 @@ def _html_totals(t: dict[str, Any]) -> list[str]:
 
 
 def _html_categories(cats: list[dict[str, Any]]) -> list[str]:
-    head = ["Category", "Status", "Detail", "Images tr/val/test", "QA pairs tr/val/test", "Epochs",
-            "Steps", "Wall time", "Train time", "Samples /s", "Peak memory", "Final train loss",
-            "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter"]  # fmt: skip
+    # paired figures share a column, so the table fits a 1200 px window
+    head = ["Category", "Status", "Detail", "Images train / val / test", "QA pairs train / val / test", "Epochs",
+            "Steps", "Time train / wall", "Samples /s", "Peak memory", "Final loss train / val",
+            "Adapter exact match / token F1", "Re-queues", "SLURM job", "Adapter"]  # fmt: skip
     rows = [_html_category_row(c) for c in cats]
     return [
         '<section id="categories"><h2>Categories</h2>',
@@ -723,14 +726,14 @@ def _html_category_row(c: dict[str, Any]) -> str:
         + _td(fmt_splits(c.get("qa_pairs")), "num")
         + _td(c.get("epochs"), "num")
         + _td(_steps(c), "num")
-        + _td(fmt_duration(c.get("wall_time_s")), "num")
-        + _td(fmt_duration(c.get("train_time_s")), "num")
+        + _td(f"{fmt_duration(c.get('train_time_s'))} / {fmt_duration(c.get('wall_time_s'))}", "num pair")
         + _td(fmt_num(c.get("samples_per_s"), 1), "num")
-        + _td(_memory(c), "num")
-        + _td(fmt_num(c.get("final_train_loss")), "num")
-        + _td(fmt_num(c.get("final_val_loss")), "num")
-        + _td(fmt_num(_eval_overall(c).get("token_f1"), 3), "num")
-        + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
+        + _td(_memory(c), "num pair")
+        + _td(f"{fmt_num(c.get('final_train_loss'))} / {fmt_num(c.get('final_val_loss'))}", "num pair")
+        + _td(
+            f"{fmt_num(_eval_overall(c).get('exact_match'), 3)} / {fmt_num(_eval_overall(c).get('token_f1'), 3)}",
+            "num pair",
+        )
         + _td(c.get("requeues"), "num")
         + _td(_slurm(c))
         + f'<td class="path">{adapter}</td></tr>'
