@@ -181,6 +181,19 @@ def _add_ask(sub: Any) -> None:
         type=int,
         help="answer length limit (default: what the adapter's training answers need, as recorded with it)",
     )
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="forbid any n-gram of this size to repeat within an answer (default 0: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 makes repeated tokens less likely (default 1.0: off)",
+    )
     p.add_argument("--with-base", action="store_true", help="also answer with the base model alone")
     p.set_defaults(func=cmd_ask)
 
@@ -520,7 +533,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             allow_base_mismatch=args.allow_base_mismatch,
             device=args.device,
-            settings=GenerationSettings(max_new_tokens=args.max_new_tokens),
+            settings=GenerationSettings(
+                max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
+                repetition_penalty=args.repetition_penalty,
+            ),
         )
         rows = asker.ask(images, args.question or None, with_base=args.with_base)
     except (AskError, AdapterError, ValueError) as e:

@@ -163,7 +163,9 @@ class EvalConfig:
     # answer length limit; null: what the training answers need (the longest in tokens plus a
     # margin, recorded with the adapter in final_model/fada_batch.json)
     max_new_tokens: int | None = None
-    num_beams: int = 1  # 1 = greedy decoding
+    num_beams: int = 1  # 1 = greedy decoding (the default); > 1 = beam search
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in an answer
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens (CTRL, Keskar et al. 2019)
 
 
 @dataclass
@@ -521,6 +523,16 @@ def _check_validation_rules(cfg: JobConfig, problems: list[str]) -> None:
     if isinstance(cfg.eval.max_new_tokens, int) and cfg.eval.max_new_tokens < 1:
         problems.append(
             f"eval.max_new_tokens must be >= 1 or null (from the training answers), got {cfg.eval.max_new_tokens}"
+        )
+    for key, value, low in (
+        ("num_beams", cfg.eval.num_beams, 1),
+        ("no_repeat_ngram_size", cfg.eval.no_repeat_ngram_size, 0),
+    ):
+        if isinstance(value, int) and value < low:
+            problems.append(f"eval.{key} must be >= {low}, got {value}")
+    if isinstance(cfg.eval.repetition_penalty, (int, float)) and cfg.eval.repetition_penalty <= 0:
+        problems.append(
+            f"eval.repetition_penalty must be > 0 (1.0 = none), got {cfg.eval.repetition_penalty}"
         )
 
 

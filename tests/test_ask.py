@@ -172,3 +172,21 @@ def test_ask_offline_uncached_base_model(femur_adapter, tmp_path, capsys, monkey
     (copy / "adapter_config.json").write_text(json.dumps(config))
     code, err = _ask(capsys, "--adapter", str(copy), "--image", str(images[sorted(predictions)[0]]))
     assert code == 1 and "HF_HUB_OFFLINE=1" in err and "fada-test/blip2-not-cached" in err
+
+
+def test_ask_generation_flags(femur_adapter, capsys):
+    """--num-beams, --no-repeat-ngram-size and --repetition-penalty are checked and used."""
+    adapter, predictions, images = femur_adapter
+    name = sorted(predictions)[0]
+    code, err = _ask(
+        capsys, "--adapter", str(adapter), "--image", str(images[name]), "--no-repeat-ngram-size", "-2"
+    )
+    assert code != 0 and "no_repeat_ngram_size must be >= 0, got -2" in err
+    code, err = _ask(
+        capsys, "--adapter", str(adapter), "--image", str(images[name]), "--repetition-penalty", "0"
+    )
+    assert code != 0 and "repetition_penalty must be > 0" in err
+    argv = ["--adapter", str(adapter), "--image", str(images[name]), "--question", "Q2", "--json"]
+    assert main(["ask", *argv, "--device", "cpu", "--num-beams", "2", "--no-repeat-ngram-size", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and isinstance(rows[0]["answer"], str)

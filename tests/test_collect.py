@@ -257,6 +257,15 @@ def test_completed_category_fields(real_run):
     for model in ("adapter", "base", "majority"):
         assert list(femur.eval[model]) == [f"Q{i}" for i in range(1, 9)] + ["overall"]
         assert femur.eval[model]["overall"] == metrics[model]["overall"]
+    assert femur.questions == metrics["questions"]  # each question on its own terms, as written
+    assert femur.generation == {"num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0,
+                                "max_new_tokens": metrics["settings"]["max_new_tokens"]}  # fmt: skip
+    # the tiny model on demo scans: the report's banner says so
+    assert femur.tiny_model is True and femur.demo_data is True and femur.base_model == s["base_model"]
+    assert (
+        femur.normalization == s["normalization"]
+        and femur.empty_answers_skipped == s["empty_answers_skipped"]
+    )
     # CPU run: no GPU time, CPU time reported on its own
     assert result.totals["gpu_train_time_s"] == 0.0
     assert result.totals["cpu_train_time_s"] == s["train_time_s"]
@@ -290,9 +299,17 @@ def test_compare_two_runs(real_run, run_copy):
     # the other run asked for Abdomen too (its config.yaml says so) but never trained it
     assert rows["Abdomen"]["other_state"] == "not_started"
     assert rows["Abdomen"]["final_train_loss"]["change"] is None
+    # per question: this run evaluated Femur, the previous one did not
+    femur_q = [r for r in result.compare["questions"] if r["category"] == "Femur"]
+    assert [r["question"] for r in femur_q] == [*(f"Q{i}" for i in range(1, 9)), "overall"]
+    q2 = femur_q[1]
+    assert q2["question_name"] == "Fetal Orientation" and q2["metric"] == "orientation_accuracy"
+    assert q2["adapter_metric"]["this"] is not None and q2["adapter_metric"]["other"] is None
+    assert q2["adapter_metric"]["change"] is None
     paths = write_report(result.to_dict(), run_copy)
     md = paths["md"].read_text()
     assert "## Compared with" in md and "previous run" in md
+    assert "Per question (adapter):" in md and "| Femur | Q7 Normality/Abnormality |" in md
     assert 'id="compare-table"' in paths["html"].read_text()
 
 
@@ -309,13 +326,28 @@ def test_cli_writes_reports_and_exit_status(real_run, run_copy, tmp_path, capsys
         assert name in out.out
     assert "report.html" in out.out and "Trans-cerebellum" in out.err  # the corrupt file named
 
-    rows = list(csv.DictReader(io.StringIO((run_copy / "results.csv").read_text())))
+    every = list(csv.DictReader(io.StringIO((run_copy / "results.csv").read_text())))
+    rows = [r for r in every if r["question"] == "all"]
     assert [r["category"] for r in rows] == ALL
     assert {r["category"]: r["state"] for r in rows} == EXPECTED
     femur = next(r for r in rows if r["category"] == "Femur")
     assert float(femur["eval_token_f1"]) >= 0 and float(femur["base_token_f1"]) >= 0
     collected = json.loads((run_copy / "collected.json").read_text())
     assert len(collected["categories"]) == len(ALL)
+    # one row per category and question, the same figures in results.csv and collected.json
+    questions = [f"Q{i}" for i in range(1, 9)]
+    for name in ("Femur", "Abdomen"):
+        got = [r for r in every if r["category"] == name and r["question"] != "all"]
+        assert [r["question"] for r in got] == [*questions, "overall"]
+        assert got[6]["question_name"] == "Normality/Abnormality"
+        assert (got[6]["metric"], got[6]["metric_2"]) == ("sensitivity", "specificity")
+        assert got[4]["metric"] == "ga_within_2w" and got[0]["metric"] == "structure_f1"
+        same = [r for r in collected["per_question"] if r["category"] == name]
+        for csv_row, json_row in zip(got, same, strict=True):
+            assert float(csv_row["adapter_exact_match"]) == pytest.approx(json_row["adapter_exact_match"])
+            assert float(csv_row["adapter_exact_match_low"]) <= float(csv_row["adapter_exact_match"])
+            assert csv_row["p_exact_vs_majority"] != "" and csv_row["num_beams"] == "1"
+    assert not [r for r in every if r["category"] == "Cervix" and r["question"] != "all"]
     md = (run_copy / "report.md").read_text()
     assert OOM in md and "report_plots/loss.png" in md and "report_plots/eval_per_question.png" in md
     for name in ("loss.png", "eval_per_question.png", "eval_vs_baselines.png"):
@@ -644,3 +676,22 @@ def test_report_links_event_files_card_and_exports(real_run, run_copy, tmp_path)
     femur_row = html.split('data-category="Femur"', 1)[1].split("</tr>", 1)[0]
     hrefs = [unquote(h) for h in re.findall(r'<a href="([^"]+)"', femur_row)]
     assert hrefs == targets
+
+
+def test_plot_legends_cover_no_panel(real_run):
+    """The legends sit outside every panel, so none hides a bar or a curve."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from fada_batch.run.report import eval_models_figure, loss_figure
+
+    cats = collect(real_run["root"], categories=ALL, data_root=real_run["data_root"]).to_dict()["categories"]
+    for make in (loss_figure, eval_models_figure):
+        fig = make(cats)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        assert panels and not [p for p in panels if box.overlaps(p)], make.__name__
+        assert not [ax for ax in fig.axes if ax.get_legend() is not None]  # no legend inside a panel

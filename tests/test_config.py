@@ -195,3 +195,15 @@ def test_config_hash_changes_with_config():
     b = config_from_dict({"train": {"learning_rate": 0.001}})
     assert a.config_hash() != b.config_hash()
     assert a.config_hash() == config_from_dict({}).config_hash()
+
+
+def test_eval_generation_settings_are_validated_together():
+    cfg = config_from_dict({"eval": {"num_beams": 3, "no_repeat_ngram_size": 2, "repetition_penalty": 1.2}})
+    assert (cfg.eval.num_beams, cfg.eval.no_repeat_ngram_size, cfg.eval.repetition_penalty) == (3, 2, 1.2)
+    assert (JobConfig().eval.num_beams, JobConfig().eval.repetition_penalty) == (1, 1.0)  # greedy default
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"eval": {"num_beams": 0, "no_repeat_ngram_size": -1, "repetition_penalty": 0}})
+    msg = str(err.value)
+    assert "eval.num_beams must be >= 1, got 0" in msg
+    assert "eval.no_repeat_ngram_size must be >= 0, got -1" in msg
+    assert "eval.repetition_penalty must be > 0" in msg

@@ -3,6 +3,7 @@ that follow what is drawn."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fada_batch.data.categories import (
+    DEMO_DATA_MARKER,
     IMAGES_DIR,
     LABELS_DIR,
     STANDARD_QUESTIONS,
@@ -54,6 +56,7 @@ def test_layout_and_return_value(demo: dict) -> None:
     assert demo["counts"] == dict.fromkeys(["Abdomen", "Femur", "Thorax", "Cervix"], N_IMAGES)
     folders = sorted(p.name for p in (root / IMAGES_DIR).iterdir())
     assert folders == ["Abodomen", "Cervix", "Femur", "Thorax"]  # the wild misspelling
+    assert json.loads((root / DEMO_DATA_MARKER).read_text())["synthetic"] is True  # reports say so
     sheets = sorted(p.name for p in (root / LABELS_DIR).iterdir())
     assert sheets == [
         "Abodomen_image_list.xlsx",

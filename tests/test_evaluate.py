@@ -111,9 +111,35 @@ def test_eval_files_cover_every_question(margin_runs):
         "max_new_tokens": recorded,
         "num_beams": 1,
         "batch_size": 16,
+        "no_repeat_ngram_size": 0,
+        "repetition_penalty": 1.0,
         "do_sample": False,
         "split": "test",
         "eos_token_id": 2,
+    }
+    # each question on its own terms, with intervals and paired tests
+    clinical = metrics["questions"]
+    assert list(clinical) == [*QUESTIONS, "overall"]
+    assert clinical["Q5"]["name"] == "Gestational Age" and clinical["Q5"]["headline"][0] == "ga_within_2w"
+    for q in QUESTIONS:
+        for model in MODELS:
+            block = clinical[q][model]
+            assert block["exact_match"] == pytest.approx(metrics[model][q]["exact_match"])
+            low, high = block["exact_match_ci"]
+            assert low <= block["exact_match"] <= high
+        assert set(clinical[q]["tests"]["exact_match"]) == {"base", "majority"}
+    assert (
+        sum(sum(row.values()) for row in clinical["Q7"]["adapter"]["confusion"].values())
+        == metrics["adapter"]["Q7"]["n"]
+    )
+    assert clinical["overall"]["adapter"]["exact_match"] == pytest.approx(
+        metrics["adapter"]["overall"]["exact_match"]
+    )
+    assert summary["eval"]["generation"] == {
+        "num_beams": 1,
+        "no_repeat_ngram_size": 0,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": recorded,
     }
     rows = _predictions(out)
     assert tuple(rows[0]) == PREDICTION_COLUMNS
@@ -206,6 +232,41 @@ def test_batched_generation_equals_one_by_one(margin_runs, tiny_model_dir):
         assert all(isinstance(a, str) for a in batched)
     ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=1)
     assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_generation_settings_reach_generate(margin_runs, tiny_model_dir, monkeypatch):
+    """Beams, no_repeat_ngram_size and repetition_penalty go to the language model's
+    generate(), and no_repeat_ngram_size=1 really leaves no token twice in an answer."""
+    cfg, _summary, out = margin_runs[0]
+    plain = load_base_model(str(tiny_model_dir), device="cpu")
+    encoder = make_encoder(plain, 2)
+    prompts, feats = _prompts_and_features(plain, cfg, out, n_images=1)
+    lm = plain.model.language_model
+    real, seen = lm.generate, []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        new = result[:, kwargs["input_ids"].shape[1] :].tolist()
+        seen.append(
+            ({k: kwargs[k] for k in ("num_beams", "no_repeat_ngram_size", "repetition_penalty")}, new)
+        )
+        return result
+
+    monkeypatch.setattr(lm, "generate", spy)
+    settings = GenerationSettings(
+        max_new_tokens=12, num_beams=2, no_repeat_ngram_size=1, repetition_penalty=1.3
+    )
+    generate_answers(plain.model, encoder, prompts, feats, eos_token_id=2, settings=settings)
+    assert seen
+    for kwargs, rows in seen:
+        assert kwargs == {"num_beams": 2, "no_repeat_ngram_size": 1, "repetition_penalty": 1.3}
+        for ids in rows:
+            ids = [i for i in ids if i not in (2, encoder.pad_token_id)]
+            assert len(ids) == len(set(ids)), ids
+    with pytest.raises(
+        ValueError, match=r"no_repeat_ngram_size must be >= 0.*repetition_penalty must be > 0"
+    ):
+        GenerationSettings(no_repeat_ngram_size=-1, repetition_penalty=0).check()
 
 
 def test_disabled_adapter_answers_like_the_plain_base_model(margin_runs, tiny_model_dir):

@@ -280,6 +280,48 @@ def test_report_renders_in_chromium(browser, report, tmp_path):
     assert browser.problems(url) == []
 
 
+def test_report_fits_1200_px_names_questions_and_shows_the_q7_matrix(browser, report):
+    """At 1200 px nothing scrolls sideways; questions carry their names; each evaluated
+    category has its headline table and Q7 confusion matrices; the banner names the stand-ins."""
+    from fada_batch.evaluation.question_scores import QUESTION_NAMES
+
+    html_path, _names, _expected = report
+    url = html_path.resolve().as_uri()
+    browser.open(url, width=1200, height=900)
+    assert browser.problems(url) == []
+    assert browser.eval("document.documentElement.scrollWidth") <= 1200
+    wide = browser.eval(
+        "[...document.querySelectorAll('table, .scroll, img, pre')].filter(e => e.scrollWidth > e.clientWidth + 1"
+        " || e.getBoundingClientRect().right > window.innerWidth).map(e => e.id || e.tagName)"
+    )
+    assert wide == []  # no table, plot or block wider than the window, nor cut off inside its box
+    text = browser.eval("document.body.innerText")
+    for i, name in enumerate(QUESTION_NAMES, start=1):
+        assert f"Q{i} {name}" in text
+    banner = browser.eval("document.getElementById('synthetic-banner').innerText")
+    assert "tiny test model" in banner and "synthetic demo scans" in banner
+    for category in ("Femur", "Abdomen"):
+        questions = browser.eval(
+            f"[...document.querySelectorAll('#headline-{category} tbody tr[data-question]')].map(r => r.dataset.question)"
+        )
+        assert [q for q in dict.fromkeys(questions)] == [*(f"Q{i}" for i in range(1, 9)), "overall"]
+        q7_rows = browser.eval(
+            f"[...document.querySelectorAll('#headline-{category} tr[data-question=Q7]')].map(r => r.innerText)"
+        )
+        assert "sensitivity (abnormal)" in q7_rows[1] and "specificity" in q7_rows[2]
+        n_q7 = int(
+            browser.eval(
+                f"document.querySelector('#headline-{category} tr[data-question=Q7] td.num').innerText"
+            )
+        )
+        matrices = browser.eval(
+            f"[...document.querySelectorAll('#q7-confusion-{category} table.matrix')].map(t => [t.dataset.model,"
+            " [...t.querySelectorAll('td')].reduce((s, td) => s + Number(td.innerText), 0)])"
+        )
+        assert matrices == [["adapter", n_q7], ["base", n_q7], ["majority", n_q7]]
+    assert browser.eval("document.querySelectorAll('#data-table tbody tr').length") >= 2
+
+
 def test_harness_catches_errors_and_requests(browser, tmp_path):
     """The checks above can fail: a page with a console error, an exception and a remote image."""
     bad = tmp_path / "bad.html"

@@ -24,6 +24,10 @@ LABELS_DIR = "Fetal Ultrasound Labeled"
 SHEET_SUFFIX = "_image_list.xlsx"
 # The FADA team's master workbook (every category, a `Folder Name` column), in the data root.
 DEFAULT_WORKBOOK = "Fetal Ultrasound Annotations Final.xlsx"
+# Written into the data root by `fada-batch demo`: these are synthetic scans, and a report says so.
+DEMO_DATA_MARKER = "fada_demo_data.json"
+# Written into the tiny test model's folder (`tools.tiny`): a report on it says so.
+TINY_MODEL_MARKER = "fada_tiny_model.json"
 
 # The seed's eight standard questions (Q1..Q8). A sheet header may carry its own text for a
 # question; when it does not, the prompt uses these.

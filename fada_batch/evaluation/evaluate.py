@@ -33,6 +33,7 @@ import torch
 from fada_batch.config import normalize_level
 from fada_batch.data.normalize import Normalizer
 from fada_batch.data.samples import Sample
+from fada_batch.evaluation.clinical import clinical_scores
 from fada_batch.evaluation.metrics import aggregate, majority_answers, question_label
 from fada_batch.fsutil import JobProbe, category_lock
 from fada_batch.text import plural
@@ -55,6 +56,8 @@ PREDICTION_COLUMNS = (
     "adapter_no_eos",  # 1: the answer reached max_new_tokens without EOS (cut off)
     "base_no_eos",
 )
+# the generation settings a summary and results.csv record beside the scores
+GENERATION_KEYS = ("num_beams", "no_repeat_ngram_size", "repetition_penalty", "max_new_tokens")
 FALLBACK_MAX_NEW_TOKENS = 128  # an adapter that records no limit (the seed's answer budget)
 
 
@@ -74,17 +77,22 @@ class GenerationSettings:
     max_new_tokens: int | None = None
     num_beams: int = 1  # 1 = greedy
     batch_size: int = 16  # prompts per generate() call
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in one answer
+    repetition_penalty: float = 1.0  # > 1: repeated tokens are less likely; 1.0 = off
 
     def check(self) -> None:
         bad = [
-            f"{k} must be >= 1, got {v}"
-            for k, v in (
-                ("max_new_tokens", self.max_new_tokens),
-                ("num_beams", self.num_beams),
-                ("batch_size", self.batch_size),
+            f"{k} must be >= {low}, got {v}"
+            for k, v, low in (
+                ("max_new_tokens", self.max_new_tokens, 1),
+                ("num_beams", self.num_beams, 1),
+                ("batch_size", self.batch_size, 1),
+                ("no_repeat_ngram_size", self.no_repeat_ngram_size, 0),
             )
-            if v is not None and v < 1
+            if v is not None and v < low
         ]
+        if self.repetition_penalty <= 0:
+            bad.append(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
         if bad:
             raise ValueError("generation settings: " + "; ".join(bad))
 
@@ -346,6 +354,8 @@ def _generate_batch(
         attention_mask=attention_mask,
         max_new_tokens=settings.max_new_tokens or FALLBACK_MAX_NEW_TOKENS,
         num_beams=settings.num_beams,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
         do_sample=False,
         eos_token_id=eos_token_id,
         pad_token_id=encoder.pad_token_id,
@@ -495,7 +505,11 @@ def settings_from(eval_cfg: Any, default_max_new_tokens: int | None = None) -> G
     """The generation part of the config's `eval:` section; `eval.max_new_tokens: null` takes
     `default_max_new_tokens` (what the adapter's training answers need)."""
     settings = GenerationSettings(
-        max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams, batch_size=eval_cfg.batch_size
+        max_new_tokens=eval_cfg.max_new_tokens,
+        num_beams=eval_cfg.num_beams,
+        batch_size=eval_cfg.batch_size,
+        no_repeat_ngram_size=eval_cfg.no_repeat_ngram_size,
+        repetition_penalty=float(eval_cfg.repetition_penalty),
     )
     return settings.with_default(default_max_new_tokens) if default_max_new_tokens else settings
 
@@ -575,9 +589,7 @@ def evaluate_loaded(
             len(held_out),
             settings.max_new_tokens,
         )
-    metrics: dict[str, Any] = {}
-    for model in MODELS:
-        metrics[model] = aggregate(scored_rows(held_out, rows, model, normalize))
+    metrics = score_models(held_out, rows, normalize)
     metrics.update(
         settings={**asdict(settings), "do_sample": False, "split": split, "eos_token_id": eos_token_id},
         n_images=len({s.image for s in held_out}),
@@ -588,6 +600,20 @@ def evaluate_loaded(
         generation_s=round(seconds, 2),
     )
     write_eval(out_dir, rows, metrics)
+    return metrics
+
+
+def score_models(held_out: list[Sample], rows: list[dict[str, str]], normalize: str) -> dict[str, Any]:
+    """Every model's text metrics per question (`aggregate`), and "questions": each question
+    on its own terms, with intervals and paired tests (`clinical.clinical_scores`)."""
+    scored = {model: scored_rows(held_out, rows, model, normalize) for model in MODELS}
+    metrics: dict[str, Any] = {model: aggregate(scored[model]) for model in MODELS}
+    metrics["questions"] = clinical_scores(
+        [s.question_index for s in held_out],
+        [s.image for s in held_out],
+        [s.answer for s in held_out],
+        {model: [r["prediction"] for r in scored[model]] for model in MODELS},
+    )
     return metrics
 
 
@@ -660,6 +686,7 @@ def summary_block(metrics: dict[str, Any]) -> dict[str, Any]:
         "n_pairs": metrics["n_pairs"],
         "split": metrics["settings"]["split"],
         "max_new_tokens": metrics["settings"]["max_new_tokens"],
+        "generation": {k: metrics["settings"].get(k) for k in GENERATION_KEYS},
         "no_eos": {m: metrics["no_eos"][m]["overall"] for m in metrics["no_eos"]},
     }
 

@@ -55,6 +55,7 @@ from fada_batch.data.problems import has_errors
 from fada_batch.data.workbook import Workbook, read_workbook, resolve_labels_form
 from fada_batch.data.workbook_cache import CACHE_DIRNAME
 from fada_batch.fsutil import STALE_AFTER_S, JobProbe, judge_holder
+from fada_batch.run.questions import compare_questions, question_rows
 from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
 from fada_batch.training.card import CARD_FILE
@@ -69,6 +70,7 @@ SUBMISSION_FILE = "submission.json"  # written by `submit` in the output root
 JOB_FILE = "job.yaml"  # the resolved job, written by `submit` next to it
 CONFIG_FILE = "config.yaml"  # the resolved job, written by each task in its folder
 MODELS = ("adapter", "base", "majority")  # the blocks of eval/metrics.json
+GENERATION_KEYS = ("num_beams", "no_repeat_ngram_size", "repetition_penalty", "max_new_tokens")
 # `stop_reason`s after which no requeue follows (the task gave up or was stopped by hand)
 FINAL_STOP_REASONS = ("requeue_limit", "requeue_failed", "user")
 ERROR_TAIL_LINES = 8
@@ -126,6 +128,15 @@ class CategoryResult:
     val_loss_steps: list[list[float]] = field(default_factory=list)  # [step, validation loss]
     eval: dict[str, dict[str, dict[str, float]]] | None = None  # model -> question -> metric
     eval_source: str | None = None
+    # eval/metrics.json "questions": each question on its own terms, 95% intervals, McNemar tests
+    questions: dict[str, Any] | None = None
+    generation: dict[str, Any] | None = None  # the generation settings of the evaluation
+    normalization: dict[str, Any] | None = None  # data.normalize counts (unique answers, fixes)
+    empty_answers_skipped: int | None = None
+    data_warnings: dict[str, int] | None = None  # rows skipped, by problem code
+    demo_data: bool | None = None  # the data are the synthetic demo's (`fada-batch demo`)
+    tiny_model: bool | None = None  # the base model is the tiny test model (`tools.tiny`)
+    base_model: str | None = None  # the base model's name or path
     requeues: int | None = None
     resumes: int | None = None
     stop_reason: str | None = None  # why the task stopped (time_limit, preempted, requeue_limit, ...)
@@ -201,6 +212,8 @@ class CollectResult:
             "totals": self.totals,
             "problems": self.problems,
             "categories": [c.to_dict() for c in self.categories],
+            # one row per category and question: the figures of results.csv
+            "per_question": question_rows([c.to_dict() for c in self.categories]),
             "compare": self.compare,
         }
 
@@ -369,6 +382,15 @@ def _fill_from_summary(r: CategoryResult, s: dict[str, Any]) -> None:
     r.last_checkpoint = _str(s.get("last_checkpoint")) or _str(s.get("checkpoint"))
     spe = _summary_steps_per_epoch(s, (r.qa_pairs or {}).get("train"))
     r.val_loss_steps = _pairs(s.get("val_loss_steps")) or _val_at_steps(r.val_loss, spe, r.steps)
+    r.normalization = _dict(s.get("normalization")) or None
+    r.empty_answers_skipped = _int(s.get("empty_answers_skipped"))
+    r.data_warnings = {
+        k: n for k, v in _dict(s.get("warnings")).items() if (n := _int(v)) is not None
+    } or None
+    synthetic = _dict(s.get("synthetic"))
+    r.demo_data = synthetic.get("demo_data") if isinstance(synthetic.get("demo_data"), bool) else None
+    r.tiny_model = synthetic.get("tiny_model") if isinstance(synthetic.get("tiny_model"), bool) else None
+    r.base_model = _str(s.get("base_model"))
 
 
 def _fill_from_checkpoint(r: CategoryResult, folder: Path, problems: list[str]) -> None:
@@ -479,6 +501,21 @@ def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]
         if block:
             out[model] = block
     return (out or None), (source if out else None)
+
+
+def _read_questions(folder: Path, summary: dict[str, Any] | None) -> tuple[Any, Any]:
+    """(metrics.json's per-question block, its generation settings), each None when absent.
+
+    Unreadable files are named once, by `_read_eval`; here they only leave the block out.
+    """
+    raw: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        raw = json.loads((folder / EVAL_FILE).read_text())
+    raw = raw if isinstance(raw, dict) else {}
+    questions = raw.get("questions") if isinstance(raw.get("questions"), dict) else None
+    settings = _dict(raw.get("settings")) or _dict(_dict(_dict(summary).get("eval")).get("generation"))
+    generation = {k: settings[k] for k in GENERATION_KEYS if k in settings} or None
+    return questions, generation
 
 
 def _summary_eval(block: dict[str, Any]) -> dict[str, Any]:
@@ -702,6 +739,7 @@ def collect_category(
         return r
     r.eval, r.eval_source = _read_eval(folder, summary, problems)
     _find_files(r, folder)
+    r.questions, r.generation = _read_questions(folder, summary)
     status = summary.get("status") if summary is not None else None
     if summary is None:
         has, where = labels.labelled(category) if labels is not None else (None, "")
@@ -1121,4 +1159,9 @@ def compare_runs(this: CollectResult, other: CollectResult) -> dict[str, Any]:
         "other_generated": other.generated,
         "rows": rows,
         "totals": totals,
+        # per category and question: the adapter's exact match and main figure, and the change
+        "questions": compare_questions(
+            question_rows([c.to_dict() for c in this.categories]),
+            question_rows([c.to_dict() for c in other.categories]),
+        ),
     }

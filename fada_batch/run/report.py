@@ -22,6 +22,8 @@ from typing import Any
 from urllib.parse import quote
 
 from fada_batch.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fada_batch.run import report_questions as rq
+from fada_batch.run.questions import QUESTION_COLUMNS, question_rows
 from fada_batch.text import plural
 
 REPORT_MD = "report.md"
@@ -191,6 +193,12 @@ def _png(fig: Any) -> bytes:
 
 def plot_losses(cats: list[dict[str, Any]]) -> bytes | None:
     """Training loss per step and validation loss per epoch, one panel per category."""
+    fig = loss_figure(cats)
+    return _png(fig) if fig is not None else None
+
+
+def loss_figure(cats: list[dict[str, Any]]) -> Any:
+    """The matplotlib Figure of `plot_losses` (None without curves); its legend sits above the panels."""
     from matplotlib.figure import Figure
 
     with_curves = [c for c in cats if c.get("loss_curve") or c.get("val_loss_steps")]
@@ -212,10 +220,12 @@ def plot_losses(cats: list[dict[str, Any]]) -> bytes | None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend above the panels, where it covers no curve
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=8)
     for ax in list(axes.flat)[len(with_curves) :]:
         ax.set_visible(False)
-    return _png(fig)
+    return fig
 
 
 def plot_eval_heatmaps(cats: list[dict[str, Any]]) -> bytes | None:
@@ -256,6 +266,12 @@ def plot_eval_heatmaps(cats: list[dict[str, Any]]) -> bytes | None:
 
 def plot_eval_models(cats: list[dict[str, Any]]) -> bytes | None:
     """Overall metrics of the adapter against the base model and the majority answer."""
+    fig = eval_models_figure(cats)
+    return _png(fig) if fig is not None else None
+
+
+def eval_models_figure(cats: list[dict[str, Any]]) -> Any:
+    """The matplotlib Figure of `plot_eval_models` (None without evaluations); legend above the panels."""
     from matplotlib.figure import Figure
 
     rows = [c for c in cats if c.get("eval")]
@@ -275,8 +291,9 @@ def plot_eval_models(cats: list[dict[str, Any]]) -> bytes | None:
         ax.set_ylim(0, 1)
         ax.set_title(f"overall {metric}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return _png(fig)
+    # above the panels, where it covers no bar
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=len(MODELS), fontsize=8)
+    return fig
 
 
 def make_plots(collected: dict[str, Any]) -> dict[str, bytes]:
@@ -313,10 +330,19 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+# one row per category (question "all"), then one per category and question (`run.questions`)
+RESULT_COLUMNS = ("category", "question", *CSV_COLUMNS[1:], *QUESTION_COLUMNS[2:])
+
+
 def csv_rows(collected: dict[str, Any]) -> list[dict[str, Any]]:
+    """A category's row (question "all": state, training, overall scores), then its question rows."""
+    per_question = collected.get("per_question")
+    if not isinstance(per_question, list):  # a collected.json from before per-question rows
+        per_question = question_rows(collected.get("categories") or [])
     out = []
     for c in collected.get("categories") or []:
         row = {k: c.get(k) for k in CSV_COLUMNS if k in c}
+        row["question"] = "all"
         for split in ("train", "val", "test"):
             row[f"images_{split}"] = (c.get("images") or {}).get(split)
             row[f"qa_{split}"] = (c.get("qa_pairs") or {}).get(split)
@@ -324,12 +350,13 @@ def csv_rows(collected: dict[str, Any]) -> list[dict[str, Any]]:
             for m in METRICS:
                 row[f"{prefix}_{m}"] = _eval_overall(c, model).get(m)
         out.append(row)
+        out += [r for r in per_question if isinstance(r, dict) and r.get("category") == c.get("category")]
     return out
 
 
 def render_csv(collected: dict[str, Any]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in csv_rows(collected):
         w.writerow({k: "" if v is None else v for k, v in row.items()})
@@ -398,6 +425,9 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
     `plot_files`: name -> relative path), the comparison and the problems found."""
     cats = collected.get("categories") or []
     out = _md_totals(collected)
+    banner = rq.synthetic_banner(cats)
+    if banner:
+        out[1:1] = [f"> **{banner}**", ""]
     out += _md_categories(cats, collected.get("output_root"))
     out += _md_training(cats)
     out += _md_attention(cats)
@@ -412,6 +442,9 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
         out += ["Change = this run − the other run.", ""]
         head, rows = _compare_rows(cmp)
         out += _md_table(head, rows)
+        if cmp.get("questions"):
+            out += ["Per question (adapter):", ""]
+            out += _md_table(rq.COMPARE_HEAD, rq.compare_rows(cmp))
     if collected.get("problems"):
         out += ["## Problems found while collecting", ""]
         out += [f"- {_md(p)}" for p in collected["problems"]] + [""]
@@ -532,10 +565,17 @@ def _md_evaluation(cats: list[dict[str, Any]]) -> list[str]:
     evaluated = [c for c in cats if c.get("eval")]
     if not evaluated:
         return []
-    out = ["## Evaluation", ""]
+    out = ["## Evaluation", "", rq.HEADLINE_NOTE, ""]
     for c in evaluated:
         out += [f"### {c['category']}", ""]
+        out += rq.md_headline(c)
+        out += rq.md_confusion(c)
+        out += ["Text overlap per question (adapter; base and majority answer as token F1):", ""]
         out += _md_table(*_eval_table(c))
+    data = rq.data_rows(cats)
+    if data:
+        out += ["## Data and normalisation", ""]
+        out += _md_table(rq.DATA_HEAD, data)
     return out
 
 
@@ -544,11 +584,12 @@ def _eval_table(c: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ev = c.get("eval") or {}
     qs = sorted({q for m in ev.values() for q in m}, key=_question_key)
     head = ["Question", "n", *METRICS, "base token_f1", "majority token_f1"]
+    names = {q: e.get("name") for q, e in (c.get("questions") or {}).items() if isinstance(e, dict)}
     rows = []
     for q in qs:
         a = (ev.get("adapter") or {}).get(q) or {}
         rows.append(
-            [q, fmt_num(a.get("n"), 0), *(fmt_num(a.get(m), 3) for m in METRICS),
+            [f"{q} {names[q]}" if names.get(q) and q != "overall" else q, fmt_num(a.get("n"), 0), *(fmt_num(a.get(m), 3) for m in METRICS),
              fmt_num(((ev.get("base") or {}).get(q) or {}).get("token_f1"), 3),
              fmt_num(((ev.get("majority") or {}).get(q) or {}).get("token_f1"), 3)]
         )  # fmt: skip
@@ -566,15 +607,16 @@ _COMPARE_COLUMNS = (
 
 
 def _compare_rows(cmp: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One cell per figure, "this / other (change)", so the table fits a 1200 px window."""
     head = ["Category", "Status (this / other)"]
-    for _key, label, _d, _dur in _COMPARE_COLUMNS:
-        head += [f"{label} this", f"{label} other", f"{label} change"]
+    head += [f"{label}: this / other (change)" for _key, label, _d, _dur in _COMPARE_COLUMNS]
     rows = []
     for r in cmp.get("rows") or []:
         row = [r["category"], f"{STATE_LABELS.get(r.get('state'), r.get('state') or '–')} / "
                f"{STATE_LABELS.get(r.get('other_state'), r.get('other_state') or '–')}"]  # fmt: skip
         for key, _label, digits, dur in _COMPARE_COLUMNS:
-            row += list(fmt_change(r.get(key), digits, duration=dur))
+            this, other, change = fmt_change(r.get(key), digits, duration=dur)
+            row.append(f"{this} / {other} ({change})")
         rows.append(row)
     return head, rows
 
@@ -587,11 +629,16 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 h3{font-size:15px;margin:16px 0 6px}.meta{color:#57606a;margin:0 0 16px}code{font-size:12px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #d0d7de;border-radius:6px;padding:10px 14px;min-width:120px}
 .card .n{font-size:24px;font-weight:600}.card .l{color:#57606a;font-size:12px}
-.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:13px}
-th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;white-space:nowrap}
-td.wrap{white-space:normal;min-width:200px;max-width:320px}th{background:#f6f8fa}
-thead th{white-space:normal;vertical-align:bottom}td.path{white-space:normal;word-break:break-all;min-width:160px;max-width:260px;font-size:11px}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+.scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:12.5px;max-width:100%}
+th,td{border:1px solid #d0d7de;padding:3px 5px;text-align:left;vertical-align:top}
+td{overflow-wrap:anywhere}td.wrap{min-width:120px;max-width:300px}th{background:#f6f8fa}.badge{overflow-wrap:normal}tbody th{overflow-wrap:anywhere}
+thead th{vertical-align:bottom}td.path{word-break:break-all;min-width:90px;max-width:200px;font-size:11px}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.pair{white-space:normal;overflow-wrap:normal}
+.banner{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:8px 12px;font-weight:600}
+.note{color:#57606a;font-size:12px;max-width:1100px}.ci{color:#57606a;font-size:11px}
+td.same{background:#f6f8fa;color:#57606a}th.q{max-width:170px}
+.confusion{display:flex;flex-wrap:wrap;gap:12px;margin:8px 0}.matrix caption{text-align:left;font-weight:600;font-size:12px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
 pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px;overflow-x:auto;font-size:12px;white-space:pre-wrap}
 img.plot{max-width:100%;border:1px solid #d0d7de;border-radius:6px;margin:4px 0 12px}
@@ -626,7 +673,11 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     """report.html, self-contained (plots inline as PNG data, no scripts): the sections of
     `render_markdown`, with a status badge per category."""
     cats = collected.get("categories") or []
-    parts = _html_head(collected) + _html_totals(collected.get("totals") or {})
+    parts = _html_head(collected)
+    banner = rq.synthetic_banner(cats)
+    if banner:
+        parts.append(f'<p class="banner" id="synthetic-banner" role="note">{_e(banner)}</p>')
+    parts += _html_totals(collected.get("totals") or {})
     parts += _html_categories(cats, collected.get("output_root"))
     parts += _html_attention(cats)
     parts += _html_plots(plots)
@@ -680,9 +731,10 @@ def _html_totals(t: dict[str, Any]) -> list[str]:
 
 
 def _html_categories(cats: list[dict[str, Any]], root: str | None = None) -> list[str]:
-    head = ["Category", "Status", "Detail", "Images tr/val/test", "QA pairs tr/val/test", "Epochs",
-            "Steps", "Wall time", "Train time", "Samples /s", "Peak memory", "Final train loss",
-            "Final val loss", "Token F1", "Exact match", "Re-queues", "SLURM job", "Adapter", "Files"]  # fmt: skip
+    # paired figures share a column, so the table fits a 1200 px window
+    head = ["Category", "Status", "Detail", "Images train / val / test", "QA pairs train / val / test", "Epochs",
+            "Steps", "Time train / wall", "Samples /s", "Peak memory", "Final loss train / val",
+            "Adapter exact match / token F1", "Re-queues", "SLURM job", "Adapter", "Files"]  # fmt: skip
     rows = [_html_category_row(c, root) for c in cats]
     curves = (
         [
@@ -711,14 +763,14 @@ def _html_category_row(c: dict[str, Any], root: str | None = None) -> str:
         + _td(fmt_splits(c.get("qa_pairs")), "num")
         + _td(c.get("epochs"), "num")
         + _td(_steps(c), "num")
-        + _td(fmt_duration(c.get("wall_time_s")), "num")
-        + _td(fmt_duration(c.get("train_time_s")), "num")
+        + _td(f"{fmt_duration(c.get('train_time_s'))} / {fmt_duration(c.get('wall_time_s'))}", "num pair")
         + _td(fmt_num(c.get("samples_per_s"), 1), "num")
-        + _td(_memory(c), "num")
-        + _td(fmt_num(c.get("final_train_loss")), "num")
-        + _td(fmt_num(c.get("final_val_loss")), "num")
-        + _td(fmt_num(_eval_overall(c).get("token_f1"), 3), "num")
-        + _td(fmt_num(_eval_overall(c).get("exact_match"), 3), "num")
+        + _td(_memory(c), "num pair")
+        + _td(f"{fmt_num(c.get('final_train_loss'))} / {fmt_num(c.get('final_val_loss'))}", "num pair")
+        + _td(
+            f"{fmt_num(_eval_overall(c).get('exact_match'), 3)} / {fmt_num(_eval_overall(c).get('token_f1'), 3)}",
+            "num pair",
+        )
         + _td(c.get("requeues"), "num")
         + _td(_slurm(c))
         + f'<td class="path">{adapter}</td>'
@@ -772,13 +824,24 @@ def _html_evaluation(cats: list[dict[str, Any]]) -> list[str]:
     evaluated = [c for c in cats if c.get("eval")]
     if not evaluated:
         return []
-    parts = ['<section id="evaluation"><h2>Evaluation</h2>']
+    parts = ['<section id="evaluation"><h2>Evaluation</h2>', f'<p class="note">{_e(rq.HEADLINE_NOTE)}</p>']
     for c in evaluated:
         parts.append(f"<h3>{_e(c['category'])}</h3>")
+        parts.append(rq.html_headline(c))
+        parts.append(rq.html_confusion(c))
         head_cells, cells = _eval_table(c)
         body = ["<tr>" + "".join(_td(x, "num") for x in row) + "</tr>" for row in cells]
+        parts.append("<p>Text overlap per question (adapter; base and majority answer as token F1):</p>")
         parts.append(_html_table(head_cells, body, table_id=f"eval-{c['category']}"))
     parts.append("</section>")
+    data = rq.data_rows(cats)
+    if data:
+        body = ["<tr>" + "".join(_td(x) for x in row) + "</tr>" for row in data]
+        parts += [
+            '<section id="data"><h2>Data and normalisation</h2>',
+            _html_table(rq.DATA_HEAD, body, table_id="data-table"),
+            "</section>",
+        ]
     return parts
 
 
@@ -791,6 +854,18 @@ def _html_compare(cmp: dict[str, Any] | None) -> list[str]:
         f'<section id="compare"><h2>Compared with <code>{_e(cmp.get("other_root"))}</code></h2>'
         "<p>Change = this run − the other run.</p>",
         _html_table(head, body, table_id="compare-table"),
+        *(
+            [
+                "<p>Per question (adapter):</p>",
+                _html_table(
+                    rq.COMPARE_HEAD,
+                    ["<tr>" + "".join(_td(x) for x in r) + "</tr>" for r in rq.compare_rows(cmp)],
+                    table_id="compare-questions",
+                ),
+            ]
+            if cmp.get("questions")
+            else []
+        ),
         "</section>",
     ]
 

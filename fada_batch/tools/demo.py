@@ -29,6 +29,7 @@ answer variants the canonical table unifies (`routine follow up`), so that `vali
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from PIL import Image
 
 from fada_batch.data.categories import (
     DEFAULT_WORKBOOK,
+    DEMO_DATA_MARKER,
     IMAGES_DIR,
     LABELS_DIR,
     SHEET_SUFFIX,
@@ -284,6 +286,7 @@ def make_demo_data(
         book = pd.concat(frames, ignore_index=True)
         book.columns = ["Folder Name", "Image Name", *WORKBOOK_QUESTION_HEADERS]
         book.to_excel(root / DEFAULT_WORKBOOK, index=False, engine="openpyxl")
+    (root / DEMO_DATA_MARKER).write_text(json.dumps({"synthetic": True, "seed": seed, "form": form}) + "\n")
     logger.info(
         "Demo data in %s: %s labeled, %s awaiting labels",
         root,

@@ -64,13 +64,13 @@ from transformers import (
 )
 
 from fada_batch.data.categories import SEED_CATEGORY_NAMES as CATEGORY_NAMES
-from fada_batch.data.categories import STANDARD_QUESTIONS
+from fada_batch.data.categories import STANDARD_QUESTIONS, TINY_MODEL_MARKER
 from fada_batch.tools.demo import SIDES, all_answers, describe, render_scan
 
 logger = logging.getLogger(__name__)
 
 RECIPE_VERSION = 3  # bump whenever the recipe changes what gets built
-MARKER_NAME = "fada_tiny_model.json"  # written last: its presence marks a complete model
+MARKER_NAME = TINY_MODEL_MARKER  # written last: its presence marks a complete model
 PROMPT_TEMPLATE = "Question: {question} Answer:"
 
 # OPT's special tokens and ids (facebook/opt-*, Salesforce/blip2-opt-2.7b). OPT prepends

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
-from fada_batch.data.categories import Category
+from fada_batch.data.categories import DEMO_DATA_MARKER, TINY_MODEL_MARKER, Category
 from fada_batch.data.dataset import has_labels
 from fada_batch.data.samples import CategorySamples, DataError, prepare_data, workbook_cache_dir
 from fada_batch.fsutil import (
@@ -174,6 +174,12 @@ def _base_summary(cfg: JobConfig, category: Category, out_dir: Path) -> dict[str
         "fingerprint": training_fingerprint(cfg),
         "seed": cfg.train.seed,
         "job_name": cfg.name,
+        "base_model": cfg.model.name_or_path,
+        # stand-ins, not the real thing: the report puts a banner over figures made with them
+        "synthetic": {
+            "tiny_model": (Path(cfg.model.name_or_path).expanduser() / TINY_MODEL_MARKER).is_file(),
+            "demo_data": (Path(cfg.data.root).expanduser() / DEMO_DATA_MARKER).is_file(),
+        },
         "slurm": slurm_ids(),
         "versions": library_versions(),
     }
