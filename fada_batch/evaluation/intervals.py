@@ -23,6 +23,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from fada_batch.text import plural
+
 N_BOOT = 2000
 ALPHA = 0.05  # 95% intervals; a McNemar p at or above it: "cannot tell apart"
 
@@ -76,7 +78,9 @@ def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> dict[str, fl
     0.03125
     """
     if len(first) != len(second):
-        raise ValueError(f"McNemar needs paired outcomes: {len(first)} and {len(second)} items differ")
+        raise ValueError(
+            f"McNemar needs paired outcomes: {plural(len(first), 'item')} against {plural(len(second), 'item')}"
+        )
     b = sum(1 for x, y in zip(first, second, strict=True) if x and not y)
     c = sum(1 for x, y in zip(first, second, strict=True) if y and not x)
     n = b + c

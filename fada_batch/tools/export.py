@@ -34,6 +34,7 @@ from typing import Any
 
 from fada_batch.evaluation.evaluate import AdapterInfo, check_base_model, read_adapter_info
 from fada_batch.fsutil import atomic_dir, atomic_write_json, category_lock
+from fada_batch.text import plural
 from fada_batch.training.card import CARD_FILE, front_matter, hub_base_model, with_front_matter
 from fada_batch.training.outputs import CONFIG_FILE, EXPORTS_FILE, FINAL_MARKER
 from fada_batch.training.summary import SUMMARY_FILE, now_iso
@@ -248,7 +249,7 @@ def _record(category_dir: Path, result: ExportResult) -> None:
 def format_result(r: ExportResult) -> str:
     what = f"merged model ({r.dtype})" if r.merged else "adapter folder"
     lines = [
-        f"{what} written to {r.path} ({len(r.files)} files, {r.bytes / 2**20:.1f} MiB); base {r.base_model}"
+        f"{what} written to {r.path} ({plural(len(r.files), 'file')}, {r.bytes / 2**20:.1f} MiB); base {r.base_model}"
     ]
     if r.merged:
         lines.append(
