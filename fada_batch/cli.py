@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="train one category (resumes automatically)")
+    p = sub.add_parser(
+        "train", help="train one category, or the joint adapter (train.mode=joint); resumes automatically"
+    )
     _add_job_args(p)
-    who = p.add_mutually_exclusive_group(required=True)
+    who = p.add_mutually_exclusive_group()  # one of them, unless train.mode=joint
     who.add_argument("--category", help="category name or alias, e.g. Abdomen")
     who.add_argument(
         "--task-index",
@@ -340,6 +342,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fada_batch.run.task import Stopped, run_category_on_signals
 
     cfg = _load(args)
+    category = _train_target(cfg, args)
+    if category is None:
+        return EXIT_USAGE
+    result = run_category_on_signals(cfg, category, force=args.force)
+    if isinstance(result, Stopped):
+        return EXIT_FAILED if result.failed else EXIT_REQUEUED
+    _print_result(result)
+    return EXIT_OK
+
+
+def _train_target(cfg, args: argparse.Namespace) -> str | None:
+    """What `train` trains: the joint adapter (train.mode=joint; `--task-index 0` allowed, the
+    joint job's only task), the category of --category, or that of --task-index; None after
+    printing why the arguments do not fit."""
+    from fada_batch.training.outputs import JOINT
+
+    if cfg.train.mode == "joint":
+        if args.category is not None or args.task_index not in (None, 0):
+            print(
+                "error: train.mode=joint trains one adapter on all of data.categories: drop "
+                "--category/--task-index, or set -p train.mode=per_category to train one category",
+                file=sys.stderr,
+            )
+            return None
+        return JOINT
     if args.task_index is not None:
         cats = _job_categories(cfg)
         if not 0 <= args.task_index < len(cats):
@@ -348,15 +375,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{plural(len(cats), 'category', 'categories')} ({', '.join(cats)})",
                 file=sys.stderr,
             )
-            return EXIT_USAGE
-        category = cats[args.task_index]
-    else:
-        category = args.category
-    result = run_category_on_signals(cfg, category, force=args.force)
-    if isinstance(result, Stopped):
-        return EXIT_FAILED if result.failed else EXIT_REQUEUED
-    _print_result(result)
-    return EXIT_OK
+            return None
+        return cats[args.task_index]
+    if args.category is None:
+        print("error: train needs --category or --task-index (or train.mode=joint)", file=sys.stderr)
+        return None
+    return args.category
 
 
 def cmd_requeue_failed(args: argparse.Namespace) -> int:
@@ -445,6 +469,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"error: {why}", file=sys.stderr)
     else:
         print(format_table(pf))
+    if cfg.train.mode == "joint" and not args.json:
+        from fada_batch.run.launch import joint_description, make_plan
+
+        print(joint_description(cfg, make_plan(cfg, pf, executor="slurm")))
     # non-zero when a category is blocked, or when nothing at all can train
     return EXIT_FAILED if pf.blocked or pf.nothing_ready() else EXIT_OK
 
@@ -460,11 +488,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         print("error: collect needs --job JOB or --outputs DIR", file=sys.stderr)
         return EXIT_USAGE
     cats, labels, table, root = None, None, None, Path(args.outputs) if args.outputs else None
+    joint = False
     if args.job:
         cfg = _load(args)
         root = root or Path(cfg.output.root)
         cats, labels = _job_categories(cfg), LabelSource.from_data(asdict(cfg.data), root)
-        table = cfg.data.table()
+        table, joint = cfg.data.table(), cfg.train.mode == "joint"
     try:
         result = collect(
             root,
@@ -474,6 +503,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             compare=Path(args.compare) if args.compare else None,
             finished=args.finished,
             job_probe=job_phase,  # running / queued / ended, as SLURM says (unknown without it)
+            joint=joint,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

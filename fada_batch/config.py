@@ -151,6 +151,12 @@ class TrainConfig:
     final_model: Literal["best", "last"] = "best"
     early_stopping_patience: int | None = None  # stop after N validations without improvement
     early_stopping_min_delta: float = 0.0  # a validation loss must beat the best by more than this
+    # per_category: one adapter per category (blip2_<category>/); joint: ONE adapter trained on
+    # all of data.categories together (blip2_joint/), each category split by image as usual
+    mode: Literal["per_category", "joint"] = "per_category"
+    # joint mode: start each prompt with the category's name ("Abdomen. Question: ..."), so the
+    # adapter knows the view; false: the same prompt as a per-category adapter's
+    category_in_prompt: bool = True
 
 
 @dataclass
@@ -450,6 +456,13 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
         )
     if "{question}" not in d.prompt_template:
         problems.append("data.prompt_template must contain '{question}'")
+    if t.mode == "joint" and not d.categories:
+        problems.append("train.mode=joint needs at least one category in data.categories")
+    if t.mode == "joint" and any(re.sub(r"[\s_\-]+", "", c).lower() == "joint" for c in d.categories):
+        problems.append(
+            "train.mode=joint: a category named 'joint' would share the joint adapter's folder "
+            "(blip2_joint/): rename it in data.category_table"
+        )
     _check_categories(d, problems)
     for key, value, low in (
         ("train.num_epochs", t.num_epochs, 1),
@@ -614,6 +627,11 @@ def training_fingerprint(cfg: JobConfig) -> dict[str, Any]:
         del flat["data.normalize"]
     if flat.get("data.split_file") is None:  # ours, as before the key existed
         flat.pop("data.split_file", None)
+    if flat.pop("train.mode") == "joint":  # which categories train together changes the adapter
+        flat["train.mode"] = "joint"
+        flat["joint.categories"] = sorted(cfg.data.category(c).name for c in cfg.data.categories)
+    else:  # per-category runs keep the fingerprint they had before the keys existed
+        flat.pop("train.category_in_prompt")
     return {
         k: v
         for k, v in sorted(flat.items())

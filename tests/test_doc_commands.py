@@ -264,6 +264,16 @@ ELSEWHERE: dict[str, str] = {
     "python scripts/gpu_benchmark.py --scale tiny --device cpu --out b.json": (
         "test_gpu_benchmark.py::test_tiny_run_on_cpu_writes_figures"
     ),
+    # README.md, joint mode: on the demo data and the tiny model (the fixture trains through `train`)
+    "fada-batch validate --job job/full.yaml -p train.mode=joint": (
+        "test_joint.py::test_cli_validate_submit_and_train_in_joint_mode"
+    ),
+    "fada-batch train --job job/full.yaml -p train.mode=joint": (
+        "test_joint.py::test_cli_validate_submit_and_train_in_joint_mode"
+    ),
+    "fada-batch submit --job job/full.yaml -p train.mode=joint": (
+        "test_joint.py::test_cli_validate_submit_and_train_in_joint_mode"
+    ),
     "sbatch --dependency=afterany:<ARRAY_JOB_ID> slurm/collect.sbatch job/full.yaml": (
         "test_launch.py::test_plain_sbatch_array_trains_the_demo_categories"
     ),

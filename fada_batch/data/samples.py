@@ -11,7 +11,7 @@ about one image, with its prompt and reference answer. Token ids come later (`tr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Sample:
     question_index: int  # 0..7 (Q1..Q8)
     prompt: str  # the formatted prompt, e.g. "Question: ... Answer:"
     answer: str
+    category: str = ""  # joint mode: the category the image belongs to; "" for a category's own run
 
 
 @dataclass
@@ -49,7 +50,19 @@ class CategorySamples:
     val: list[Sample]
     test: list[Sample]
     questions: list[str]
-    data: Any  # dataset.CategoryData (for counts and problems)
+    data: Any  # dataset.CategoryData (for counts and problems); None for a joint run's union
+    # joint mode (`prepare_joint_data`): each category's own samples, under the same image
+    # keys and prompts as the union's; empty for a category's own run
+    parts: dict[str, CategorySamples] = field(default_factory=dict)
+
+
+def format_prompt(template: str, question: str, category: str | None = None) -> str:
+    """The prompt the model reads: `template` (data.prompt_template) with the question in it,
+    after the category's name as a short prefix when one is given (joint mode with
+    train.category_in_prompt): "Abdomen. Question: ... Answer:". The one place prompts are made:
+    training, evaluation and `ask` all call it."""
+    text = template.format(question=question)
+    return f"{category}. {text}" if category else text
 
 
 def samples_for(records: list[Any], names: set[str], questions: list[str], template: str) -> list[Sample]:
@@ -60,7 +73,7 @@ def samples_for(records: list[Any], names: set[str], questions: list[str], templ
             continue
         for qi, answer in enumerate(rec.answers):
             if answer:
-                out.append(Sample(rec.image_name, qi, template.format(question=questions[qi]), answer))
+                out.append(Sample(rec.image_name, qi, format_prompt(template, questions[qi]), answer))
     return out
 
 
@@ -174,3 +187,89 @@ def prepare_data(
         questions=questions,
         data=data,
     )
+
+
+JOINT_PARTS_DIR = "categories"  # joint mode: {joint folder}/categories/<slug>/ (split.json, eval/)
+
+
+def joint_image_key(category: Category, image: str) -> str:
+    """A joint run's key for an image: `<slug>/<name>`, since two categories may hold files of
+    the same name (the feature cache and the combined split.json are keyed by it)."""
+    return f"{category.slug}/{image}"
+
+
+def _joint_part(
+    cs: CategorySamples, category: Category, prefix: str | None, template: str
+) -> CategorySamples:
+    """One category's samples re-keyed for the joint run: images `<slug>/<name>`, prompts with
+    the category prefix (or without), the category named on every sample."""
+
+    def rekey(samples: list[Sample]) -> list[Sample]:
+        return [
+            replace(
+                s,
+                image=joint_image_key(category, s.image),
+                prompt=format_prompt(template, cs.questions[s.question_index], prefix),
+                category=category.name,
+            )
+            for s in samples
+        ]
+
+    sp = cs.split
+    return CategorySamples(
+        split=Split(
+            train=[joint_image_key(category, n) for n in sp.train],
+            val=[joint_image_key(category, n) for n in sp.val],
+            test=[joint_image_key(category, n) for n in sp.test],
+            seed=sp.seed,
+            fractions=sp.fractions,
+            source=sp.source,
+        ),
+        image_paths={joint_image_key(category, n): p for n, p in cs.image_paths.items()},
+        train=rekey(cs.train),
+        val=rekey(cs.val),
+        test=rekey(cs.test),
+        questions=cs.questions,
+        data=cs.data,
+    )
+
+
+def prepare_joint_data(
+    cfg: JobConfig, categories: list[Category], out_dir: Path, *, resuming: bool, replace_split: bool = False
+) -> CategorySamples:
+    """Joint mode: every category loaded and split by image exactly as its own run would be
+    (`prepare_data`, its split.json in `{out_dir}/categories/<slug>/`), then put together: the
+    training and validation sets are the union; `parts` keeps each category's own samples for
+    evaluation per category. A combined `split.json` in `out_dir` lists every category's images
+    (as `<slug>/<name>`).
+
+    Raises:
+        DataError: a category's data cannot be used (its name in the message).
+    """
+    parts: dict[str, CategorySamples] = {}
+    for category in categories:
+        sub = out_dir / JOINT_PARTS_DIR / category.slug
+        sub.mkdir(parents=True, exist_ok=True)
+        cs = prepare_data(cfg, category, sub, resuming=resuming, replace_split=replace_split)
+        prefix = category.display_name if cfg.train.category_in_prompt else None
+        parts[category.name] = _joint_part(cs, category, prefix, cfg.data.prompt_template)
+    first = next(iter(parts.values()))
+    union = CategorySamples(
+        split=Split(
+            train=[n for p in parts.values() for n in p.split.train],
+            val=[n for p in parts.values() for n in p.split.val],
+            test=[n for p in parts.values() for n in p.split.test],
+            seed=first.split.seed,
+            fractions=first.split.fractions,
+            source=first.split.source,
+        ),
+        image_paths={k: v for p in parts.values() for k, v in p.image_paths.items()},
+        train=[s for p in parts.values() for s in p.train],
+        val=[s for p in parts.values() for s in p.val],
+        test=[s for p in parts.values() for s in p.test],
+        questions=first.questions,
+        data=None,
+        parts=parts,
+    )
+    write_split(out_dir, union.split)
+    return union

@@ -19,6 +19,7 @@ from typing import Any
 
 from fada_batch.data.categories import STANDARD_QUESTIONS
 from fada_batch.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image_rgb
+from fada_batch.data.samples import format_prompt
 from fada_batch.evaluation.evaluate import (
     DEFAULT_SETTINGS,
     AdapterError,
@@ -166,7 +167,7 @@ class Asker:
         if problems:
             raise AskError(f"{plural(len(problems), 'image')} cannot be read:\n" + "\n".join(problems))
         keys = {str(p): p for p in paths}
-        items = [(str(p), self.template.format(question=q)) for p in paths for q in texts]
+        items = [(str(p), format_prompt(self.template, q)) for p in paths for q in texts]
         adapter, base = answer_both(
             self.loaded,
             self.encoder,

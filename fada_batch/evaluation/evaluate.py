@@ -32,7 +32,7 @@ import torch
 
 from fada_batch.config import normalize_level
 from fada_batch.data.normalize import Normalizer
-from fada_batch.data.samples import Sample
+from fada_batch.data.samples import JOINT_PARTS_DIR, Sample, format_prompt
 from fada_batch.evaluation.clinical import clinical_scores
 from fada_batch.evaluation.metrics import aggregate, majority_answers, question_label
 from fada_batch.fsutil import JobProbe, category_lock
@@ -536,6 +536,7 @@ def evaluate_loaded(
     settings: GenerationSettings = DEFAULT_SETTINGS,
     max_pixels: int = 100_000_000,
     normalize: str = "clean",
+    prefix: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate an adapter that is already loaded (a PeftModel in `loaded.model`).
 
@@ -549,6 +550,7 @@ def evaluate_loaded(
         split: "test" or "val": which held-out part of split.json.
         normalize: the job's `data.normalize` level: predictions are normalised like the
             references were before scoring (predictions.csv keeps them as generated).
+        prefix: the category name a joint adapter's prompts start with (`format_prompt`).
 
     Returns:
         the metrics.json content: {"adapter", "base", "majority"} blocks from
@@ -566,7 +568,7 @@ def evaluate_loaded(
     questions = samples.questions
     majority = majority_answers((s.question_index, s.answer) for s in samples.train)
     encoder = make_encoder(loaded, eos_token_id)
-    items = [(s.image, prompt_template.format(question=questions[s.question_index])) for s in held_out]
+    items = [(s.image, format_prompt(prompt_template, questions[s.question_index], prefix)) for s in held_out]
     t0 = time.time()
     adapter, base = answer_both(
         loaded,
@@ -709,6 +711,12 @@ def evaluate_after_training(
     adapter is already saved, and `fada-batch evaluate` can run the evaluation again.
     """
     try:
+        if getattr(samples, "parts", None):  # a joint adapter: per category and overall
+            metrics = evaluate_joint_loaded(
+                loaded, samples, out_dir, eos_token_id=eos_token_id, cfg=cfg, max_new_tokens=max_new_tokens
+            )
+            publish_scores(out_dir, metrics, tensorboard=cfg.train.tensorboard)
+            return {**summary_block(metrics), "categories": metrics["categories"]}
         metrics = evaluate_loaded(
             loaded,
             samples,
@@ -728,6 +736,60 @@ def evaluate_after_training(
         return {"error": f"{type(e).__name__}: {e}"[-2000:]}
     publish_scores(out_dir, metrics, tensorboard=cfg.train.tensorboard)
     return summary_block(metrics)
+
+
+def evaluate_joint_loaded(
+    loaded: Any, samples: Any, out_dir: Path, *, eos_token_id: int, cfg: Any, max_new_tokens: int | None
+) -> dict[str, Any]:
+    """A joint adapter (train.mode=joint) evaluated per category and overall, with the same
+    metrics and baselines as a category's own evaluation.
+
+    Each category's held-out images are answered and scored on their own (its questions, its
+    majority baseline from its training answers), written to
+    `{out_dir}/categories/<slug>/eval/`; the overall scores pool every category's rows and go
+    to `{out_dir}/eval/` with a "categories" block holding each category's summary block.
+
+    Returns:
+        the overall metrics.json content.
+    """
+    rows: list[dict[str, str]] = []
+    held_out: list[Sample] = []
+    per_category: dict[str, Any] = {}
+    settings = settings_from(cfg.eval, max_new_tokens)
+    for name, part in samples.parts.items():
+        category = cfg.data.category(name)
+        folder = Path(out_dir) / JOINT_PARTS_DIR / category.slug
+        metrics = evaluate_loaded(
+            loaded,
+            part,
+            folder,
+            eos_token_id=eos_token_id,
+            prompt_template=cfg.data.prompt_template,
+            split=cfg.eval.split,
+            settings=settings,
+            max_pixels=cfg.data.max_image_pixels,
+            normalize=normalize_level(cfg.data),
+            prefix=category.display_name if cfg.train.category_in_prompt else None,
+        )
+        per_category[name] = summary_block(metrics)
+        held_out += {"test": part.test, "val": part.val}[cfg.eval.split]
+        with open(folder / EVAL_DIR / PREDICTIONS_FILE, newline="") as f:
+            rows += list(csv.DictReader(f))
+    overall = score_models(held_out, rows, normalize_level(cfg.data))
+    overall.update(
+        settings={
+            **asdict(settings),
+            "do_sample": False,
+            "split": cfg.eval.split,
+            "eos_token_id": eos_token_id,
+        },
+        n_images=len({s.image for s in held_out}),
+        n_pairs=len(held_out),
+        no_eos={m: {"overall": sum(r[f"{m}_no_eos"] == "1" for r in rows)} for m in ("adapter", "base")},
+        categories=per_category,
+    )
+    write_eval(out_dir, rows, overall)
+    return overall
 
 
 def publish_scores(out_dir: Path, metrics: dict[str, Any], *, tensorboard: bool) -> None:

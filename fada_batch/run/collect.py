@@ -59,7 +59,7 @@ from fada_batch.run.questions import compare_questions, question_rows
 from fada_batch.run.report import fmt_duration
 from fada_batch.text import plural
 from fada_batch.training.card import CARD_FILE
-from fada_batch.training.outputs import EXPORTS_FILE, FINAL_MODEL
+from fada_batch.training.outputs import EXPORTS_FILE, FINAL_MODEL, JOINT
 from fada_batch.training.summary import STATUSES, SUMMARY_FILE, now_iso, read_summary
 from fada_batch.training.tblog import TENSORBOARD_DIR, event_files
 
@@ -151,6 +151,9 @@ class CategoryResult:
     tensorboard_dir: str | None = None  # its TensorBoard event files (written as it trains)
     card_path: str | None = None  # the model card: README.md in final_model/
     exports: list[dict[str, Any]] = field(default_factory=list)  # `fada-batch export`s that exist
+    # the joint adapter's row (train.mode=joint): its scores on each category's held-out images,
+    # category -> model -> overall metrics; None for a category's own adapter
+    joint_scores: dict[str, dict[str, dict[str, float]]] | None = None
     error: str | None = None  # the whole error text, as the summary holds it
     error_tail: str | None = None  # its last lines
     start_time: str | None = None
@@ -503,6 +506,28 @@ def _read_eval(folder: Path, summary: dict[str, Any] | None, problems: list[str]
     return (out or None), (source if out else None)
 
 
+def _read_joint_scores(folder: Path) -> dict[str, dict[str, dict[str, float]]] | None:
+    """The joint adapter's overall scores per category (eval/metrics.json "categories", as
+    `evaluation.evaluate.evaluate_joint_loaded` writes them): category -> model -> metric."""
+    raw: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        raw = json.loads((folder / EVAL_FILE).read_text())
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, block in _dict(_dict(raw).get("categories")).items():
+        models = {}
+        for model, key in (
+            ("adapter", "overall"),
+            ("base", "base_overall"),
+            ("majority", "majority_overall"),
+        ):
+            metrics = {k: n for k, v in _dict(_dict(block).get(key)).items() if (n := _num(v)) is not None}
+            if metrics:
+                models[model] = metrics
+        if models:
+            out[str(name)] = models
+    return out or None
+
+
 def _read_questions(folder: Path, summary: dict[str, Any] | None) -> tuple[Any, Any]:
     """(metrics.json's per-question block, its generation settings), each None when absent.
 
@@ -594,6 +619,8 @@ def resume_command(category: Category, folder: Path, output_root: Path, run: Run
         siblings = sorted(output_root.glob(f"blip2_*/{CONFIG_FILE}"))
         job = run.job_file or (siblings[0] if siblings else Path("JOB.yaml"))
     on_slurm = run.executor == "slurm" if run.executor else slurm
+    if category.name == JOINT:  # the joint adapter: the job itself says train.mode=joint
+        return f"fada-batch {'submit' if on_slurm else 'train'} --job {shlex.quote(str(job))}"
     if on_slurm:
         return f"fada-batch submit --job {shlex.quote(str(job))} --categories {shlex.quote(category.name)}"
     return f"fada-batch train --job {shlex.quote(str(job))} --category {shlex.quote(category.name)}"
@@ -738,6 +765,7 @@ def collect_category(
     if not readable:
         return r
     r.eval, r.eval_source = _read_eval(folder, summary, problems)
+    r.joint_scores = _read_joint_scores(folder) if category.name == JOINT else None
     _find_files(r, folder)
     r.questions, r.generation = _read_questions(folder, summary)
     status = summary.get("status") if summary is not None else None
@@ -988,8 +1016,10 @@ def collect(
     compare: Path | None = None,
     finished: bool = False,
     job_probe: JobProbe | None = None,
+    joint: bool = False,
 ) -> CollectResult:
-    """Read every category's results under `output_root`.
+    """Read every category's results under `output_root`, and the joint adapter's
+    (`blip2_joint/`) when it is there.
 
     Args:
         output_root: the job's `output.root` (holds `blip2_{slug}/`).
@@ -1007,6 +1037,8 @@ def collect(
             a category that has not completed is `stopped` (needs attention, exit non-zero).
         job_probe: asks SLURM about a task's job (`slurmjobs.job_phase`): running, queued
             or ended. None: judge from the files (and the lock holder's pid and age) alone.
+        joint: the job trains one joint adapter (train.mode=joint): its row is the one asked
+            for, and a category's own adapter is shown beside it only where its folder exists.
 
     Returns:
         A CollectResult; `exit_code()` is non-zero when a requested category failed or
@@ -1022,20 +1054,18 @@ def collect(
     names, labels, table, source = _the_job(output_root, categories, data_root, labels, table, problems)
     now = time.time()
     run = read_run_info(output_root, problems)
-    results = [
-        collect_category(
-            table.get(n),
-            output_root / table.get(n).output_dirname,
-            requested=True,
-            labels=labels,
-            problems=problems,
-            finished=finished,
-            now=now,
-            job_probe=job_probe,
-            run=run,
-        )
-        for n in names
-    ]
+    results = _rows(
+        output_root,
+        names,
+        table,
+        labels,
+        problems,
+        joint=joint,
+        finished=finished,
+        now=now,
+        job_probe=job_probe,
+        run=run,
+    )
     problems += _folders_left_out(output_root, names, table)
     result = CollectResult(
         output_root=str(output_root),
@@ -1050,6 +1080,59 @@ def collect(
         other = collect(Path(compare), categories=None, finished=finished)
         result.compare = compare_runs(result, other)
     return result
+
+
+def _rows(
+    output_root: Path,
+    names: list[str],
+    table: CategoryTable,
+    labels: LabelSource | None,
+    problems: list[str],
+    *,
+    joint: bool,
+    finished: bool,
+    now: float,
+    job_probe: JobProbe | None,
+    run: RunInfo,
+) -> list[CategoryResult]:
+    """One result per category asked for, then the joint adapter's when the job trains one or
+    its folder is there. A joint job asks for the joint adapter only: a category's own adapter
+    is shown beside it where it has a folder."""
+    results = [
+        collect_category(
+            table.get(n),
+            output_root / table.get(n).output_dirname,
+            requested=not joint,
+            labels=labels,
+            problems=problems,
+            finished=finished,
+            now=now,
+            job_probe=job_probe,
+            run=run,
+        )
+        for n in names
+        if not joint or (output_root / table.get(n).output_dirname).is_dir()
+    ]
+    if joint or (output_root / f"blip2_{JOINT}").is_dir():
+        results.append(
+            collect_category(
+                joint_row_category([table.get(n).display_name for n in names]),
+                output_root / f"blip2_{JOINT}",
+                requested=joint,
+                labels=None,
+                problems=problems,
+                finished=finished,
+                now=now,
+                job_probe=job_probe,
+                run=run,
+            )
+        )
+    return results
+
+
+def joint_row_category(shown: list[str]) -> Category:
+    """The joint adapter's row (`blip2_joint/`), named `joint`, shown as "Joint (A, B)"."""
+    return Category(JOINT, folder="", sheet="", display=f"Joint ({', '.join(shown)})")
 
 
 def _the_job(
@@ -1095,7 +1178,7 @@ def _folders_left_out(output_root: Path, names: list[str], table: CategoryTable)
     """A problem for each `blip2_*` folder that is no category, or not one asked for."""
     problems = []
     for p in sorted(output_root.glob("blip2_*")):
-        if not p.is_dir():
+        if not p.is_dir() or p.name == f"blip2_{JOINT}":  # the joint adapter: a row of its own
             continue
         cat = table.for_folder(p.name)
         if cat is None:

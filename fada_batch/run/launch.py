@@ -120,9 +120,9 @@ class TrainTask(submitit.helpers.Checkpointable):
             requeue.RequeueError: the requeue could not happen (summary: failed, requeue_failed).
             SystemExit: requeued (submitit's exit after a requeue).
         """
-        from fada_batch.training.outputs import category_output_dir
+        from fada_batch.training.outputs import category_output_dir, task_category
 
-        cat = cfg.data.category(category)
+        cat = task_category(cfg, category)
         out_dir = category_output_dir(cfg, cat)
         resume = requeue.resume_hint(cfg.name, cat.name, checkpoint)
         if self._signum == signal.SIGTERM:
@@ -232,6 +232,7 @@ def run_collect(job: dict[str, Any], categories: list[str]) -> dict[str, Any]:
         table=cfg.data.table(),
         finished=True,
         job_probe=job_phase,
+        joint=cfg.train.mode == "joint",
     )
     written = result.write_report()
     print(result.text(), flush=True)
@@ -328,6 +329,55 @@ def make_plan(
     )
 
 
+def joint_description(cfg: JobConfig, plan: Plan) -> str:
+    """What a joint run (train.mode=joint) will use: its categories and images, the prompt,
+    the folder; or why it cannot start (a category awaiting labels or blocked)."""
+    from fada_batch.training.outputs import joint_output_dir
+
+    cats = plan.requested
+    missing = plan.awaiting + list(plan.blocked)
+    if missing:
+        return (
+            f"joint mode: cannot start: {', '.join(missing)} not ready (awaiting labels or "
+            "blocked); a joint adapter trains on every category in data.categories. Leave them "
+            "out (-p data.categories=[...]) or fix their data."
+        )
+    images = ", ".join(f"{c} {plural(plan.sizes[c], 'image')}" for c in cats)
+    prompt = (
+        "each prompt starts with the category's name (train.category_in_prompt)"
+        if cfg.train.category_in_prompt
+        else "prompts without the category (train.category_in_prompt=false)"
+    )
+    return (
+        f"joint mode: ONE adapter on {plural(len(cats), 'category', 'categories')} ({images}; "
+        f"{sum(plan.sizes[c] for c in cats)} in all), each split by image as on its own; {prompt}; "
+        f"output: {joint_output_dir(cfg)}"
+    )
+
+
+def joint_plan(cfg: JobConfig, plan: Plan, *, chosen: bool, out: Any) -> Plan:
+    """The plan of a joint run: one task, `outputs.JOINT`, for all of data.categories (said
+    on `out`); `chosen`: submit was given --categories, which a joint run refuses.
+
+    Raises:
+        SubmitError: `chosen` (the joint adapter trains on data.categories; the fix).
+        NoDataError: a requested category is awaiting labels or blocked (named, with the fix).
+    """
+    from fada_batch.training.outputs import JOINT
+
+    if chosen:
+        raise SubmitError(
+            "--categories does not apply to train.mode=joint (one adapter on all of "
+            "data.categories): choose them with -p 'data.categories=[A,B]'"
+        )
+    if plan.awaiting or plan.blocked:
+        raise NoDataError(joint_description(cfg, plan))
+    print(joint_description(cfg, plan), file=out, flush=True)
+    plan.sizes[JOINT] = sum(plan.sizes[c] for c in plan.requested)
+    plan.submit = [JOINT] if plan.submit else []
+    return plan
+
+
 def log_dir(cfg: JobConfig) -> Path:
     """Logs go to shared storage next to the outputs (never /tmp: other nodes can't see it)."""
     return Path(cfg.cluster.log_dir or Path(cfg.output.root) / "logs")
@@ -417,6 +467,8 @@ def submit(
     if pf.no_data:
         raise NoDataError(pf.no_data)
     plan = make_plan(cfg, pf, executor=executor, smallest_first=smallest_first)
+    if cfg.train.mode == "joint":  # one task trains one adapter on every requested category
+        plan = joint_plan(cfg, plan, chosen=categories is not None, out=out)
     if not force:  # refuse now, not in each task: completed/checkpointed under another config
         from fada_batch.training.outputs import COMPLETED, check_fingerprints
 
@@ -560,7 +612,12 @@ def _run_here(
 
     labels = LabelSource.from_data(asdict(cfg.data), plan.output_root)
     result = collect(
-        plan.output_root, categories=plan.requested, labels=labels, table=cfg.data.table(), finished=True
+        plan.output_root,
+        categories=plan.requested,
+        labels=labels,
+        table=cfg.data.table(),
+        finished=True,
+        joint=cfg.train.mode == "joint",
     )
     written = result.write_report()
     print(result.text(), file=out, flush=True)

@@ -432,6 +432,7 @@ def render_markdown(collected: dict[str, Any], plot_files: dict[str, str] | None
     out += _md_training(cats)
     out += _md_attention(cats)
     out += _md_evaluation(cats)
+    out += _md_joint(cats)
     if plot_files:
         out += ["## Plots", ""]
         for name, rel in plot_files.items():
@@ -579,6 +580,67 @@ def _md_evaluation(cats: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+JOINT_HEAD = [
+    "Category",
+    "own adapter exact match",
+    "own adapter token F1",
+    "joint adapter exact match",
+    "joint adapter token F1",
+    "base token F1",
+    "majority token F1",
+]
+JOINT_NOTE = (
+    "The joint adapter (train.mode=joint) on each category's held-out images, beside that "
+    "category's own adapter where one was trained in this output root (the same images when "
+    "both used the same split settings)."
+)
+
+
+def joint_rows(cats: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per category the joint adapter was evaluated on: its scores there beside the
+    category's own adapter's (blank where none), and the base model's and majority answer's."""
+    joint = next((c for c in cats if c.get("joint_scores")), None)
+    if joint is None:
+        return []
+    own = {c["category"]: _eval_overall(c) for c in cats if not c.get("joint_scores")}
+    rows = []
+    for name, models in joint["joint_scores"].items():
+        mine, j = own.get(name) or {}, models.get("adapter") or {}
+        rows.append(
+            [name, fmt_num(mine.get("exact_match"), 3), fmt_num(mine.get("token_f1"), 3),
+             fmt_num(j.get("exact_match"), 3), fmt_num(j.get("token_f1"), 3),
+             fmt_num((models.get("base") or {}).get("token_f1"), 3),
+             fmt_num((models.get("majority") or {}).get("token_f1"), 3)]
+        )  # fmt: skip
+    return rows
+
+
+def _md_joint(cats: list[dict[str, Any]]) -> list[str]:
+    rows = joint_rows(cats)
+    if not rows:
+        return []
+    return [
+        "## Joint adapter beside the per-category adapters",
+        "",
+        JOINT_NOTE,
+        "",
+        *_md_table(JOINT_HEAD, rows),
+    ]
+
+
+def _html_joint(cats: list[dict[str, Any]]) -> list[str]:
+    rows = joint_rows(cats)
+    if not rows:
+        return []
+    body = ["<tr>" + "".join(_td(x, "num") for x in row) + "</tr>" for row in rows]
+    return [
+        '<section id="joint"><h2>Joint adapter beside the per-category adapters</h2>',
+        f'<p class="note">{_e(JOINT_NOTE)}</p>',
+        _html_table(JOINT_HEAD, body, table_id="joint-table"),
+        "</section>",
+    ]
+
+
 def _eval_table(c: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per question: the adapter's metrics, and token F1 of the base model and majority answer."""
     ev = c.get("eval") or {}
@@ -682,6 +744,7 @@ def render_html(collected: dict[str, Any], plots: dict[str, bytes]) -> str:
     parts += _html_attention(cats)
     parts += _html_plots(plots)
     parts += _html_evaluation(cats)
+    parts += _html_joint(cats)
     parts += _html_compare(collected.get("compare"))
     if collected.get("problems"):
         parts.append('<section id="problems"><h2>Problems found while collecting</h2><ul>')

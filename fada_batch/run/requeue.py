@@ -115,6 +115,8 @@ def classify_signal(
 
 def resume_hint(job_name: str, category: str, checkpoint: Path | None) -> str:
     where = f"from {checkpoint.name}" if checkpoint else "from its last checkpoint"
+    if category == "joint":  # outputs.JOINT: the joint adapter's task (train.mode: joint)
+        return f"`fada-batch submit --job JOB` with this run's job file (job name '{job_name}') resumes it {where}"
     return (
         f"`fada-batch submit --job JOB --categories {category}` with this run's job file "
         f"(job name '{job_name}') resumes it {where}"

@@ -26,8 +26,8 @@ from fada_batch.config import JobConfig
 from fada_batch.evaluation.evaluate import evaluate_after_training
 from fada_batch.run import requeue
 from fada_batch.run.slurmjobs import job_phase
-from fada_batch.training.outputs import category_output_dir
-from fada_batch.training.recipe import FinalModel, StopRequested, train_category
+from fada_batch.training.outputs import JOINT, category_output_dir, task_category
+from fada_batch.training.recipe import FinalModel, StopRequested, train_category, train_joint
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,19 @@ def run_category(
     requeues: int = 0,
     progress_stream: Any = None,
 ) -> dict[str, Any]:
-    """Train one category (`train_category`: same arguments, same exceptions), evaluating the
-    adapter it ships when `eval.after_training`; returns the summary."""
+    """Train one category (`train_category`: same arguments, same exceptions), or the joint
+    adapter when `category` is `outputs.JOINT` (`train_joint`), evaluating the adapter it ships
+    when `eval.after_training`; returns the summary."""
+    if category == JOINT:
+        return train_joint(
+            cfg,
+            force=force,
+            should_stop=should_stop,
+            requeues=requeues,
+            progress_stream=progress_stream,
+            job_probe=job_phase,
+            after_save=evaluate_in_memory if cfg.eval.after_training else None,
+        )
     return train_category(
         cfg,
         category,
@@ -112,7 +123,7 @@ def run_category_on_signals(
         )
     except StopRequested as e:
         print(f"{category}: stopped after saving {e.checkpoint}", file=sys.stderr, flush=True)
-        cat = cfg.data.category(category)
+        cat = task_category(cfg, category)
         reason = requeue.after_sbatch_stop(
             category_output_dir(cfg, cat),
             cat.name,

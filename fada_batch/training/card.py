@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from fada_batch.data.samples import format_prompt
 from fada_batch.text import plural
 
 CARD_FILE = "README.md"
@@ -84,7 +85,7 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _usage(f: dict[str, Any]) -> list[str]:
     q1 = f["questions"][0] if f["questions"] else "..."
-    prompt = f["prompt_template"].format(question=q1)
+    prompt = format_prompt(f["prompt_template"], q1)
     return [
         "## How to use",
         "",

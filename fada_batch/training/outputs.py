@@ -37,8 +37,29 @@ EXPORTS_FILE = (
 )
 
 
+JOINT = "joint"  # the joint adapter's name: its folder is `blip2_joint/`
+
+
 def category_output_dir(cfg: JobConfig, category: Category) -> Path:
     return Path(cfg.output.root) / category.output_dirname
+
+
+def joint_category(cfg: JobConfig) -> Category:
+    """The joint adapter (train.mode=joint) as the recipe sees a category: named `joint`, its
+    folder `{output.root}/blip2_joint/`, shown as "Joint (Abdomen, Femur)"."""
+    names = ", ".join(cfg.data.category(c).display_name for c in cfg.data.categories)
+    return Category(JOINT, folder="", sheet="", display=f"Joint ({names})")
+
+
+def task_category(cfg: JobConfig, name: str) -> Category:
+    """The category a task trains: `joint_category` for the joint task (`JOINT`), else the
+    job's category of that name or alias."""
+    return joint_category(cfg) if name == JOINT else cfg.data.category(name)
+
+
+def joint_output_dir(cfg: JobConfig) -> Path:
+    """`{output.root}/blip2_joint/`: the joint adapter's folder."""
+    return category_output_dir(cfg, joint_category(cfg))
 
 
 def final_model_complete(folder: Path) -> bool:
@@ -143,7 +164,7 @@ def check_fingerprints(cfg: JobConfig, categories: list[str]) -> dict[str, str]:
     messages = []
     found: dict[str, str] = {}
     for name in categories:
-        category = cfg.data.category(name)
+        category = task_category(cfg, name)
         out_dir = category_output_dir(cfg, category)
         try:
             if completed_under(out_dir, category, cfg, quiet=True) is not None:

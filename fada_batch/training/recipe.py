@@ -1,6 +1,7 @@
 """Train ONE category: label sheet -> split -> LoRA training -> `final_model/` + summary.
 
     summary = train_category(cfg, "Abdomen")
+    summary = train_joint(cfg)      # train.mode=joint: one adapter on all of data.categories
 
 Setup, train, save, clean up, top to bottom: `_setup` (model, LoRA, tokens, optimizer),
 `_resume`, then `_loop` over `_train_epoch` (each step `_optimizer_step`, the step itself in
@@ -34,7 +35,13 @@ import torch
 from fada_batch.config import JobConfig, dump_yaml, training_fingerprint
 from fada_batch.data.categories import DEMO_DATA_MARKER, TINY_MODEL_MARKER, Category
 from fada_batch.data.dataset import has_labels
-from fada_batch.data.samples import CategorySamples, DataError, prepare_data, workbook_cache_dir
+from fada_batch.data.samples import (
+    CategorySamples,
+    DataError,
+    prepare_data,
+    prepare_joint_data,
+    workbook_cache_dir,
+)
 from fada_batch.fsutil import (
     JobProbe,
     atomic_dir,
@@ -67,6 +74,7 @@ from fada_batch.training.outputs import (
     completed_summary,
     completed_under,
     fingerprint_mismatch,
+    joint_category,
 )
 from fada_batch.training.progress import Progress
 from fada_batch.training.step import (
@@ -186,6 +194,12 @@ def _base_summary(cfg: JobConfig, category: Category, out_dir: Path) -> dict[str
 
 
 def _data_counts(cs: CategorySamples) -> dict[str, Any]:
+    if cs.parts:  # joint: the union's counts, and each category's own under "per_category"
+        return {
+            "images": {"train": len(cs.split.train), "val": len(cs.split.val), "test": len(cs.split.test)},
+            "qa_pairs": {"train": len(cs.train), "val": len(cs.val), "test": len(cs.test)},
+            "per_category": {name: _data_counts(part) for name, part in cs.parts.items()},
+        }
     data = cs.data
     warnings = [p for p in data.problems if p.severity == "warning"]
     return {
@@ -276,7 +290,65 @@ def train_category(
         )
 
 
-def _check_data_root(cfg: JobConfig, category: Category) -> None:
+def train_joint(
+    cfg: JobConfig,
+    *,
+    force: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    requeues: int = 0,
+    progress_stream: Any = None,
+    job_probe: JobProbe | None = None,
+    after_save: AfterSave | None = None,
+) -> dict[str, Any]:
+    """Joint mode (train.mode=joint): ONE adapter trained on all of `data.categories` together,
+    in `{output.root}/blip2_joint/`; each category split by image as its own run would be
+    (`data.samples.prepare_joint_data`). The same recipe as `train_category` (resume, lock,
+    skip when completed, best checkpoint, atomic writes), with the same arguments.
+
+    Raises:
+        DataError: the data root holds no data, or a category has no labels yet (a joint
+            adapter is trained on every category it names).
+        as `train_category` otherwise.
+    """
+    categories = [cfg.data.category(c) for c in cfg.data.categories]
+    joint = joint_category(cfg)
+    _check_data_root(cfg, *categories)
+    out_dir = ensure_writable(category_output_dir(cfg, joint))
+    summary = _base_summary(cfg, joint, out_dir)
+    summary.update(mode="joint", categories=[c.name for c in categories])
+    d = cfg.data
+    cache = workbook_cache_dir(cfg)
+    waiting = [
+        c.name
+        for c in categories
+        if not has_labels(Path(d.root), c, labels=d.labels, workbook=d.workbook, cache_dir=cache)
+    ]
+    if waiting:
+        raise DataError(
+            f"joint training: no labels yet for {', '.join(waiting)}; a joint adapter is trained "
+            "on every category in data.categories. Leave them out (-p data.categories=[...]) or "
+            "add their labels."
+        )
+    if not force and (previous := completed_under(out_dir, joint, cfg)) is not None:
+        return previous
+    with category_lock(out_dir, job_probe=job_probe):
+        if not force and (previous := completed_under(out_dir, joint, cfg)) is not None:
+            return previous
+        return _train_locked(
+            cfg,
+            joint,
+            out_dir,
+            summary,
+            force=force,
+            should_stop=should_stop,
+            requeues=requeues,
+            progress_stream=progress_stream,
+            after_save=after_save,
+            joint_of=categories,
+        )
+
+
+def _check_data_root(cfg: JobConfig, *categories: Category) -> None:
     """A data root that holds no data at all (missing, empty, not mounted, a mistyped
     `data.root`) is the command's mistake, not the category's state: refuse before anything is
     written, with validate's message.
@@ -286,7 +358,7 @@ def _check_data_root(cfg: JobConfig, category: Category) -> None:
     """
     from fada_batch.data.validate import find_no_data
 
-    if (why := find_no_data(Path(cfg.data.root), [category])) is not None:
+    if (why := find_no_data(Path(cfg.data.root), list(categories))) is not None:
         raise DataError(why)
 
 
@@ -341,9 +413,11 @@ def _train_locked(
     requeues: int,
     progress_stream: Any,
     after_save: AfterSave | None,
+    joint_of: list[Category] | None = None,
 ) -> dict[str, Any]:
     """Under the category's lock: the folder made ready, then the training; however it ends
-    (completed, stopped, interrupted, failed), the summary says so."""
+    (completed, stopped, interrupted, failed), the summary says so. `joint_of`: the categories
+    of a joint run (`category` is then `outputs.joint_category`)."""
     t_start = time.time()
     remove_stale_tmp(out_dir)
     reached("setup.locked")
@@ -359,7 +433,7 @@ def _train_locked(
         earlier_attempts_wall_time_s=round(earlier_wall, 2),
     )
     cs, config_yaml = _prepare_folder(
-        cfg, category, out_dir, summary, force=force, resuming=latest is not None
+        cfg, category, out_dir, summary, force=force, resuming=latest is not None, joint_of=joint_of
     )
     try:
         return _run_training(
@@ -404,9 +478,17 @@ def _train_locked(
 
 
 def _prepare_folder(
-    cfg: JobConfig, category: Category, out_dir: Path, summary: dict[str, Any], *, force: bool, resuming: bool
+    cfg: JobConfig,
+    category: Category,
+    out_dir: Path,
+    summary: dict[str, Any],
+    *,
+    force: bool,
+    resuming: bool,
+    joint_of: list[Category] | None = None,
 ) -> tuple[CategorySamples, str]:
-    """The samples (split.json written or reused) and the folder made ready for training:
+    """The samples (split.json written or reused; a joint run's per category, `joint_of`) and
+    the folder made ready for training:
     with `force` the old checkpoints and adapter removed, `config.yaml` and the summary
     written. Returns the samples and the config as written.
 
@@ -415,7 +497,10 @@ def _prepare_folder(
             summary is there: it stays).
     """
     try:
-        cs = prepare_data(cfg, category, out_dir, resuming=resuming, replace_split=force)
+        if joint_of is not None:
+            cs = prepare_joint_data(cfg, joint_of, out_dir, resuming=resuming, replace_split=force)
+        else:
+            cs = prepare_data(cfg, category, out_dir, resuming=resuming, replace_split=force)
     except DataError as e:
         summary.update(status="invalid_data", error=str(e), end_time=now_iso())
         _write_unless_completed(out_dir, summary)
@@ -897,6 +982,8 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
         "max_new_tokens": answers["max_new_tokens"],  # evaluation's and ask's default limit
         "shipped": {k: shipped[k] for k in ("kind", "step", "val_loss", "reason")},
     }
+    if cs.parts:  # joint: which categories, and whether prompts start with the category's name
+        record.update(mode="joint", categories=list(cs.parts), category_in_prompt=tc.category_in_prompt)
     card = render_card(_card_facts(run, shipped, answers["max_new_tokens"], eos))
     final = save_final_model(
         run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record, card=card

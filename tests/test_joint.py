@@ -1,0 +1,219 @@
+"""Joint mode (train.mode=joint): one adapter trained on several categories together, on the
+tiny model and the demo data: the folder it writes, resume after a stop, evaluation per
+category and overall, the collector's side-by-side table, the CLI, and the prompt prefix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fada_batch.config import ConfigError, dump_yaml, training_fingerprint
+from fada_batch.data.samples import prepare_data, prepare_joint_data
+from fada_batch.data.split import read_split
+from fada_batch.training.outputs import FINAL_MODEL, JOINT
+from fada_batch.training.recipe import StopRequested, train_joint
+
+CATS = ["Abdomen", "Femur"]
+JOINT_JOB = {
+    "train.mode": "joint",
+    "data.categories": CATS,
+    "data.num_images": 12,
+    "train.num_epochs": 2,
+    "train.checkpoint_every_steps": 2,
+    "train.tensorboard": False,
+}
+
+
+@pytest.fixture(scope="module")
+def joint_run(tiny_model_dir, demo_root, tmp_path_factory):
+    """A joint run on Abdomen and Femur through `fada-batch train --job J` (evaluated after
+    training), and Femur's own adapter in the same output root: the read-only checks below."""
+    from fada_batch.cli import main
+    from fada_batch.config import config_from_dict, load_job
+
+    raw = load_job(Path("job/demo.yaml")).to_dict()
+    raw["data"].update(root=str(demo_root), num_images=12, categories=CATS)
+    raw["model"]["name_or_path"] = str(tiny_model_dir)
+    raw["output"]["root"] = str(tmp_path_factory.mktemp("joint") / "out puts")
+    raw["train"].update(
+        mode="joint", num_epochs=2, checkpoint_every_steps=2, log_every_s=0.0, tensorboard=False
+    )
+    cfg = config_from_dict(raw)
+    job = Path(cfg.output.root).parent / "job.yaml"
+    job.write_text(dump_yaml(cfg))
+    assert main(["train", "--job", str(job)]) == 0
+    from fada_batch.run.task import run_category
+
+    own = config_from_dict({**raw, "train": {**raw["train"], "mode": "per_category"}})
+    assert run_category(own, "Femur")["eval"]["n_pairs"] > 0  # evaluated, as the joint one
+    return cfg, job, Path(cfg.output.root) / "blip2_joint"
+
+
+def test_joint_run_writes_a_category_folders_layout(joint_run, tmp_path):
+    cfg, _job, out = joint_run
+    for f in ("training_summary.json", "split.json", "config.yaml"):
+        assert (out / f).is_file(), f
+    for f in ("adapter_config.json", "adapter_model.safetensors", "fada_batch.json", "README.md"):
+        assert (out / FINAL_MODEL / f).is_file(), f
+    assert sorted(p.name for p in out.glob("checkpoint-*"))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["status"], summary["category"], summary["mode"]) == ("completed", JOINT, "joint")
+    assert summary["categories"] == CATS and sorted(summary["per_category"]) == CATS
+    marker = json.loads((out / FINAL_MODEL / "fada_batch.json").read_text())
+    assert (marker["mode"], marker["categories"], marker["category_in_prompt"]) == ("joint", CATS, True)
+    # each category split by image exactly as its own run splits it; the union trains
+    combined = read_split(out)
+    for name in CATS:
+        category = cfg.data.category(name)
+        mine = read_split(out / "categories" / category.slug)
+        alone = prepare_data(cfg, category, tmp_path / name, resuming=False).split
+        assert mine is not None and mine.to_dict() == alone.to_dict()
+        assert set(combined.train) >= {f"{category.slug}/{n}" for n in alone.train}
+        assert summary["per_category"][name]["images"]["train"] == len(alone.train)
+    assert (
+        summary["images"]["train"]
+        == len(combined.train)
+        == sum(summary["per_category"][n]["images"]["train"] for n in CATS)
+    )
+
+
+def test_joint_adapter_is_evaluated_per_category_and_overall(joint_run):
+    cfg, _job, out = joint_run
+    overall = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {"adapter", "base", "majority", "questions"} <= set(overall)
+    assert sorted(overall["categories"]) == CATS
+    n_pairs = 0
+    for name in CATS:
+        part = out / "categories" / cfg.data.category(name).slug / "eval"
+        metrics = json.loads((part / "metrics.json").read_text())
+        assert {"adapter", "base", "majority"} <= set(metrics)  # the same blocks as a category's
+        assert overall["categories"][name]["overall"] == metrics["adapter"]["overall"]
+        n_pairs += metrics["n_pairs"]
+        rows = (part / "predictions.csv").read_text().splitlines()[1:]
+        assert rows and all(r.startswith(f"{cfg.data.category(name).slug}/") for r in rows)
+    assert overall["n_pairs"] == n_pairs == overall["adapter"]["overall"]["n"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["eval"]["categories"]["Femur"]["n_pairs"] > 0
+
+
+def test_collector_shows_the_joint_adapter_beside_the_category_adapters(joint_run):
+    from fada_batch.run.collect import collect
+
+    cfg, _job, out = joint_run
+    result = collect(out.parent, categories=CATS, table=cfg.data.table(), finished=True, joint=True)
+    rows = {c.category: c for c in result.categories}
+    assert set(rows) == {"Femur", JOINT}  # Abdomen has no adapter of its own here: no row
+    joint = rows[JOINT]
+    assert joint.state == "completed" and joint.requested and not rows["Femur"].requested
+    assert joint.display.startswith("Joint (") and sorted(joint.joint_scores or {}) == CATS
+    assert result.exit_code() == 0
+    written = result.write_report()
+    md = written["md"].read_text()
+    section = md.split("## Joint adapter beside the per-category adapters", 1)[1].split("\n## ", 1)[0]
+    femur_line = next(line for line in section.splitlines() if line.startswith("| Femur |"))
+    cells = [c.strip() for c in femur_line.strip("|").split("|")]
+    own_f1 = rows["Femur"].eval["adapter"]["overall"]["token_f1"]
+    assert cells[2] == f"{own_f1:.3f}"
+    assert cells[4] == f"{joint.joint_scores['Femur']['adapter']['token_f1']:.3f}"
+    abdomen = next(line for line in section.splitlines() if line.startswith("| Abdomen |"))
+    assert [c.strip() for c in abdomen.strip("|").split("|")][1] == "–"  # no own adapter
+    assert 'id="joint-table"' in written["html"].read_text()
+
+
+def test_joint_resume_after_a_stop_matches_an_uninterrupted_run(job_factory, tmp_path):
+    """Stopped for a requeue after a checkpoint, then run again: it resumes there and ships
+    the same adapter as a run that was never stopped."""
+    job = {**JOINT_JOB, "eval.after_training": False}
+    stopped = job_factory(job, out=tmp_path / "stopped")
+    polls = iter(range(1000))
+    with pytest.raises(StopRequested):
+        train_joint(stopped, should_stop=lambda: next(polls) >= 3)
+    out = Path(stopped.output.root) / "blip2_joint"
+    assert json.loads((out / "training_summary.json").read_text())["status"] == "interrupted"
+    resumed = train_joint(stopped)
+    assert resumed["status"] == "completed" and resumed["resumes"] == 1
+    assert train_joint(stopped)["end_time"] == resumed["end_time"]  # completed: skipped
+    straight = train_joint(job_factory(job, out=tmp_path / "straight"))
+    assert straight["resumes"] == 0 and straight["steps"] == resumed["steps"]
+    a = load_file(str(out / FINAL_MODEL / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "blip2_joint" / FINAL_MODEL / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_category_prefix_on_and_off_changes_the_prompt_at_the_collate_level(job_factory, tmp_path):
+    from fada_batch.training.collate import Encoder
+    from fada_batch.training.model import eos_token_id, load_base_model
+
+    rows = {}
+    for on in (True, False):
+        cfg = job_factory({**JOINT_JOB, "train.category_in_prompt": on}, out=tmp_path / str(on))
+        cats = [cfg.data.category(c) for c in CATS]
+        rows[on] = prepare_joint_data(cfg, cats, tmp_path / str(on), resuming=False)
+    with_prefix, without = rows[True].train[0], rows[False].train[0]
+    assert with_prefix.prompt == f"Abdomen. {without.prompt}"
+    assert without.prompt.startswith("Question: ") and with_prefix.category == "Abdomen"
+    femur = next(s for s in rows[True].train if s.category == "Femur")
+    assert femur.prompt.startswith("Femur. Question: ")
+    loaded = load_base_model(str(job_factory().model.name_or_path), device="cpu")
+    config = loaded.model.config
+    encoder = Encoder(
+        loaded.processor,
+        num_query_tokens=config.num_query_tokens,
+        image_token_id=config.image_token_id,
+        eos_token_id=eos_token_id(loaded.model, loaded.processor),
+    )
+    a, b = encoder.encode(with_prefix), encoder.encode(without)
+    assert a.prompt_len > b.prompt_len and a.input_ids != b.input_ids
+    assert a.input_ids[a.prompt_len :] == b.input_ids[b.prompt_len :]  # the same answer tokens
+
+
+def test_joint_config_rules_and_fingerprint(job_factory):
+    per_category = job_factory()
+    fp = training_fingerprint(per_category)
+    assert "train.mode" not in fp and "train.category_in_prompt" not in fp  # as before the keys
+    assert training_fingerprint(job_factory({"train.category_in_prompt": False})) == fp
+    joint = training_fingerprint(job_factory(JOINT_JOB))
+    assert joint["train.mode"] == "joint" and joint["joint.categories"] == CATS
+    assert joint["train.category_in_prompt"] is True
+    other = training_fingerprint(job_factory({**JOINT_JOB, "data.categories": ["Abdomen", "Thorax"]}))
+    assert other["joint.categories"] != joint["joint.categories"]
+    with pytest.raises(ConfigError, match=r"train\.mode"):
+        job_factory({"train.mode": "together"})
+    with pytest.raises(ConfigError, match="share the joint adapter's folder"):
+        job_factory(
+            {**JOINT_JOB, "data.categories": ["Femur", "Joint"], "data.category_table": {"Joint": {}}}
+        )
+
+
+def test_cli_validate_submit_and_train_in_joint_mode(joint_run, job_factory, tmp_path, capsys):
+    """`validate`, `submit` and `train --job J` (the fixture's run) with train.mode=joint."""
+    from fada_batch.cli import main
+    from fada_batch.run.launch import submit
+
+    _cfg, job, out = joint_run
+    assert main(["validate", "--job", str(job)]) == 0
+    said = capsys.readouterr().out
+    assert "joint mode: ONE adapter on 2 categories (Abdomen 12 images, Femur 12 images" in said
+    assert str(out) in said
+    assert main(["submit", "--job", str(job), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "completed under this training config (skipped; --force trains again): joint" in said
+    assert submit(job_factory(JOINT_JOB), executor="slurm", dry_run=True)["plan"] == [JOINT]
+    said = capsys.readouterr().out
+    assert "1 task to run, in this order: joint (24 images)" in said  # not one per category
+    assert main(["submit", "--job", str(job), "--categories", "Femur", "--dry-run"]) == 1
+    assert "--categories does not apply to train.mode=joint" in capsys.readouterr().err
+    assert main(["train", "--job", str(job), "--category", "Femur"]) == 2
+    assert "train.mode=joint trains one adapter" in capsys.readouterr().err
+    # a category awaiting labels cannot join: named, with the way on
+    waiting = job_factory({**JOINT_JOB, "data.categories": ["Femur", "Cervix"]})
+    with pytest.raises(Exception, match="Cervix"):
+        submit(waiting, executor="slurm", dry_run=True)
+    with pytest.raises(Exception, match="no labels yet for Cervix"):
+        train_joint(waiting)
