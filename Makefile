@@ -25,8 +25,10 @@ demo: setup
 # Two pytest-xdist workers (one per core; tests use one thread each): the SLURM tests run on
 # one worker in turn while the other runs the rest, file by file (tests/conftest.py's scheduler).
 XDIST ?= -n 2 --dist loadfile
+# the slowest tests are listed at the end of the run (CI's time budget is watched there)
+DURATIONS ?= --durations=25
 test: setup
-	$(BIN)/python -m pytest $(XDIST) -m "not container"
+	$(BIN)/python -m pytest $(XDIST) $(DURATIONS) -m "not container"
 
 test-fast: setup
 	$(BIN)/python -m pytest $(XDIST) -m "not slurm and not slow and not container"
