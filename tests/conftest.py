@@ -90,6 +90,20 @@ def tiny_model_dir() -> Path:
         return make_tiny_model(root / "tiny-blip2")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): the tiny
+    model's matrices are too small to split across threads, and on the shared 2-CPU test
+    machine training with torch's default 2 threads took 250-350 s per seed against 13-23 s
+    with one (tests/test_evaluate.py's seeds)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Demo data in the real layout, under a folder whose name has spaces and a quote."""

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from fada_batch.cli import main
 from fada_batch.data.categories import STANDARD_QUESTIONS
@@ -22,14 +21,7 @@ from fada_batch.evaluation.ask import Asker, AskError
 from fada_batch.run.task import run_category
 from fada_batch.training.outputs import FINAL_MODEL
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: the tiny model gains nothing from two and loses much on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from fada_batch.evaluation.evaluate import card_scores, publish_scores
@@ -15,13 +14,7 @@ from fada_batch.run.task import run_category
 from fada_batch.training.card import EVAL_SECTION, front_matter, hub_base_model, replace_section
 from fada_batch.training.outputs import FINAL_MODEL
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture()

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from fada_batch.cli import main
 from fada_batch.config import config_from_dict, dump_yaml, load_job
@@ -59,15 +58,7 @@ def _demo_cfg(data_root: Path, model_dir: Path, out: Path, **train):
     return config_from_dict(raw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model's matrices are too small to split across threads: on the shared 2-CPU
-    test machine, training with torch's default 2 threads took 250-350 s per seed against
-    13-23 s with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

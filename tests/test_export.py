@@ -19,13 +19,7 @@ from fada_batch.tools.export import EXPORTS_FILE
 from fada_batch.training.card import front_matter
 from fada_batch.training.outputs import FINAL_MODEL
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

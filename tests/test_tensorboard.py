@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("tensorboard", reason="pip install tensorboard (a dev dependency in requirements.lock)")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,12 +31,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _all_events(folder: Path) -> list[tuple[str, int, float]]:

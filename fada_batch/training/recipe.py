@@ -270,24 +270,18 @@ def train_category(
         cache_dir=workbook_cache_dir(cfg),
     ):
         return _awaiting_labels(cfg, category, out_dir, summary)
-    if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
-        return previous
-    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
-    with category_lock(out_dir, job_probe=job_probe):
-        # another task may have completed it while this one waited for the lock
-        if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
-            return previous
-        return _train_locked(
-            cfg,
-            category,
-            out_dir,
-            summary,
-            force=force,
-            should_stop=should_stop,
-            requeues=requeues,
-            progress_stream=progress_stream,
-            after_save=after_save,
-        )
+    return _train_unless_completed(
+        cfg,
+        category,
+        out_dir,
+        summary,
+        force=force,
+        should_stop=should_stop,
+        requeues=requeues,
+        progress_stream=progress_stream,
+        job_probe=job_probe,
+        after_save=after_save,
+    )
 
 
 def train_joint(
@@ -329,23 +323,41 @@ def train_joint(
             "on every category in data.categories. Leave them out (-p data.categories=[...]) or "
             "add their labels."
         )
-    if not force and (previous := completed_under(out_dir, joint, cfg)) is not None:
+    return _train_unless_completed(
+        cfg,
+        joint,
+        out_dir,
+        summary,
+        force=force,
+        should_stop=should_stop,
+        requeues=requeues,
+        progress_stream=progress_stream,
+        job_probe=job_probe,
+        after_save=after_save,
+        joint_of=categories,
+    )
+
+
+def _train_unless_completed(
+    cfg: JobConfig,
+    category: Category,
+    out_dir: Path,
+    summary: dict[str, Any],
+    *,
+    job_probe: JobProbe | None,
+    **train: Any,
+) -> dict[str, Any]:
+    """The completed adapter's summary when it was trained under this config (unless
+    `force`); else training under the folder's lock (`_train_locked`, with `train`)."""
+    force = train["force"]
+    if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
+    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
     with category_lock(out_dir, job_probe=job_probe):
-        if not force and (previous := completed_under(out_dir, joint, cfg)) is not None:
+        # another task may have completed it while this one waited for the lock
+        if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
             return previous
-        return _train_locked(
-            cfg,
-            joint,
-            out_dir,
-            summary,
-            force=force,
-            should_stop=should_stop,
-            requeues=requeues,
-            progress_stream=progress_stream,
-            after_save=after_save,
-            joint_of=categories,
-        )
+        return _train_locked(cfg, category, out_dir, summary, **train)
 
 
 def _check_data_root(cfg: JobConfig, *categories: Category) -> None:
