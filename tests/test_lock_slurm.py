@@ -225,8 +225,12 @@ if not os.environ.get("SLURM_RESTART_COUNT"):
         held = json.loads(lock.read_text())
         held.update(host="gpu-node-a.invalid", pid=4242, pid_ns=None)  # as if on another node
         lock.write_text(json.dumps(held))
+        # this task only: the id of an array's task that SLURM numbers with the array's own id
+        # would requeue every task of the array (seen: the other one, requeued before it took
+        # its lock, found none)
+        me = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         for attempt in range(30):  # a loaded controller may answer "try again later"
-            done = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True)
+            done = subprocess.run(["scontrol", "requeue", me], capture_output=True, text=True)
             print(f"scontrol requeue: exit {done.returncode} {done.stderr.strip()}", flush=True)
             if done.returncode == 0:
                 break
