@@ -121,6 +121,8 @@ def test_quality_tiers(pred, ref, tier, exact, near):
     ("answer", "label"),
     [
         ("No abnormality seen", "normal"),
+        ("No  abnormality\tseen", "normal"),  # raw model output: whitespace runs
+        ("No visible\nabnormalities", "normal"),
         ("No visible abnormalities", "normal"),
         ("Normal", "normal"),
         ("Appears normal, unremarkable", "normal"),

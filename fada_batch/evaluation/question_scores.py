@@ -95,7 +95,10 @@ def _key(text: str) -> str:
 
 
 def first_label(text: str, table: list[tuple[str, list[re.Pattern[str]]]]) -> str | None:
-    """The label of the first (label, patterns) pair with a pattern found in `text`, else None."""
+    """The label of the first (label, patterns) pair with a pattern found in `text`, else None.
+
+    Whitespace runs count as one space (raw generated text has them; the patterns do not)."""
+    text = _WS.sub(" ", text)
     for label, patterns in table:
         if any(p.search(text) for p in patterns):
             return label
