@@ -468,7 +468,8 @@ def _misspell(rng: np.random.Generator, records: list[list[Any]]) -> None:
 def _sheet_frame(
     rng: np.random.Generator, rows: list[dict[str, Any]], *, misspell: bool = False
 ) -> pd.DataFrame:
-    """The label sheet of one category, with a few real-world blemishes mixed in."""
+    """The label sheet of one category, with a few real-world blemishes mixed in (`rows` from
+    `_write_category_images`; a row without "abnormal", as scripts/scale_benchmark.py writes, is normal)."""
     headers = [question_header(i + 1, q) for i, q in enumerate(STANDARD_QUESTIONS)]
     records = []
     for row in rows:
@@ -480,7 +481,7 @@ def _sheet_frame(
             constant[3],
             GESTATIONAL_AGE_ANSWERS[int(rng.integers(len(GESTATIONAL_AGE_ANSWERS)))],
             QUALITY_ANSWERS[row["noisy"]],
-            ABNORMAL_ANSWERS[row["category"]] if row["abnormal"] else constant[6],
+            ABNORMAL_ANSWERS[row["category"]] if row.get("abnormal") else constant[6],
             constant[7],
         ]
         records.append([row["file"], *answers])
