@@ -255,7 +255,7 @@ def _add_make_demo_data(sub: Any) -> None:
         type=float,
         default=0.0,
         help="share of scans (0 to 0.5) drawn with an abnormal finding, a bright mass that Q7 "
-        "names (default 0: none); 0.15 is as rare as in real sheets",
+        "names (default 0: none); e.g. 0.15: a minority, as in real sheets",
     )
     p.set_defaults(func=cmd_make_demo_data)
 

@@ -29,7 +29,7 @@ from fada_batch.tools.demo import ABNORMAL_ANSWERS, DEMO_LAYOUT, make_demo_data
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1, 2)
-FRACTION = 0.15  # as rare as abnormal answers in the real sheets (about 1 in 10 to 20)
+FRACTION = 0.15  # a minority, as abnormal answers are in the real sheets
 IMAGES = 160  # Femur scans: 24 abnormal
 SPLIT = {"train_fraction": 0.5, "val_fraction": 0.1, "test_fraction": 0.4}  # 64 held out
 EPOCHS = 10  # passed on seeds 0-2 at 8 epochs; one seed of three failed at 4

@@ -11,17 +11,17 @@ Two answers are a function of what is drawn, so that learning can be measured:
 - Q6 (Image Quality) says whether the scan is clean or heavily speckled.
 
 Side and noise are balanced within a category, so the majority answer scores 50% on them.
-
-With `abnormal_fraction` > 0 (off by default), that fraction of each category's scans also
-carries an abnormal finding: a large echogenic (bright) mass in the half opposite the
-structure, and Q7 (Normality Assessment) says so (`ABNORMAL_ANSWERS`, "Femoral abnormality
-seen") instead of "No abnormality seen". Like the real sheets, where about one answer in ten to twenty is abnormal,
-the finding is rare: the majority answer ("normal") then has a sensitivity of 0 for it.
-The finding does not touch the other scans: with the same seed, they are the same pixels.
 The other answers are constant per category or drawn independently of the image. The
 sheets carry blemishes found in the wild: names without extension, double spaces, trailing
 periods and empty cells; Abdomen uses the misspelled folder and sheet name `Abodomen`; and
 Cervix has images but no sheet (it must come out as "awaiting labels").
+
+With `abnormal_fraction` > 0 (off by default), that share of each category's scans also
+carries an abnormal finding: a large echogenic (bright) mass in the half opposite the
+structure, and Q7 (Normality Assessment) says so (`ABNORMAL_ANSWERS`: "Femoral abnormality
+seen") instead of "No abnormality seen". The finding is rare, as abnormal answers are in the
+real sheets (most of their Q7 answers say normal), so the majority answer ("normal") has a
+sensitivity of 0 for it. The other scans keep their pixels and answers.
 
 `form="workbook"` writes the labels as the FADA team holds them instead: one master workbook
 (`Fetal Ultrasound Annotations Final.xlsx`, a `Folder Name` column, the team's short question
@@ -374,7 +374,7 @@ def _mass(xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, *, side: str
 
     Its size is what the tiny model can see: on its frozen image features (240 scans to fit a
     linear probe, 160 held out, half of them abnormal), the class means lie 5.3 apart at
-    radius 0.15 against 1.4 at radius 0.10 and 0.6 at 0.05 (the features' spread: 4-8), and
+    radius 0.15 against 1.4 at radius 0.11 and 0.6 at 0.05 (the features' spread: 4-8), and
     the probe separated radius 0.15 perfectly; LoRA learned it within 8 epochs (docs/evaluation.md).
     """
     cx = 0.5 + (MASS_OFFSET if side == "left" else -MASS_OFFSET) + rng.uniform(-0.03, 0.03)
