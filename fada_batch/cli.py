@@ -249,6 +249,14 @@ def _add_make_demo_data(sub: Any) -> None:
         default="per_category",
         help="labels as one sheet per category (default) or one master workbook with misspellings",
     )
+    p.add_argument("--images-per-category", type=int, default=None, help="scans per category (default 60)")
+    p.add_argument(
+        "--abnormal-fraction",
+        type=float,
+        default=0.0,
+        help="share of scans (0 to 0.5) drawn with an abnormal finding, a bright mass that Q7 "
+        "names (default 0: none); e.g. 0.15: a minority, as in real sheets",
+    )
     p.set_defaults(func=cmd_make_demo_data)
 
 
@@ -607,9 +615,20 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from fada_batch.tools.demo import make_demo_data
+    from fada_batch.tools.demo import DEFAULT_IMAGES_PER_CATEGORY, make_demo_data
 
-    info = make_demo_data(Path(args.dir), seed=args.seed, form=args.form)
+    images = DEFAULT_IMAGES_PER_CATEGORY if args.images_per_category is None else args.images_per_category
+    try:
+        info = make_demo_data(
+            Path(args.dir),
+            seed=args.seed,
+            form=args.form,
+            images_per_category=images,
+            abnormal_fraction=args.abnormal_fraction,
+        )
+    except ValueError as e:
+        print(f"make-demo-data: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"demo data written to {args.dir}: {info}")
     return EXIT_OK
 

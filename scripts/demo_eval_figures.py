@@ -2,6 +2,8 @@
 demo job's recipe, the tiny model, for a few seeds; print each seed's headline table.
 
     FADA_TEST_CACHE=.cache python scripts/demo_eval_figures.py --images 120 --seeds 0 1 2
+    FADA_TEST_CACHE=.cache python scripts/demo_eval_figures.py --images 160 --epochs 10 \
+        --abnormal-fraction 0.15 --split 0.5 0.1 0.4     # the abnormal finding's figures
 
 The tiny model is built (or reused) in $FADA_TEST_CACHE/tiny-blip2 like the tests do.
 """
@@ -34,6 +36,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--category", default="Femur")
+    parser.add_argument("--abnormal-fraction", type=float, default=0.0, help="make_demo_data's")
+    parser.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=None,
+        help="train, val and test fractions (default: the job's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache = Path(os.environ.get("FADA_TEST_CACHE", REPO / ".cache"))
@@ -42,10 +52,14 @@ def main() -> None:
         make_tiny_model(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
-        make_demo_data(root, images_per_category=args.images)
+        make_demo_data(root, images_per_category=args.images, abnormal_fraction=args.abnormal_fraction)
         for seed in args.seeds:
             raw = load_job(REPO / "job" / "demo.yaml").to_dict()
             raw["data"].update(root=str(root), num_images=None)
+            if args.split:
+                raw["data"].update(
+                    zip(("train_fraction", "val_fraction", "test_fraction"), args.split, strict=True)
+                )
             raw["model"]["name_or_path"] = str(model_dir)
             raw["output"]["root"] = str(Path(tmp) / f"seed{seed}")
             raw["train"].update(

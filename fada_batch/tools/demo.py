@@ -16,6 +16,13 @@ sheets carry blemishes found in the wild: names without extension, double spaces
 periods and empty cells; Abdomen uses the misspelled folder and sheet name `Abodomen`; and
 Cervix has images but no sheet (it must come out as "awaiting labels").
 
+With `abnormal_fraction` > 0 (off by default), that share of each category's scans also
+carries an abnormal finding: a large echogenic (bright) mass in the half opposite the
+structure, and Q7 (Normality Assessment) says so (`ABNORMAL_ANSWERS`: "Femoral abnormality
+seen") instead of "No abnormality seen". The finding is rare, as abnormal answers are in the
+real sheets (most of their Q7 answers say normal), so the majority answer ("normal") has a
+sensitivity of 0 for it. The other scans keep their pixels and answers.
+
 `form="workbook"` writes the labels as the FADA team holds them instead: one master workbook
 (`Fetal Ultrasound Annotations Final.xlsx`, a `Folder Name` column, the team's short question
 titles) with no Cervix rows, and with their kind of noise on about a quarter of the rows:
@@ -104,6 +111,17 @@ _CONSTANT_ANSWERS: dict[str, dict[int, str]] = {
         7: "Routine follow-up",
     },
 }
+# Q7 of a scan drawn with the abnormal finding (`abnormal_fraction`), per category. Made of
+# words the tiny model already answers with (its tokenizer has one token for each): with
+# "Abnormality seen" the adapter told the scans apart but started its answer with a wrong
+# token ("A", "Abno") on 2-16 of 16 abnormal scans. Kept out of `all_answers`, whose corpus
+# the tiny model's recipe is built from (adding them would change the recipe).
+ABNORMAL_ANSWERS: dict[str, str] = {
+    "Abdomen": "Abdominal abnormality seen",
+    "Femur": "Femoral abnormality seen",
+    "Thorax": "Thoracic abnormality seen",
+    "Cervix": "Cervical abnormality seen",
+}
 # Q5 (gestational age) is drawn at random, independently of the image: not learnable.
 GESTATIONAL_AGE_ANSWERS: tuple[str, ...] = ("20 to 24 weeks", "24 to 28 weeks")
 
@@ -127,6 +145,10 @@ WORKBOOK_QUESTION_HEADERS: tuple[str, ...] = (
     "Q7: Normality Assessment",
     "Q8: Clinical Recommendations",
 )
+
+# The abnormal finding (`_mass`): centre's distance from the middle towards the half without the
+# structure, its depth and its radius, in image units.
+MASS_OFFSET, MASS_DEPTH, MASS_RADIUS = 0.2, 0.55, 0.15
 
 # Shape of the bright structure per category; categories not listed get an ellipse.
 _SHAPES: dict[str, str] = {
@@ -172,6 +194,8 @@ def render_scan(
     noisy: bool,
     size: int = DEFAULT_IMAGE_SIZE,
     category: str = "Abdomen",
+    finding: bool = False,
+    finding_rng: np.random.Generator | None = None,
 ) -> Image.Image:
     """Draw one grayscale ultrasound-like scan.
 
@@ -187,6 +211,11 @@ def render_scan(
         noisy: heavy noise (poor quality) or not.
         size: width and height in pixels.
         category: a category name or alias; selects the structure's shape.
+        finding: also draw the abnormal finding, a large bright mass in the other half
+            (`_mass`).
+        finding_rng: source of the finding's position and size (default: `rng`);
+            `make_demo_data` passes one of its own, so that the scans drawn after an abnormal
+            one keep the pixels they have without the finding.
 
     Returns:
         A `size` x `size` PIL image in mode "L".
@@ -205,6 +234,8 @@ def render_scan(
     cy = 0.55 + rng.uniform(-0.08, 0.08)
     structure = _structure(shape, xx - cx, yy - cy, rng)
     image = np.maximum(tissue, structure)
+    if finding:
+        image = np.maximum(image, _mass(xx, yy, finding_rng or rng, side=side))
 
     if noisy:
         # Poor scans: coarse strong speckle, electronic noise, and haze (clutter that fills in
@@ -225,6 +256,7 @@ def make_demo_data(
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
     form: str = "per_category",
+    abnormal_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Write the demo data set under `root` (created if needed; existing files are replaced).
 
@@ -235,38 +267,37 @@ def make_demo_data(
         image_size: width and height of the PNGs.
         form: ``per_category`` (one sheet per category) or ``workbook`` (one master workbook
             with misspellings and answer variants; module docstring).
+        abnormal_fraction: the share of each category's scans, in [0, 0.5], drawn with the
+            abnormal finding and answered `ABNORMAL_ANSWERS` on Q7 (rounded; 0 = none).
 
     Returns:
         `{"root": Path, "labeled": [names], "unlabeled": [names],
           "counts": {name: number of images}, "sheets": {name: Path},
-          "image_dirs": {name: Path}}`.
+          "image_dirs": {name: Path}, "abnormal": {name: [file names]}}`.
 
     Raises:
-        ValueError: when `images_per_category` < 2.
+        ValueError: when `images_per_category` < 2, `form` is unknown or
+            `abnormal_fraction` is outside [0, 0.5].
     """
-    if form not in ("per_category", "workbook"):
-        raise ValueError(f"form must be 'per_category' or 'workbook', got {form!r}")
-    if images_per_category < 2:
-        raise ValueError(f"images_per_category must be at least 2 (one per side), got {images_per_category}")
+    _check_arguments(form, images_per_category, abnormal_fraction)
     root = Path(root)
     labels_dir = root / LABELS_DIR
     if form == "per_category":
         labels_dir.mkdir(parents=True, exist_ok=True)
     frames: list[pd.DataFrame] = []
-    result: dict[str, Any] = {
-        "root": root,
-        "labeled": [],
-        "unlabeled": [],
-        "counts": {},
-        "sheets": {},
-        "image_dirs": {},
-    }
+    result: dict[str, Any] = {"root": root, "labeled": [], "unlabeled": []}
+    result.update({key: {} for key in ("counts", "sheets", "image_dirs", "abnormal")})
     for index, (name, folder, sheet) in enumerate(DEMO_LAYOUT):
         # One generator per category, so categories do not shift each other's draws.
         rng = np.random.default_rng([seed, index])
         image_dir = root / IMAGES_DIR / folder
         image_dir.mkdir(parents=True, exist_ok=True)
-        rows = _write_category_images(rng, name, image_dir, images_per_category, image_size)
+        # The finding has its own generator: the other scans keep their pixels and answers.
+        finding_rng = np.random.default_rng([seed, index, 7])
+        rows = _write_category_images(
+            rng, name, image_dir, images_per_category, image_size, (finding_rng, abnormal_fraction)
+        )
+        result["abnormal"][name] = [r["file"] for r in rows if r["abnormal"]]
         result["counts"][name] = len(rows)
         result["image_dirs"][name] = image_dir
         if sheet is None:
@@ -286,7 +317,8 @@ def make_demo_data(
         book = pd.concat(frames, ignore_index=True)
         book.columns = ["Folder Name", "Image Name", *WORKBOOK_QUESTION_HEADERS]
         book.to_excel(root / DEFAULT_WORKBOOK, index=False, engine="openpyxl")
-    (root / DEMO_DATA_MARKER).write_text(json.dumps({"synthetic": True, "seed": seed, "form": form}) + "\n")
+    marker = {"synthetic": True, "seed": seed, "form": form, "abnormal_fraction": abnormal_fraction}
+    (root / DEMO_DATA_MARKER).write_text(json.dumps(marker) + "\n")
     logger.info(
         "Demo data in %s: %s labeled, %s awaiting labels",
         root,
@@ -294,6 +326,18 @@ def make_demo_data(
         ", ".join(result["unlabeled"]) or "none",
     )
     return result
+
+
+def _check_arguments(form: str, images_per_category: int, abnormal_fraction: float) -> None:
+    """Raise ValueError for arguments of `make_demo_data` it cannot honour."""
+    if form not in ("per_category", "workbook"):
+        raise ValueError(f"form must be 'per_category' or 'workbook', got {form!r}")
+    if images_per_category < 2:
+        raise ValueError(f"images_per_category must be at least 2 (one per side), got {images_per_category}")
+    if not 0.0 <= abnormal_fraction <= 0.5:
+        raise ValueError(
+            f"abnormal_fraction must be in [0, 0.5] (a minority of the scans), got {abnormal_fraction}"
+        )
 
 
 def question_header(number: int, question: str) -> str:
@@ -324,6 +368,29 @@ def _speckle(rng: np.random.Generator, size: int, *, grain: int, strength: float
     return (1.0 - strength) + strength * rayleigh  # (S, S)
 
 
+def _mass(xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, *, side: str) -> np.ndarray:
+    """Intensity map of the abnormal finding: a large, round, very bright (echogenic) mass in the
+    half opposite the structure (`side` is the structure's side).
+
+    Its size is what the tiny model can see: on its frozen image features (240 scans to fit a
+    linear probe, 160 held out, half of them abnormal), the class means lie 5.3 apart at
+    radius 0.15 against 1.4 at radius 0.11 and 0.6 at 0.05 (the features' spread: 4-8), and
+    the probe separated radius 0.15 perfectly; LoRA learned it within 8 epochs (docs/evaluation.md).
+    """
+    cx = 0.5 + (MASS_OFFSET if side == "left" else -MASS_OFFSET) + rng.uniform(-0.03, 0.03)
+    cy = MASS_DEPTH + rng.uniform(-0.04, 0.04)
+    radius = MASS_RADIUS * rng.uniform(0.9, 1.1)
+    return np.where(np.hypot(xx - cx, yy - cy) < radius, 0.95, 0.0)
+
+
+def _pick_abnormal(rng: np.random.Generator, count: int, fraction: float) -> np.ndarray:
+    """(count,) bool: which scans of a category carry the finding (`round(fraction * count)`)."""
+    chosen = np.zeros(count, dtype=bool)
+    if fraction > 0:
+        chosen[rng.permutation(count)[: round(fraction * count)]] = True
+    return chosen
+
+
 def _structure(shape: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Intensity map of one bright structure centred at x = y = 0 (coordinates in image units)."""
     angle = rng.uniform(-0.4, 0.4)
@@ -350,9 +417,19 @@ def _structure(shape: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generato
 
 
 def _write_category_images(
-    rng: np.random.Generator, category: str, image_dir: Path, count: int, size: int
+    rng: np.random.Generator,
+    category: str,
+    image_dir: Path,
+    count: int,
+    size: int,
+    finding: tuple[np.random.Generator, float],
 ) -> list[dict[str, Any]]:
-    """Render and save `count` scans; return one row per image: name, side, noisy."""
+    """Render and save `count` scans; return one row per image: name, side, noisy, abnormal.
+
+    `finding` is the abnormal finding's own generator and the share of scans that get it.
+    """
+    finding_rng, fraction = finding
+    abnormal = _pick_abnormal(finding_rng, count, fraction)
     # Balanced, independently shuffled sides and noise levels: majority answers score 50%.
     sides = rng.permutation(np.arange(count) % 2)
     noise = rng.permutation(np.arange(count) % 2)
@@ -361,10 +438,21 @@ def _write_category_images(
     for i in range(count):
         side = SIDES[int(sides[i])]
         noisy = bool(noise[i])
-        image = render_scan(rng, side=side, noisy=noisy, size=size, category=category)
+        finding = bool(abnormal[i])
+        image = render_scan(
+            rng,
+            side=side,
+            noisy=noisy,
+            size=size,
+            category=category,
+            finding=finding,
+            finding_rng=finding_rng,
+        )
         file_name = f"{prefix}_{i + 1:03d}.png"
         image.save(image_dir / file_name)
-        rows.append({"file": file_name, "side": side, "noisy": noisy, "category": category})
+        rows.append(
+            {"file": file_name, "side": side, "noisy": noisy, "category": category, "abnormal": finding}
+        )
     return rows
 
 
@@ -380,7 +468,8 @@ def _misspell(rng: np.random.Generator, records: list[list[Any]]) -> None:
 def _sheet_frame(
     rng: np.random.Generator, rows: list[dict[str, Any]], *, misspell: bool = False
 ) -> pd.DataFrame:
-    """The label sheet of one category, with a few real-world blemishes mixed in."""
+    """The label sheet of one category, with a few real-world blemishes mixed in (`rows` from
+    `_write_category_images`; a row without "abnormal", as scripts/scale_benchmark.py writes, is normal)."""
     headers = [question_header(i + 1, q) for i, q in enumerate(STANDARD_QUESTIONS)]
     records = []
     for row in rows:
@@ -392,7 +481,7 @@ def _sheet_frame(
             constant[3],
             GESTATIONAL_AGE_ANSWERS[int(rng.integers(len(GESTATIONAL_AGE_ANSWERS)))],
             QUALITY_ANSWERS[row["noisy"]],
-            constant[6],
+            ABNORMAL_ANSWERS[row["category"]] if row.get("abnormal") else constant[6],
             constant[7],
         ]
         records.append([row["file"], *answers])
