@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterjobs import SMALL, cluster_state, sacct, wait_done, wait_for
+from clusterjobs import SMALL, cluster_state, wait_done, wait_for
 from safetensors.torch import load_file
 from test_data_parallel import LOSS_TOL, WEIGHT_TOL
 
@@ -110,25 +110,52 @@ def _rank_pid(task_id: str, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_ends_the_job_and_the_requeued_job_resumes_every_rank(
+def _after(trace: str, marker: str, nth: int) -> list[str]:
+    """The points traced after the `nth` (1-based) `marker`; [] before it."""
+    points = trace.split()
+    at = [i for i, p in enumerate(points) if p.startswith(marker)]
+    return points[at[nth - 1] + 1 :] if len(at) >= nth else []
+
+
+def test_stop_on_one_rank_requeues_all_and_a_killed_rank_ends_the_job(
     slurm_conf, job_factory, tmp_path, monkeypatch, capsys
 ):
-    over = {**TWO_TASKS, "train.checkpoint_every_steps": 4}
+    """One job, three runs: the time-limit warning (USR2) sent to rank 1 ALONE stops both
+    ranks at the same step and rank 0 requeues the job; in the requeued run rank 1 is
+    SIGKILLed, which ends the job; `scontrol requeue` then resumes both ranks from the last
+    checkpoint, to the adapter of one uninterrupted process."""
+    over = {**TWO_TASKS, "train.checkpoint_every_steps": 4, "cluster.max_requeues": 3}
     reference = run_category(job_factory(over, out=tmp_path / "one"), "Femur")
     cfg = job_factory(over, out=tmp_path / "two")
     trace = tmp_path / "points reached.txt"
-    monkeypatch.setenv(killpoints.TRACE_ENV, str(trace))  # sbatch passes them to every attempt
-    monkeypatch.setenv(killpoints.PAUSE_ENV, "0.5")  # 32 steps: ~16 s of training at least
+    monkeypatch.setenv(killpoints.TRACE_ENV, str(trace))  # sbatch passes them to every run
+    monkeypatch.setenv(killpoints.PAUSE_ENV, "0.3")  # 32 steps: ~10 s of training at least
     record = submit(cfg, executor="slurm", categories=["Femur"])
     monkeypatch.delenv(killpoints.TRACE_ENV)
     monkeypatch.delenv(killpoints.PAUSE_ENV)
     task, log_dir = record["tasks"]["Femur"], Path(record["log_dir"])
+    out = Path(cfg.output.root) / "blip2_femur"
 
     def text() -> str:
         return trace.read_text() if trace.is_file() else ""
 
+    def logs() -> str:
+        return _logs(log_dir, task)[-8000:]
+
+    wait_for("step 5 of the first run", lambda: "step.done@5" in text(), 240, detail=logs)
+    os.kill(_rank_pid(task, 1) or 0, signal.SIGUSR2)
+    wait_for("both ranks resuming", lambda: text().count("setup.resumed@") == 2, 240, detail=logs)
+    stops = [p for p in text().split() if p.startswith("stop.saved@")]
+    assert len(stops) == 2 and stops[0] == stops[1], stops  # the same step on both ranks
+    first = int(stops[0].split("@")[1])
+    assert [p for p in text().split() if p.startswith("setup.resumed@")] == [f"setup.resumed@{first}"] * 2
+    assert "another rank was asked to stop: requeueing the job" in logs()
+
     wait_for(
-        "checkpoint 4 and step 6", lambda: "step.done@6" in text(), 240, detail=lambda: _logs(log_dir, task)
+        "5 steps of the requeued run",
+        lambda: f"step.done@{first + 5}" in _after(text(), "setup.resumed@", 2),
+        240,
+        detail=logs,
     )
     pid = _rank_pid(task, 1)
     assert pid is not None, cluster_state()
@@ -138,32 +165,21 @@ def test_a_killed_rank_ends_the_job_and_the_requeued_job_resumes_every_rank(
     ended_s = time.monotonic() - t_kill
     assert rows[task]["State"] in ("FAILED", "CANCELLED"), rows
     assert "step.done@32" not in text()  # it did not run on without rank 1
-    saved = sorted(
-        int(p.split("-")[1])
-        for p in os.listdir(Path(cfg.output.root) / "blip2_femur")
-        if p.startswith("checkpoint-")
-    )
-    assert saved and saved[-1] >= 4, saved
-    # the job's own recovery: requeue it (as SLURM or an operator would); both ranks resume
+    last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert last > first, (first, last)  # the requeued run's own checkpoint
     subprocess.run(["scontrol", "requeue", task], check=True, timeout=30)
-    wait_for(
-        "the requeued job to end",
-        lambda: [r for r in sacct(task) if r["State"] in ("COMPLETED", "FAILED", "CANCELLED")],
-        300,
-        every_s=2,
-        detail=lambda: _logs(log_dir, task),
-    )
-    rows = wait_done(task, timeout_s=60)
-    assert rows[task]["State"] == "COMPLETED", f"{rows}\n{_logs(log_dir, task)[-6000:]}"
+    wait_for("the third run to end", lambda: text().count("setup.resumed@") == 4, 240, detail=logs)
+    rows = wait_done(task, timeout_s=240)
+    assert rows[task]["State"] == "COMPLETED", f"{rows}\n{logs()}"
     resumed = [p for p in text().split() if p.startswith("setup.resumed@")]
-    assert resumed == [f"setup.resumed@{saved[-1]}"] * 2, resumed  # rank 0 and rank 1
-    two = Path(cfg.output.root) / "blip2_femur"
-    s = json.loads((two / "training_summary.json").read_text())
-    assert s["status"] == "completed" and s["resumes"] == 1
-    loss, weights = _max_differences(Path(reference["output_dir"]), two)
+    assert resumed == [f"setup.resumed@{first}"] * 2 + [f"setup.resumed@{last}"] * 2, resumed
+    s = json.loads((out / "training_summary.json").read_text())
+    assert s["status"] == "completed" and s["resumes"] == 2 and s["requeues"] == 2, s
+    loss, weights = _max_differences(Path(reference["output_dir"]), out)
     with capsys.disabled():
         print(
-            f"\n[SLURM kill rank 1] job ended {ended_s:.0f} s after the kill; resumed from step "
-            f"{saved[-1]}; max |loss diff| {loss:.2e}, max |weight diff| {weights:.2e}"
+            f"\n[SLURM stop on rank 1 at step {first}, kill of rank 1 at step {first + 5}] the job ended "
+            f"{ended_s:.0f} s after the kill; resumed from {last}; max |loss diff| {loss:.2e}, "
+            f"max |weight diff| {weights:.2e}"
         )
     assert loss <= LOSS_TOL and weights <= WEIGHT_TOL

@@ -82,6 +82,11 @@ class TrainTask(submitit.helpers.Checkpointable):
         except StopRequested as e:
             if not ranks.is_main:  # rank 0 records the stop and asks for the requeue
                 return {"category": category, "status": "interrupted", "rank": ranks.rank}
+            if self._signum is None and ranks.parallel:
+                # another rank was told (its signal or its clock came first): the stop is agreed
+                # at every step, and only rank 0 asks for the requeue, as for the warning
+                self._signum = signal.SIGUSR2
+                print("[fada-batch] another rank was asked to stop: requeueing the job", flush=True)
             self._after_stop(cfg, category, e.checkpoint, handler)
             raise
         finally:
