@@ -26,9 +26,9 @@ from fada_batch.training.outputs import FINAL_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Measured on the 2-core test VM: max |loss difference| 1e-6 per category, 2e-6 joint (the
-# summary rounds losses to 6 decimals), max |adapter weight difference| 1.5e-7 and 4.8e-7.
-# With the gradients NOT all-reduced (each rank stepping on its own half) the same test
+# Measured on the 2-core test VM: max |loss difference| 1e-6 (the summary rounds losses to 6
+# decimals), max |adapter weight difference| 2.4e-7 per category and 1.1e-6 joint. With the
+# gradients NOT all-reduced (each rank stepping on its own half) the per-category test
 # measured 0.69 and 0.18: it fails.
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 1e-4
@@ -90,7 +90,9 @@ def _job(job_factory, out: Path, **over):
     keys = {
         "data.num_images": 12,
         "train.num_epochs": 2,
-        "train.batch_size": 4,  # the step's size across the ranks: 2 samples per rank
+        # the step's size across the ranks; Femur's 64 training pairs leave a last step of one
+        # pair in each epoch: rank 1's shard of it is empty (it adds zero gradients)
+        "train.batch_size": 3,
         "train.checkpoint_every_steps": 3,
         "train.tensorboard": False,
         "eval.after_training": False,

@@ -61,17 +61,20 @@ class Ranks:
         """Sum the gradients of `params` over the ranks, in one flat all-reduce.
 
         A rank whose shard was empty (the epoch's last step can be shorter than the world)
-        contributes zeros.
+        contributes zeros; a parameter no rank gave a gradient keeps none, as in one process
+        (AdamW skips it), hence one count per parameter at the end of the flat tensor.
         """
         if not self.parallel:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (N,) all LoRA gradients
+        had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [had])  # (N + P,) LoRA gradients, counts
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        counts = flat[-len(params) :].tolist()  # one device-to-host copy
         offset = 0
-        for p, g in zip(params, grads, strict=True):
+        for p, g, count in zip(params, grads, counts, strict=True):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone() if count > 0 else None
             offset += n
 
     def sum(self, *values: float) -> tuple[float, ...]:
