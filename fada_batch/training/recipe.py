@@ -16,6 +16,10 @@ or the last one.
 Training knows neither evaluation nor SLURM: the task (`run.task`) passes `after_save` to
 evaluate the adapter in memory, `job_probe` to ask the scheduler about a lock's holder, and a
 launcher that wants a checkpoint-and-stop passes `should_stop`, polled after every step.
+
+Data parallel (`training.distributed`, started by the launcher): every rank runs this recipe
+on its shard of each step; rank 0 alone takes the lock, readies the folder and writes, the
+others follow its word (`_follow`) and its checkpoints. One process runs it as it always did.
 """
 
 from __future__ import annotations
