@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,14 @@ def _free_port() -> int:
 
 def _train_parallel(cfg, category: str, world: int, tmp_path: Path) -> list[str]:
     """`run_category` in `world` processes (ranks 0..world-1); returns their outputs."""
+    ended = _run_ranks(cfg, category, world, tmp_path)
+    for rank, (code, out) in enumerate(ended):
+        assert code == 0, f"rank {rank} failed:\n{out[-4000:]}"
+    return [out for _code, out in ended]
+
+
+def _run_ranks(cfg, category: str, world: int, tmp_path: Path) -> list[tuple[int, str]]:
+    """`run_category` in `world` processes; each one's exit status and output."""
     job = tmp_path / "job.json"
     job.write_text(json.dumps(cfg.to_dict()))
     port = str(_free_port())
@@ -81,9 +90,7 @@ def _train_parallel(cfg, category: str, world: int, tmp_path: Path) -> list[str]
             )
         )
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
-    return outs
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
 
 
 def _job(job_factory, out: Path, **over):
@@ -167,3 +174,22 @@ def test_cluster_layout_rules(job_factory):
     with pytest.raises(ConfigError, match=r"cluster\.dist_backend=nccl needs GPUs"):
         config_from_dict(raw)
     assert dump_yaml(cpu)  # the new keys round-trip through the written config
+
+
+def test_rank_0_failing_before_training_ends_the_others_with_its_error(job_factory, demo_root, tmp_path):
+    """Rank 0 alone reads the sheet first (it readies the folder under the lock): when that
+    fails, the other ranks are told and end with its error instead of waiting forever."""
+    import shutil
+
+    data = tmp_path / "data copy"
+    shutil.copytree(demo_root, data)
+    (data / "Fetal Ultrasound Labeled" / "Femur_image_list.xlsx").write_bytes(b"\x00not a workbook")
+    cfg = job_factory({"data.num_images": 12, "eval.after_training": False}, data_root=data)
+    t0 = time.monotonic()
+    (code0, out0), (code1, out1) = _run_ranks(cfg, "Femur", 2, tmp_path)
+    assert code0 != 0 and "DataError" in out0, out0[-3000:]
+    assert code1 != 0, out1[-3000:]
+    assert "Femur: rank 0 stopped before training (DataError: " in out1, out1[-3000:]
+    assert time.monotonic() - t0 < 110  # told, not timed out (the group's timeout is 120 s)
+    summary = json.loads((Path(cfg.output.root) / "blip2_femur" / "training_summary.json").read_text())
+    assert summary["status"] == "invalid_data"  # written once, by rank 0
