@@ -877,7 +877,12 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
 
     features = run.features
     t0 = time.perf_counter()
-    shard = run.ranks.shard(step) if run.ranks.parallel else None
+    shard = None
+    if run.ranks.parallel:
+        shard = run.ranks.shard(step)
+        # dropout masks: one stream per (step, rank), so the ranks draw independent masks and
+        # a resumed run draws the ones it would have (one process keeps its saved RNG state)
+        torch.manual_seed(tc.seed * 1_000_003 + state.global_step * 4_099 + run.ranks.rank)
     step_loss, run.micro = run_with_oom_backoff(
         lambda m: accumulate_step(
             run.model, features, run.cs.train, run.train_enc, run.encoder, run.device, step, m, shard=shard
