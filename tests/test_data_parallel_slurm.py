@@ -47,6 +47,13 @@ def _logs(log_dir: Path, task_id: str) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(log_dir.glob(f"{task_id}_*_log.*")))
 
 
+def _cancel_collector(record: dict) -> None:
+    """The collector job waits on the array (afterany); these tests read the outputs
+    themselves, so it is cancelled rather than left to hold the node's CPU."""
+    subprocess.run(["scancel", record["collector_job_id"]], check=False, timeout=30)
+    wait_done(record["collector_job_id"], timeout_s=60)
+
+
 def _max_differences(one: Path, two: Path) -> tuple[float, float]:
     s1 = json.loads((one / "training_summary.json").read_text())
     s2 = json.loads((two / "training_summary.json").read_text())
@@ -74,6 +81,7 @@ def test_two_slurm_tasks_train_what_one_process_trains(slurm_conf, job_factory, 
     log_dir = Path(record["log_dir"])
     rows = wait_done(record["array_job_id"], timeout_s=240)
     took = time.monotonic() - t0
+    _cancel_collector(record)
     logs = _logs(log_dir, task)
     assert rows[task]["State"] == "COMPLETED", f"{rows}\n{logs[-6000:]}"
     assert "data parallel: rank 0 of 2" in logs and "data parallel: rank 1 of 2" in logs, logs[-4000:]
@@ -135,6 +143,7 @@ def test_stop_on_one_rank_requeues_all_and_a_killed_rank_ends_the_job(
     monkeypatch.delenv(killpoints.PAUSE_ENV)
     task, log_dir = record["tasks"]["Femur"], Path(record["log_dir"])
     out = Path(cfg.output.root) / "blip2_femur"
+    _cancel_collector(record)  # it would start when the killed run ends
 
     def text() -> str:
         return trace.read_text() if trace.is_file() else ""
