@@ -188,7 +188,17 @@ class ClusterConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gpus_per_task: int = 1
+    gpus_per_task: int = 1  # GPUs of a one-process task (0: CPU); see gpus_per_node for more
+    # data parallel (docs/data-parallel.md): `nodes` x processes per node train one adapter;
+    # one process per GPU. gpus_per_node: GPUs (= processes) per node; null: one process
+    # with gpus_per_task GPUs, as before the key existed
+    nodes: int = 1
+    gpus_per_node: int | None = None
+    # processes per node; null: gpus_per_node (or 1). Without GPUs (gpus_per_task=0 or
+    # gpus_per_node=0) the processes train on CPU (gloo): a test of the set-up, not a speed-up
+    tasks_per_node: int | None = None
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, else gloo
+    dist_timeout_s: int = 1800  # a rank waiting longer than this for the others fails
     cpus_per_task: int = 8
     mem_gb: int = 64
     time_min: int = 240  # per array task
@@ -431,6 +441,52 @@ def format_valid_keys(sections: set[str] | None = None, width: int = 100) -> str
     return "\n".join(lines)
 
 
+def parallel_layout(c: ClusterConfig) -> tuple[int, int, int]:
+    """(nodes, processes per node, GPUs per node) of one training task's SLURM job."""
+    tasks = c.tasks_per_node or c.gpus_per_node or 1
+    gpus = c.gpus_per_node if c.gpus_per_node is not None else c.gpus_per_task * tasks
+    return c.nodes, tasks, gpus
+
+
+def _check_cluster_layout(c: ClusterConfig, problems: list[str]) -> None:
+    """Data parallel: one process per GPU, whole numbers where they must be."""
+    for key, value, low in (
+        ("cluster.nodes", c.nodes, 1),
+        ("cluster.tasks_per_node", c.tasks_per_node, 1),
+        ("cluster.gpus_per_node", c.gpus_per_node, 0),
+        ("cluster.gpus_per_task", c.gpus_per_task, 0),
+        ("cluster.dist_timeout_s", c.dist_timeout_s, 1),
+    ):
+        if isinstance(value, int) and value < low:
+            problems.append(f"{key} must be >= {low}, got {value}")
+    if not all(
+        isinstance(v, int) or v is None for v in (c.nodes, c.tasks_per_node, c.gpus_per_node, c.gpus_per_task)
+    ):
+        return  # the type check said so already
+    g, t = c.gpus_per_node, c.tasks_per_node
+    if g and t is not None and t != g:
+        problems.append(
+            f"cluster.tasks_per_node={t} but cluster.gpus_per_node={g}: data parallel runs one "
+            f"process per GPU; set cluster.tasks_per_node={g} or leave it null"
+        )
+    if g is not None and c.gpus_per_task > 1:
+        problems.append(
+            f"cluster.gpus_per_task={c.gpus_per_task} with cluster.gpus_per_node={g}: each "
+            "data-parallel process uses one GPU; drop cluster.gpus_per_task (or set it to 1)"
+        )
+    nodes, tasks, gpus = parallel_layout(c) if c.nodes >= 1 else (1, 1, 0)
+    if nodes * tasks > 1 and g is None and c.gpus_per_task > 1:
+        problems.append(
+            f"cluster.gpus_per_task={c.gpus_per_task} with {nodes * tasks} processes: each "
+            "data-parallel process uses one GPU; use cluster.gpus_per_node (one process each)"
+        )
+    if c.dist_backend == "nccl" and gpus == 0:
+        problems.append(
+            "cluster.dist_backend=nccl needs GPUs, but the job asks for none (cluster.gpus_per_node"
+            " / gpus_per_task = 0): use gloo (or auto) for CPU processes"
+        )
+
+
 def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
     """Cross-field rules, checked once the tree is built."""
     d, t, lo = cfg.data, cfg.train, cfg.lora
@@ -454,6 +510,7 @@ def _check_rules(cfg: JobConfig, problems: list[str]) -> None:
             f"({c.time_min} min = {c.time_min * 60} s), got {c.signal_delay_s}: the task needs "
             "the warning late enough to have started and early enough to save a checkpoint"
         )
+    _check_cluster_layout(c, problems)
     if "{question}" not in d.prompt_template:
         problems.append("data.prompt_template must contain '{question}'")
     if t.mode == "joint" and not d.categories:

@@ -102,7 +102,7 @@ def test_unknown_key_is_refused_with_valid_keys_listed(tmp_path: Path):
         ("model.quantisation", ["model.quantization"]),
         ("data.rot", ["data.root"]),  # own section first: not output.root
         ("eval.max_tokens", ["eval.max_new_tokens"]),
-        ("cluster.gpus", ["cluster.gpus_per_task"]),  # a whole word of the key
+        ("cluster.gpus", ["cluster.gpus_per_task", "cluster.gpus_per_node"]),  # a whole word of the key
         ("lr", ["train.learning_rate"]),  # names other tools use
         ("train.lr", ["train.learning_rate"]),
         ("lora_r", ["lora.r"]),

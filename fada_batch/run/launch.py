@@ -29,13 +29,14 @@ import submitit
 from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmJobEnvironment
 
-from fada_batch.config import JobConfig, config_from_dict, dump_yaml
+from fada_batch.config import JobConfig, config_from_dict, dump_yaml, parallel_layout
 from fada_batch.data.validate import NoDataError, Preflight, preflight
 from fada_batch.fsutil import atomic_write_json, atomic_write_text, ensure_writable
 from fada_batch.run import requeue
 from fada_batch.run.collect import JOB_FILE
 from fada_batch.run.task import code_origin, match_threads_to_allocation, run_category
 from fada_batch.text import plural
+from fada_batch.training import distributed
 from fada_batch.training.recipe import StopRequested
 from fada_batch.training.summary import SUMMARY_FILE, now_iso, read_summary, write_summary
 
@@ -68,6 +69,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         print(f"[fada-batch] {code_origin()}", flush=True)
         cfg = config_from_dict(job, source="submitted job")
         match_threads_to_allocation()
+        ranks = start_data_parallel(cfg)
         handler = _install_stop_handler(self)
         try:
             return run_category(
@@ -78,8 +80,17 @@ class TrainTask(submitit.helpers.Checkpointable):
                 requeues=requeue.restart_count(),
             )
         except StopRequested as e:
+            if not ranks.is_main:  # rank 0 records the stop and asks for the requeue
+                return {"category": category, "status": "interrupted", "rank": ranks.rank}
+            if self._signum is None and ranks.parallel:
+                # another rank was told (its signal or its clock came first): the stop is agreed
+                # at every step, and only rank 0 asks for the requeue, as for the warning
+                self._signum = signal.SIGUSR2
+                print("[fada-batch] another rank was asked to stop: requeueing the job", flush=True)
             self._after_stop(cfg, category, e.checkpoint, handler)
             raise
+        finally:
+            distributed.shutdown()
 
     def _should_stop(self, signal_delay_s: float) -> bool:
         """Polled after every optimizer step: a stop signal came, or the job's own clock says
@@ -180,6 +191,38 @@ class TrainTask(submitit.helpers.Checkpointable):
             )
             print(f"[fada-batch] ERROR: {category}: {why}", file=sys.stderr, flush=True)
             raise requeue.RequeueError(f"{category}: {why}") from e
+
+
+def start_data_parallel(cfg: JobConfig) -> distributed.Ranks:
+    """A task of a multi-process SLURM job (cluster.nodes / gpus_per_node / tasks_per_node):
+    start torch.distributed from SLURM's environment (submitit's `TorchDistributedEnvironment`:
+    the job's first node as MASTER_ADDR, a port drawn from the job id, SLURM_PROCID as rank)
+    and return this process's ranks; `SINGLE` for a one-process job (nothing started)."""
+    try:
+        env = submitit.JobEnvironment()
+        n_tasks = env.num_tasks
+    except RuntimeError:  # not under submitit (called in-process)
+        return distributed.SINGLE
+    if n_tasks <= 1:
+        return distributed.SINGLE
+    _one_gpu_per_process(env.local_rank)
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
+    print(
+        f"[fada-batch] data parallel: rank {dist_env.rank} of {dist_env.world_size} on "
+        f"{os.uname().nodename} (master {dist_env.master_addr}:{dist_env.master_port})",
+        flush=True,
+    )
+    return distributed.init_from_env(backend=cfg.cluster.dist_backend, timeout_s=cfg.cluster.dist_timeout_s)
+
+
+def _one_gpu_per_process(local_rank: int) -> None:
+    """Where SLURM shows every task of a node all of its GPUs, keep this task's own one (by
+    local rank) visible, before CUDA starts; a task already bound to one GPU keeps it."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[local_rank % len(visible)]
 
 
 def _install_stop_handler(task: TrainTask) -> Any:
@@ -386,6 +429,7 @@ def log_dir(cfg: JobConfig) -> Path:
 def slurm_parameters(cfg: JobConfig) -> dict[str, Any]:
     """submitit `update_parameters` for the training array, from the job's `cluster:` section."""
     c = cfg.cluster
+    nodes, tasks, gpus = parallel_layout(c)
     params: dict[str, Any] = {
         "name": f"fada-{cfg.name}",
         "timeout_min": c.time_min,
@@ -393,13 +437,17 @@ def slurm_parameters(cfg: JobConfig) -> dict[str, Any]:
         "slurm_account": c.account,
         "slurm_qos": c.qos,
         "slurm_constraint": c.constraint,
-        "gpus_per_node": c.gpus_per_task or None,
+        "nodes": nodes if nodes > 1 else None,
+        "tasks_per_node": tasks if tasks > 1 else None,  # data parallel: one process per GPU
+        "gpus_per_node": gpus or None,
         "cpus_per_task": c.cpus_per_task,
         "mem_gb": c.mem_gb,
         "slurm_array_parallelism": c.array_parallelism,
         "slurm_signal_delay_s": c.signal_delay_s,
         "slurm_additional_parameters": dict(c.extra_sbatch),
     }
+    if nodes * tasks > 1:  # a rank that dies ends the step (the others would wait on it)
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -542,7 +590,9 @@ def _submit_slurm(cfg: JobConfig, plan: Plan, job: dict[str, Any], *, force: boo
         array_id = jobs[0].job_id.split("_")[0]
     coll = _executor(cfg, "slurm", plan.log_dir)
     coll_params = {
-        k: v for k, v in plan.slurm.items() if k not in ("gpus_per_node", "slurm_array_parallelism")
+        k: v
+        for k, v in plan.slurm.items()
+        if k not in ("gpus_per_node", "slurm_array_parallelism", "nodes", "tasks_per_node", "slurm_srun_args")
     }
     coll_params.update(
         name=f"fada-{cfg.name}-collect",

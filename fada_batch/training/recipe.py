@@ -16,6 +16,10 @@ or the last one.
 Training knows neither evaluation nor SLURM: the task (`run.task`) passes `after_save` to
 evaluate the adapter in memory, `job_probe` to ask the scheduler about a lock's holder, and a
 launcher that wants a checkpoint-and-stop passes `should_stop`, polled after every step.
+
+Data parallel (`training.distributed`, started by the launcher): every rank runs this recipe
+on its shard of each step; rank 0 alone takes the lock, readies the folder and writes, the
+others follow its word (`_follow`) and its checkpoints. One process runs it as it always did.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ from fada_batch.text import plural
 from fada_batch.training import checkpoint as ckpt
 from fada_batch.training.card import CARD_FILE, hub_base_model, render_card
 from fada_batch.training.collate import Encoded, Encoder, answer_length_stats
+from fada_batch.training.distributed import Ranks, current
 from fada_batch.training.features import FeatureSource
 from fada_batch.training.model import (
     LoadedModel,
@@ -80,7 +85,7 @@ from fada_batch.training.progress import Progress
 from fada_batch.training.step import (
     accumulate_step,
     epoch_steps,
-    evaluate_loss,
+    evaluate_loss_sum,
     get_lr,
     run_with_oom_backoff,
     set_train_mode,
@@ -352,12 +357,81 @@ def _train_unless_completed(
     force = train["force"]
     if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
         return previous
-    # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
-    with category_lock(out_dir, job_probe=job_probe):
-        # another task may have completed it while this one waited for the lock
-        if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
-            return previous
-        return _train_locked(cfg, category, out_dir, summary, **train)
+    ranks = current()
+    if not ranks.is_main:  # data parallel: rank 0 alone takes the lock and readies the folder
+        return _follow(cfg, category, out_dir, summary, ranks, **train)
+    leader = _Leader(ranks)
+    try:
+        # a lock left by a requeued or ended SLURM job is taken over, whichever node wrote it
+        with category_lock(out_dir, job_probe=job_probe):
+            # another task may have completed it while this one waited for the lock
+            if not force and (previous := completed_under(out_dir, category, cfg)) is not None:
+                leader.tell("done")
+                return previous
+            return _train_locked(cfg, category, out_dir, summary, leader=leader, **train)
+    except BaseException as e:
+        leader.tell("error", f"{type(e).__name__}: {e}")
+        raise
+
+
+class _Leader:
+    """Rank 0's word to the other ranks, said once per training: `go` (the folder is ready),
+    `done` (completed meanwhile) or `error` (it failed before training; the detail says why)."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks, self.told = ranks, False
+
+    def tell(self, verdict: str, detail: str = "") -> None:
+        if self.ranks.parallel and not self.told:
+            self.told = True
+            self.ranks.from_main((verdict, detail))
+
+
+def _follow(
+    cfg: JobConfig,
+    category: Category,
+    out_dir: Path,
+    summary: dict[str, Any],
+    ranks: Ranks,
+    *,
+    force: bool,
+    should_stop: Callable[[], bool] | None,
+    requeues: int,
+    progress_stream: Any,
+    after_save: AfterSave | None,
+    joint_of: list[Category] | None = None,
+) -> dict[str, Any]:
+    """A rank other than 0: wait for rank 0's folder (split.json, config.yaml), read the same
+    samples, then train its shards in step with it. It writes nothing; it returns a short
+    summary of its own (the category's is rank 0's).
+
+    Raises:
+        RuntimeError: rank 0 failed before training (its error, named).
+        StopRequested: as rank 0, at the same step.
+    """
+    verdict, detail = ranks.from_main()
+    if verdict == "done":
+        return completed_summary(out_dir) or summary
+    if verdict == "error":
+        raise RuntimeError(f"{category.name}: rank 0 stopped before training ({detail}); see its log")
+    if joint_of is not None:
+        cs = prepare_joint_data(cfg, joint_of, out_dir, resuming=True)
+    else:
+        cs = prepare_data(cfg, category, out_dir, resuming=True)
+    run_summary = {"category": category.name, "rank": ranks.rank, "world_size": ranks.world}
+    return _run_training(
+        cfg,
+        category,
+        out_dir,
+        run_summary,
+        cs,
+        None,
+        dump_yaml(cfg),
+        time.time(),
+        should_stop=should_stop,
+        progress_stream=progress_stream,
+        after_save=None,
+    )
 
 
 def _check_data_root(cfg: JobConfig, *categories: Category) -> None:
@@ -426,10 +500,12 @@ def _train_locked(
     progress_stream: Any,
     after_save: AfterSave | None,
     joint_of: list[Category] | None = None,
+    leader: _Leader | None = None,
 ) -> dict[str, Any]:
     """Under the category's lock: the folder made ready, then the training; however it ends
     (completed, stopped, interrupted, failed), the summary says so. `joint_of`: the categories
-    of a joint run (`category` is then `outputs.joint_category`)."""
+    of a joint run (`category` is then `outputs.joint_category`); `leader`: data parallel, how
+    rank 0 tells the others the folder is ready."""
     t_start = time.time()
     remove_stale_tmp(out_dir)
     reached("setup.locked")
@@ -447,6 +523,8 @@ def _train_locked(
     cs, config_yaml = _prepare_folder(
         cfg, category, out_dir, summary, force=force, resuming=latest is not None, joint_of=joint_of
     )
+    if leader is not None:
+        leader.tell("go")
     try:
         return _run_training(
             cfg,
@@ -594,6 +672,7 @@ class _Run:
     last_ckpt: Path | None = None
     after_save: AfterSave | None = None
     events: EventLog | None = None  # TensorBoard event file of this attempt (train.tensorboard)
+    ranks: Ranks = field(default_factory=current)  # data parallel: this process's rank and world
 
     @property
     def model(self) -> Any:
@@ -657,7 +736,12 @@ def _setup(
 
 
 def _resume(run: _Run, latest: Path | None) -> Path | None:
-    """Load the latest loadable checkpoint (unusable ones are quarantined); returns it."""
+    """Load the latest loadable checkpoint (unusable ones are quarantined); returns it.
+
+    Data parallel: rank 0 chooses (and quarantines); every rank loads the one it chose."""
+    if not run.ranks.is_main:
+        chosen = run.ranks.from_main()
+        return _load_chosen(run, Path(chosen) if chosen else None)
     while latest is not None:
         try:
             state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer)
@@ -668,8 +752,20 @@ def _resume(run: _Run, latest: Path | None) -> Path | None:
                 "%s: %s; moved it to %s and trying the previous one", run.category.name, e, moved.name
             )
             latest = ckpt.find_latest(run.out_dir)
-    reached("setup.model")
+    run.ranks.from_main(str(latest) if latest is not None else None)
     if latest is None:
+        reached("setup.model")
+        return None
+    return _load_chosen(run, latest, state)
+
+
+def _load_chosen(run: _Run, latest: Path | None, state: ckpt.TrainerState | None = None) -> Path | None:
+    """Take over the state of checkpoint `latest` (loaded already as `state`, or loaded here:
+    the ranks other than 0) and check its fingerprint."""
+    if latest is not None and state is None:
+        state = ckpt.load_checkpoint(latest, model=run.model, optimizer=run.optimizer)
+    reached("setup.model")
+    if latest is None or state is None:
         return None
     now = training_fingerprint(run.cfg)
     if state.fingerprint and state.fingerprint != now:  # an older checkpoint than the one checked
@@ -686,6 +782,11 @@ def _resume(run: _Run, latest: Path | None) -> Path | None:
 
 
 def _checkpoint(run: _Run) -> Path:
+    """Save a checkpoint (rank 0; the other ranks wait until it is on disk) and return it."""
+    if not run.ranks.is_main:
+        run.ranks.barrier()
+        run.last_ckpt = ckpt.checkpoint_dir(run.out_dir, run.state.global_step)
+        return run.last_ckpt
     touch(run.out_dir / ".lock")  # a live task keeps its lock fresh (see fsutil.category_lock)
     run.last_ckpt = ckpt.save_checkpoint(
         run.out_dir,
@@ -698,6 +799,7 @@ def _checkpoint(run: _Run) -> Path:
     # the summary's `updated` time now marks this checkpoint: if this attempt dies without a
     # word (SIGKILL, a node lost), the next one counts its time up to here
     write_summary(run.out_dir, run.summary)
+    run.ranks.barrier()
     return run.last_ckpt
 
 
@@ -713,16 +815,26 @@ def _validate(run: _Run, *, epoch_end: int | None = None) -> float | None:
         val: float | None = state.val_history[-1][1]
     else:
         assert run.features is not None
-        val = evaluate_loss(
-            run.model, run.features, run.cs.val, run.val_enc, run.encoder, run.device, run.micro
+        mine = run.ranks.shard(range(len(run.cs.val)))  # data parallel: this rank's val pairs
+        total, count = run.ranks.sum(
+            *evaluate_loss_sum(
+                run.model,
+                run.features,
+                [run.cs.val[i] for i in mine],
+                [run.val_enc[i] for i in mine],
+                run.encoder,
+                run.device,
+                run.micro,
+            )
         )
-        if val is None:
+        if count == 0:
             return None
+        val = total / count
         state.val_history.append([step, round(val, 6)])
         if run.events is not None:
             run.events.scalars({"val/loss": val}, step)
         if state.best_val_loss is None or val < state.best_val_loss - tc.early_stopping_min_delta:
-            if tc.final_model == "best":
+            if tc.final_model == "best" and run.ranks.is_main:
                 ckpt.save_best(run.out_dir, model=run.model, step=step, val_loss=val)
             state.best_step, state.best_val_loss, state.bad_validations = step, val, 0
         else:
@@ -765,15 +877,23 @@ def _optimizer_step(run: _Run, step: list[int], epoch: int) -> float:
 
     features = run.features
     t0 = time.perf_counter()
+    shard = None
+    if run.ranks.parallel:
+        shard = run.ranks.shard(step)
+        # dropout masks: one stream per (step, rank), so the ranks draw independent masks and
+        # a resumed run draws the ones it would have (one process keeps its saved RNG state)
+        torch.manual_seed(tc.seed * 1_000_003 + state.global_step * 4_099 + run.ranks.rank)
     step_loss, run.micro = run_with_oom_backoff(
         lambda m: accumulate_step(
-            run.model, features, run.cs.train, run.train_enc, run.encoder, run.device, step, m
+            run.model, features, run.cs.train, run.train_enc, run.encoder, run.device, step, m, shard=shard
         ),
         run.micro,
         optimizer=run.optimizer,
         device=run.device,
         on_backoff=halved,
     )
+    run.ranks.all_reduce_grads(run.params)  # data parallel: the whole step's gradient
+    (step_loss,) = run.ranks.sum(step_loss)
     reached("step.grads", state.global_step + 1)  # gradients in, optimizer not stepped
     if tc.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)
@@ -807,13 +927,7 @@ def _train_epoch(
     checkpoint and raises StopRequested.
     """
     tc, state = run.cfg.train, run.state
-    steps = epoch_steps(
-        [len(e.input_ids) for e in run.train_enc],
-        seed=tc.seed,
-        epoch=epoch,
-        step_size=tc.batch_size * tc.grad_accum_steps,  # the effective batch, whatever the micro-batch
-        group_by_length=tc.group_by_length,
-    )
+    steps = _epoch_steps(run, epoch)
     for s_index in range(state.step_in_epoch, len(steps)):
         _optimizer_step(run, steps[s_index], epoch)
         state.step_in_epoch = s_index + 1
@@ -824,7 +938,7 @@ def _train_epoch(
             _validate(run)
             if state.early_stopped:
                 break
-        if should_stop is not None and should_stop():
+        if _stop_now(run, should_stop):
             saved = _checkpoint(run)
             reached("stop.saved", state.global_step)
             assert run.progress is not None
@@ -834,6 +948,12 @@ def _train_epoch(
         if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0:
             _checkpoint(run)
     return len(steps)
+
+
+def _stop_now(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
+    """Whether to checkpoint and stop now; data parallel: when any rank was asked (a signal
+    reaches the ranks at different times), so all of them save the same step."""
+    return run.ranks.any(should_stop is not None and should_stop())
 
 
 def _end_epoch(run: _Run, epoch: int, n_steps: int, clock: Callable[[], float]) -> None:
@@ -871,7 +991,7 @@ def _loop(run: _Run, should_stop: Callable[[], bool] | None) -> None:
         _end_epoch(run, epoch, n_steps, clock)
         epoch += 1
         more = state.global_step < run.total_steps and not state.early_stopped and epoch < tc.num_epochs
-        if should_stop is not None and should_stop() and more:
+        if _stop_now(run, should_stop) and more:
             reached("stop.saved", state.global_step)
             assert run.progress is not None
             assert run.last_ckpt is not None  # _end_epoch saved one
@@ -944,33 +1064,22 @@ def _run_training(
         total_steps=run.total_steps,
         last_step=run.state.global_step,
     )
-    write_summary(out_dir, summary)  # the collector sees where a running task runs
-    run.progress = Progress(
-        label=category.name,
-        total_steps=run.total_steps,
-        start_step=run.state.global_step,
-        interval_s=cfg.train.log_every_s,
-        stream=progress_stream,
-    )
-    run.progress.line(
-        f"{len(cs.train)} train / {len(cs.val)} val QA pairs on {len(cs.split.train)}/"
-        f"{plural(len(cs.split.val), 'image')}; {trainable:,} of {total_params:,} parameters train; "
-        f"device {run.device.type} {str(run.loaded.dtype).removeprefix('torch.')}"
-        + (f" {run.loaded.quantization}" if run.loaded.quantization != "none" else "")
-        + "; "
-        + (f"resuming from {latest.name} (step {run.state.global_step})" if latest else "fresh start")
-    )
+    if run.ranks.parallel:
+        summary.update(world_size=run.ranks.world)
+    if run.ranks.is_main:
+        write_summary(out_dir, summary)  # the collector sees where a running task runs
+    run.progress = _start_progress(run, latest, (trainable, total_params), progress_stream)
     run.features = FeatureSource(
         run.loaded, cs.image_paths, cache=cfg.train.feature_cache, max_pixels=cfg.data.max_image_pixels
     )
     t_feat = time.time()
-    run.features.warm(cs.split.train + cs.split.val)
+    run.features.warm(_images_of_this_rank(run))
     feature_s = time.time() - t_feat
     reached("setup.features")
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     set_train_mode(run.model)
-    if cfg.train.tensorboard:  # a resumed attempt drops the events past its checkpoint first
+    if cfg.train.tensorboard and run.ranks.is_main:  # a resumed attempt drops the events past its checkpoint
         run.events = EventLog.open(out_dir / TENSORBOARD_DIR, resume_step=run.state.global_step)
     try:
         _loop(run, should_stop)
@@ -978,7 +1087,58 @@ def _run_training(
         if run.events is not None:
             run.events.close()
     run.progress.close()
+    if not run.ranks.is_main:  # rank 0 alone ships, evaluates and completes the summary
+        return {**summary, "status": "completed", "steps": run.state.global_step}
     return _finish(run, t_start, feature_s, (trainable, total_params))
+
+
+def _start_progress(run: _Run, latest: Path | None, counts: tuple[int, int], stream: Any) -> Progress:
+    """The progress printer and its first line (what trains, where, fresh or resumed); the
+    ranks other than 0 print nothing but that line."""
+    cs, cfg = run.cs, run.cfg
+    progress = Progress(
+        label=run.category.name if run.ranks.is_main else f"{run.category.name} rank {run.ranks.rank}",
+        total_steps=run.total_steps,
+        start_step=run.state.global_step,
+        interval_s=cfg.train.log_every_s if run.ranks.is_main else float("inf"),
+        stream=stream,
+    )
+    trainable, total_params = counts
+    world = f"; data parallel: rank {run.ranks.rank} of {run.ranks.world}" if run.ranks.parallel else ""
+    progress.line(
+        f"{len(cs.train)} train / {len(cs.val)} val QA pairs on {len(cs.split.train)}/"
+        f"{plural(len(cs.split.val), 'image')}; {trainable:,} of {total_params:,} parameters train; "
+        f"device {run.device.type} {str(run.loaded.dtype).removeprefix('torch.')}"
+        + (f" {run.loaded.quantization}" if run.loaded.quantization != "none" else "")
+        + "; "
+        + (f"resuming from {latest.name} (step {run.state.global_step})" if latest else "fresh start")
+        + world
+    )
+    return progress
+
+
+def _images_of_this_rank(run: _Run) -> list[str]:
+    """The images whose features this process needs: all of train and val alone; data
+    parallel, those of its shards of the remaining epochs' steps and of validation."""
+    cs, ranks = run.cs, run.ranks
+    if not ranks.parallel:
+        return cs.split.train + cs.split.val
+    names = [cs.val[i].image for i in ranks.shard(range(len(cs.val)))]
+    for epoch in range(run.state.epoch, run.cfg.train.num_epochs):
+        names.extend(cs.train[i].image for step in _epoch_steps(run, epoch) for i in ranks.shard(step))
+    return list(dict.fromkeys(names))
+
+
+def _epoch_steps(run: _Run, epoch: int) -> list[list[int]]:
+    """Epoch `epoch`'s optimizer steps (sample indices), the same on every rank."""
+    tc = run.cfg.train
+    return epoch_steps(
+        [len(e.input_ids) for e in run.train_enc],
+        seed=tc.seed,
+        epoch=epoch,
+        step_size=tc.batch_size * tc.grad_accum_steps,  # the effective batch, whatever the micro-batch
+        group_by_length=tc.group_by_length,
+    )
 
 
 def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]) -> dict[str, Any]:

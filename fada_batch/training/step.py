@@ -94,13 +94,19 @@ def accumulate_step(
     device: torch.device,
     step: list[int],
     micro: int,
+    *,
+    shard: list[int] | None = None,
 ) -> float:
     """Backward over one optimizer step's samples in micro-batches; returns the step's loss.
 
     The loss is the mean over the answer (+EOS) tokens of the WHOLE step, so cutting the step
-    into smaller micro-batches (out-of-memory back-off) gives the same gradient.
+    into smaller micro-batches (out-of-memory back-off) gives the same gradient. Under data
+    parallelism `shard` is this rank's part of `step` (`Ranks.shard`): only it goes through the
+    model, still divided by the whole step's token count, so the ranks' gradients and losses
+    sum to the one-process ones.
     """
     n_tokens = sum(len(encoded[i].input_ids) - encoded[i].prompt_len for i in step)
+    step = step if shard is None else shard
     step_loss = 0.0
     for mb in micro_batches(step, micro):
         s, _n = batch_loss_sum(
@@ -122,8 +128,24 @@ def evaluate_loss(
     batch_size: int,
 ) -> float | None:
     """Mean answer-token loss over `samples` (dropout off); None when there are none."""
+    total, count = evaluate_loss_sum(model, features, samples, encoded, encoder, device, batch_size)
+    return total / max(1, count) if samples else None
+
+
+@torch.no_grad()
+def evaluate_loss_sum(
+    model: Any,
+    features: FeatureSource,
+    samples: list[Sample],
+    encoded: list[Encoded],
+    encoder: Encoder,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[float, int]:
+    """Summed answer-token loss over `samples` (dropout off) and its token count (0, 0 for
+    none): what data-parallel ranks add up for the validation loss."""
     if not samples:
-        return None
+        return 0.0, 0
     was = model.training
     model.eval()
     total, count = 0.0, 0
@@ -136,7 +158,7 @@ def evaluate_loss(
             count += n
     finally:
         model.train(was)
-    return total / max(1, count)
+    return total, count
 
 
 def set_train_mode(model: Any) -> None:
