@@ -132,7 +132,9 @@ def _compare(one: Path, two: Path) -> tuple[float, float]:
     return max(losses), weights
 
 
-@pytest.mark.parametrize("mode", ["per_category", "joint"])
+# The joint adapter is compared through SLURM (test_data_parallel_slurm.py), where the
+# launcher starts the ranks; here one category, without the cluster (CI's time).
+@pytest.mark.parametrize("mode", ["per_category"])
 def test_two_ranks_train_what_one_process_trains(job_factory, tmp_path, mode, capsys):
     over = {"train.mode": mode, "data.categories": ["Abdomen", "Femur"]} if mode == "joint" else {}
     category = "joint" if mode == "joint" else "Femur"
