@@ -996,6 +996,7 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
     }
     if cs.parts:  # joint: which categories, and whether prompts start with the category's name
         record.update(mode="joint", categories=list(cs.parts), category_in_prompt=tc.category_in_prompt)
+        record["prompt_prefixes"] = cs.prompt_prefixes  # what evaluate and ask start prompts with
     card = render_card(_card_facts(run, shipped, answers["max_new_tokens"], eos))
     final = save_final_model(
         run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record, card=card
