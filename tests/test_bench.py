@@ -249,7 +249,7 @@ def test_bench_on_a_category_with_given_image_count(bench_model_dir, demo_root, 
     assert (one["gpus"], one["speedup"], two["allreduce_bytes"]) == (1, 1.0, trainable * 4)
     assert (sixteen["nodes"], sixteen["link"]) == (2, "network")
     assert sixteen["allreduce_s"] == pytest.approx(trainable * 4 * 30 / 16 / 5e9 + 30 * 10e-6, rel=1e-3)
-    assert "data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs)" in out
+    assert "data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs):" in out
     assert f"{trainable:,} trainable parameters x 4 bytes" in out
     assert any(line.split()[:3] == ["16", "2", "1"] and "network" in line for line in out.splitlines())
     assert "assumes: the effective batch stays 16 samples per step" in out

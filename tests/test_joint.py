@@ -230,9 +230,7 @@ def _predictions(eval_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_evaluate_from_disk_scores_the_joint_adapter_as_its_training_did(
-    joint_run, tmp_path, capsys, monkeypatch
-):
+def test_joint_evaluate_from_disk_equals_training(joint_run, tmp_path, capsys, monkeypatch):
     """`fada-batch evaluate` on the saved joint adapter (base model and adapter loaded with
     from_pretrained) answers every held-out question as the evaluation after training did, per
     category and overall, with the prompts of training: the category prefix comes from what
@@ -260,7 +258,7 @@ def test_evaluate_from_disk_scores_the_joint_adapter_as_its_training_did(
         "-p",
         "train.category_in_prompt=false",
     ]
-    assert main(args) == 0
+    assert main([*args, "--category", "joint"]) == 0  # the job's train.mode=joint makes it the default too
     said = capsys.readouterr().out
     trained, again = (
         json.loads((d / "eval" / "metrics.json").read_text()) for d in (out, root / "blip2_joint")

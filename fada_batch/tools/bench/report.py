@@ -134,12 +134,12 @@ def scaling_lines(sc: dict[str, Any], device_type: str) -> list[str]:
     """The data-parallel ESTIMATE (`bench.scaling`): inputs, one row per GPU count, assumptions."""
     mb = sc["gradient_bytes"] / 1e6
     batch = sc["batch"]
-    where = "on the CPU here: read GPUs as devices like it" if device_type == "cpu" else "on one GPU here"
+    where = " (on the CPU: read GPU as a device like this one)" if device_type == "cpu" else ""
     lines = [
         "",
-        f"data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs): the step measured "
-        f"{where}, {sc['measured_step_s']:.4g} s for {batch} samples, split over N ranks, plus a ring "
-        "all-reduce of the LoRA gradients",
+        "data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs):",
+        f"  the optimizer step measured here{where}, {sc['measured_step_s']:.4g} s for {batch} "
+        "samples, split over N ranks, plus a ring all-reduce of the LoRA gradients",
         f"  gradients: {sc['trainable_parameters']:,} trainable parameters x {sc['bytes_per_gradient']:g} "
         f"bytes = {mb:.2f} MB per step; each rank sends and receives 2(N-1)/N of it",
         f"  bandwidth: {sc['intra_node_gbps']:g} GB/s within a node (NVLink), {sc['inter_node_gbps']:g} GB/s "
@@ -156,7 +156,8 @@ def scaling_lines(sc: dict[str, Any], device_type: str) -> list[str]:
         )
     lines.append(
         f"  assumes: the effective batch stays {batch} samples per step (train.batch_size x "
-        f"grad_accum_steps), the slowest rank taking ceil({batch}/N); compute per sample as measured; "
+        f"grad_accum_steps), the slowest rank taking ceil({batch}/N); compute per sample as measured "
+        f"at {batch} per step (a GPU given fewer samples is used less well: optimistic at large N); "
         "the all-reduce not overlapped with the backward pass and, across nodes, at the network's "
         "pace for the whole ring (both make its time an upper bound); model loading, the feature "
         "cache and evaluation not included"

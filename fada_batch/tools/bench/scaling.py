@@ -8,7 +8,8 @@ these assumptions (printed with the figures):
 
 - The effective batch stays: `batch` samples per optimizer step, split over the N ranks, each
   taking ceil(batch / N); the step's compute is the slowest rank's, ceil(batch / N) / batch of
-  the measured step (compute per sample as measured, whatever the smaller micro-batch).
+  the measured step (compute per sample as measured, whatever the smaller micro-batch: a GPU
+  given a few samples per step is used less well, so this part is optimistic at large N).
 - After the backward pass, the LoRA gradients (trainable parameters x bytes per gradient) are
   all-reduced with a ring: each rank sends and receives 2(N-1)/N of them, in 2(N-1) messages.
   Time = volume / bandwidth + 2(N-1) x latency, not overlapped with compute (an upper bound:
