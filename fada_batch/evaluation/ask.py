@@ -8,7 +8,9 @@ The base model is the one named in the adapter's `adapter_config.json` unless `b
 overrides it; an adapter is refused on another base model. It is loaded as training loaded it
 (quantization and dtype recorded in the adapter's `fada_batch.json`). Prompts, questions, the
 EOS and the answer length limit come from `fada_batch.json` too, so the answers are generated
-exactly as in evaluation (`evaluate.generate`).
+exactly as in evaluation (`evaluate.generate`). A joint adapter (train.mode=joint) is asked
+about one category at a time, `Asker(path, category="Femur")`: its prompts start with the
+prefix it recorded for that category, as in training (`adapter_category`).
 """
 
 from __future__ import annotations
