@@ -293,10 +293,20 @@ def test_evaluate_finds_the_joint_adapter_and_says_when_there_is_none(joint_run,
     assert "fada-batch train --job JOB -p train.mode=joint" in err
 
 
-def test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did(joint_run, capsys):
+def test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did(joint_run, capsys, monkeypatch):
     """`ask --category Femur` on the joint adapter puts "Femur. " before each question, as in
     training, and answers a held-out Femur image as the joint evaluation did."""
     from fada_batch.cli import main
+    from fada_batch.evaluation import evaluate
+
+    asked: list[str] = []
+    real_generate = evaluate.generate
+
+    def spy(model, encoder, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_generate(model, encoder, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
 
     cfg, _job, out = joint_run
     femur = cfg.data.category("Femur")
@@ -309,6 +319,7 @@ def test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did(joint_r
     assert main([*args, "--category", "femur"]) == 0  # names match as category names do
     answers = json.loads(capsys.readouterr().out)
     assert len(answers) == 8 and {a["category"] for a in answers} == {"Femur"}
+    assert len(asked) == 8 and all(p.startswith("Femur. Question: ") for p in asked), asked
     for a in answers:
         if a["question_id"] in expected:  # empty reference cells are not evaluated
             assert a["answer"] == expected[a["question_id"]], a
