@@ -362,6 +362,9 @@ def test_a_joint_adapter_records_its_prompt_prefixes(joint_run, tmp_path):
     info = read_adapter_info(out / FINAL_MODEL)
     assert (info.joint, info.categories) == (True, CATS)
     assert info.prompt_prefixes == {"Abdomen": "Abdomen", "Femur": "Femur"}
+    card = (out / FINAL_MODEL / "README.md").read_text()  # the model card says how to prompt it
+    assert "text='Abdomen. Question: " in card and "--category <category>" in card
+    assert "(Abdomen: `Abdomen. `, Femur: `Femur. `)" in card
     old = tmp_path / "old"
     shutil.copytree(out / FINAL_MODEL, old)
     marker = json.loads((old / "fada_batch.json").read_text())

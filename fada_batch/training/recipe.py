@@ -1073,6 +1073,7 @@ def _card_facts(run: _Run, shipped: dict[str, Any], max_new_tokens: int, eos: in
         "base_model": hub_base_model(cfg.model.name_or_path),
         "questions": list(run.cs.questions),
         "prompt_template": cfg.data.prompt_template,
+        "prompt_prefixes": run.cs.prompt_prefixes,  # joint: what each category's prompts start with
         "eos_token_id": eos,
         "max_new_tokens": max_new_tokens,
         "images": summary.get("images") or {},
