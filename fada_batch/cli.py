@@ -151,7 +151,12 @@ def _add_evaluate(sub: Any) -> None:
         "evaluate", help="answer held-out images with adapter and base model; eval/metrics.json"
     )
     _add_job_args(p)
-    p.add_argument("--category", help="one category (default: every one with a trained final_model)")
+    p.add_argument(
+        "--category",
+        help="one category, or `joint` for the joint adapter (default: the joint adapter under "
+        "train.mode=joint, else every category with a trained final_model, and the joint adapter "
+        "when there is one)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -164,6 +169,11 @@ def _add_ask(sub: Any) -> None:
         action="append",
         default=[],
         help="question text, or Q1..Q8; repeatable (default: the 8 questions the adapter was trained on)",
+    )
+    p.add_argument(
+        "--category",
+        help="the scans' category, for a joint adapter (train.mode=joint): its prompts start "
+        "with the category's name, as in training; needed when it was trained so",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--base-model", help="base model id or folder (default: the adapter's own)")
@@ -313,6 +323,28 @@ def _add_bench(sub: Any) -> None:
         help="first save the random-weight CPU benchmark model at model.name_or_path if absent",
     )
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    dp = p.add_argument_group("data-parallel estimate (arithmetic on the measured step, not measured)")
+    dp.add_argument(
+        "--gpus",
+        help="comma-separated GPU counts to estimate for (default: 1,2,4,8 within a node, then 2 "
+        "and 4 full nodes)",
+    )
+    dp.add_argument("--gpus-per-node", type=int, default=8, help="GPUs in one node (default 8)")
+    dp.add_argument(
+        "--nvlink-gbps",
+        type=float,
+        default=100.0,
+        help="all-reduce bandwidth within a node, GB/s (default 100: NVLink, rounded down)",
+    )
+    dp.add_argument(
+        "--network-gbps",
+        type=float,
+        default=10.0,
+        help="all-reduce bandwidth across nodes, GB/s (default 10: a 100 Gb/s link)",
+    )
+    dp.add_argument(
+        "--latency-us", type=float, default=10.0, help="time per ring message, microseconds (default 10)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -527,16 +559,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fada_batch.data.images import ImageError
+    from fada_batch.data.samples import DataError
     from fada_batch.evaluation.evaluate import (
         AdapterError,
         EvaluationError,
         evaluate_category,
+        evaluate_joint,
         format_metrics,
         settings_from,
-        trained_categories,
     )
     from fada_batch.fsutil import LockedError
     from fada_batch.run.slurmjobs import job_phase
+    from fada_batch.training.outputs import JOINT
 
     cfg = _load(args)
     try:
@@ -544,20 +578,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: eval: {e}", file=sys.stderr)
         return EXIT_USAGE
-    cats = [args.category] if args.category else trained_categories(cfg)
+    cats = _evaluate_targets(cfg, args.category)
     if not cats:
         print(f"error: no trained category (final_model/) under {cfg.output.root}", file=sys.stderr)
         return EXIT_FAILED
     failed = 0
     for cat in cats:
         try:
-            metrics = evaluate_category(cfg, cat, job_probe=job_phase)
-        except (EvaluationError, AdapterError, ImageError, LockedError) as e:
+            if cat == JOINT:
+                metrics = evaluate_joint(cfg, job_probe=job_phase)
+            else:
+                metrics = evaluate_category(cfg, cat, job_probe=job_phase)
+        except (EvaluationError, AdapterError, ImageError, LockedError, DataError) as e:
             print(f"error: {cat}: {e}", file=sys.stderr)
             failed += 1
             continue
         print(format_metrics(cat, metrics), flush=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _evaluate_targets(cfg: Any, category: str | None) -> list[str]:
+    """What `evaluate` evaluates: --category (`joint`: the joint adapter); without it, the
+    joint adapter under train.mode=joint, else every trained category and the joint adapter
+    when its folder holds one."""
+    from fada_batch.evaluation.evaluate import trained_categories
+    from fada_batch.training.outputs import JOINT, final_model_complete, joint_output_dir
+
+    if category:
+        return [JOINT if category.strip().lower() == JOINT else category]
+    if cfg.train.mode == "joint":
+        return [JOINT]
+    return trained_categories(cfg) + ([JOINT] if final_model_complete(joint_output_dir(cfg)) else [])
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -571,6 +622,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             allow_base_mismatch=args.allow_base_mismatch,
             device=args.device,
+            category=args.category,
             settings=GenerationSettings(
                 max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams,
@@ -649,6 +701,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             category=args.category,
             images=args.images,
             threads=args.threads,
+            scaling=_scaling_settings(args),
         )
     except ModelFolderMissing:  # the CPU bench job's model is one the bench builds itself
         name = cfg.model.name_or_path
@@ -668,6 +721,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
     return EXIT_OK
+
+
+def _scaling_settings(args: argparse.Namespace) -> Any:
+    """The data-parallel estimate's settings from bench's flags.
+
+    Raises:
+        ValueError: --gpus is not a comma-separated list of positive whole numbers.
+    """
+    from fada_batch.tools.bench.scaling import ScalingSettings
+
+    gpus = None
+    if args.gpus:
+        try:
+            gpus = tuple(int(x) for x in args.gpus.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(
+                f"--gpus {args.gpus!r}: give GPU counts separated by commas, e.g. --gpus 1,2,4,8"
+            ) from None
+    return ScalingSettings(
+        gpus=gpus,
+        gpus_per_node=args.gpus_per_node,
+        intra_gbps=args.nvlink_gbps,
+        inter_gbps=args.network_gbps,
+        latency_us=args.latency_us,
+    )
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:

@@ -21,7 +21,15 @@ from fada_batch.tools.bench import (
     per_sample_flops,
     sbatch_time,
 )
-from fada_batch.training.model import GiB, apply_lora, load_base_model, pick_quantization, weight_bytes
+from fada_batch.tools.bench.scaling import allreduce_seconds, gpu_counts, ring_allreduce_bytes, scale_estimate
+from fada_batch.training.model import (
+    GiB,
+    apply_lora,
+    apply_lora_section,
+    load_base_model,
+    pick_quantization,
+    weight_bytes,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +76,47 @@ def test_estimate_caps_at_num_images():
     (e,) = estimate(cfg, 8.0, 0.0, counts={"Femur": ("given", 100, 780)})
     assert (e.images, e.qa_pairs, e.train_pairs) == (50, 390, 312)
     assert e.total_s == pytest.approx(312 / 8 + 39 / 8 / 3, abs=0.05)
+
+
+# ------------------------------------------------------------- data-parallel estimate
+
+
+LORA_27B = 32 * 2 * (2560 * 8 + 8 * 2560)  # blip2-opt-2.7b, r=8 on q_proj+v_proj: 2,621,440
+
+
+def test_ring_allreduce_volume_and_time_by_hand():
+    grads = LORA_27B * 4  # fp32 gradients: 10,485,760 bytes
+    assert ring_allreduce_bytes(grads, 1) == 0
+    assert ring_allreduce_bytes(grads, 2) == grads  # 2 x 1/2
+    assert ring_allreduce_bytes(grads, 4) == 15_728_640  # 2 x 3/4 = 1.5 x
+    assert ring_allreduce_bytes(grads, 8) == 18_350_080  # 2 x 7/8 = 1.75 x
+    # 18,350,080 B at 100 GB/s = 183.5008 us, + 2 x 7 messages x 10 us = 323.5008 us
+    assert allreduce_seconds(18_350_080, 8, 100.0, 10.0) == pytest.approx(323.5008e-6)
+    assert allreduce_seconds(0, 1, 100.0, 10.0) == 0.0
+
+
+def test_scale_estimate_by_hand_within_a_node_and_across_nodes():
+    rows = scale_estimate(step_s=0.8, batch=16, grad_numel=LORA_27B, grad_bytes=4,
+                          gpus=[1, 3, 4, 16, 32], gpus_per_node=8, intra_gbps=100.0,
+                          inter_gbps=10.0, latency_us=10.0)  # fmt: skip
+    one, three, four, sixteen, many = rows
+    assert (one.step_s, one.speedup, one.allreduce_bytes, one.link) == (0.8, 1.0, 0, "none")
+    assert (three.per_rank_batch, three.compute_s) == (6, pytest.approx(0.3))  # ceil(16/3) = 6
+    # 4 GPUs, one node: 0.2 s of compute + 15,728,640 B / 100 GB/s + 6 x 10 us = 217.2864 us
+    assert four.compute_s == pytest.approx(0.2) and four.link == "intra-node"
+    assert four.allreduce_s == pytest.approx(217.2864e-6)
+    assert four.step_s == pytest.approx(0.2002172864)
+    assert four.speedup == pytest.approx(0.8 / 0.2002172864)
+    assert four.efficiency == pytest.approx(four.speedup / 4)
+    assert four.samples_per_s == pytest.approx(16 / 0.2002172864)
+    # 16 GPUs: 2 nodes, the ring at the network's 10 GB/s: 2 x 15/16 x 10,485,760 = 19,660,800 B
+    assert (sixteen.nodes, sixteen.link, sixteen.allreduce_bytes) == (2, "network", 19_660_800)
+    assert sixteen.allreduce_s == pytest.approx(19_660_800 / 10e9 + 30 * 10e-6)  # 2.26608 ms
+    assert sixteen.step_s == pytest.approx(0.05 + 2.26608e-3)
+    assert (many.nodes, many.per_rank_batch) == (4, 1)  # more GPUs than samples: 1 each
+    with pytest.raises(ValueError, match="step_s must be > 0"):
+        scale_estimate(step_s=0, batch=16, grad_numel=1, grad_bytes=4)
+    assert gpu_counts(8) == (1, 2, 4, 8, 16, 32) and gpu_counts(4) == (1, 2, 4, 8, 16)
 
 
 # --------------------------------------------------------------------------- quantization
@@ -184,12 +233,41 @@ def test_bench_baseline_prints_figures_estimates_and_ratio(bench_model_dir, demo
 def test_bench_on_a_category_with_given_image_count(bench_model_dir, demo_root, tmp_path, capsys):
     out_json = tmp_path / "b.json"
     args = bench_args(bench_model_dir, demo_root, "--steps", "1", "--category", "Femur", "--images", "2424")
-    assert cli.main([*args, "--json", str(out_json)]) == 0
+    dp = ["--gpus", "1,2,16", "--gpus-per-node", "8", "--network-gbps", "5"]
+    assert cli.main([*args, *dp, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
     result = json.loads(out_json.read_text())
+    # the data-parallel estimate: from the measured step and the LoRA gradients, said to be one
+    sc = result["scaling"]
+    assert sc["estimate"] and sc["batch"] == 16 and sc["inter_node_gbps"] == 5.0
+    loaded = load_base_model(str(bench_model_dir), device="cpu", quantization="none")
+    model = apply_lora_section(loaded, load_job(REPO / "job" / "demo.yaml").lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (sc["trainable_parameters"], sc["bytes_per_gradient"]) == (trainable, 4)  # fp32 on the CPU
+    assert sc["measured_step_s"] == pytest.approx(result["ours"]["seconds"], rel=1e-3)  # one step
+    one, two, sixteen = sc["rows"]
+    assert (one["gpus"], one["speedup"], two["allreduce_bytes"]) == (1, 1.0, trainable * 4)
+    assert (sixteen["nodes"], sixteen["link"]) == (2, "network")
+    assert sixteen["allreduce_s"] == pytest.approx(trainable * 4 * 30 / 16 / 5e9 + 30 * 10e-6, rel=1e-3)
+    assert "data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs):" in out
+    assert f"{trainable:,} trainable parameters x 4 bytes" in out
+    assert any(line.split()[:3] == ["16", "2", "1"] and "network" in line for line in out.splitlines())
+    assert "assumes: the effective batch stays 16 samples per step" in out
     assert result["inputs"]["source"] == "category Femur"
     assert "seed" not in result and "ratio" not in result
     assert {e["status"] for e in result["estimates"]} == {"given"}
     assert all(e["qa_pairs"] == 2424 * 8 for e in result["estimates"])
+
+
+def test_bench_refuses_bad_estimate_flags_before_measuring(bench_model_dir, demo_root, capsys):
+    for flag, value, said in (
+        ("--nvlink-gbps", "0", "--nvlink-gbps must be > 0, got 0.0"),
+        ("--gpus", "1,two", "--gpus '1,two': give GPU counts separated by commas"),
+        ("--gpus", "0,2", "--gpus: a GPU count must be >= 1, got 0"),
+    ):
+        assert cli.main(bench_args(bench_model_dir, demo_root, flag, value)) == 2
+        captured = capsys.readouterr()
+        assert said in captured.err and "samples/s" not in captured.out
 
 
 def test_bench_refuses_a_category_without_data(bench_model_dir, demo_root, capsys):

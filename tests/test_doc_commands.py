@@ -228,6 +228,9 @@ RUN: dict[str, Run] = {
     "fada-batch bench --job job/full.yaml --images 2424": Run(
         "fada-batch bench --job job/full.yaml --images 2424 --steps 1", SHORT_BENCH
     ),
+    "fada-batch bench --job job/full.yaml --gpus 1,2,4,8,16 --network-gbps 25": Run(
+        "fada-batch bench --job job/full.yaml --gpus 1,2,4,8,16 --network-gbps 25 --steps 1", SHORT_BENCH
+    ),
     "python scripts/scale_benchmark.py": Run(
         "python scripts/scale_benchmark.py --images 40",
         "--images 40 instead of 2,424 scans (~20 s more; the full size runs in the slow "
@@ -273,6 +276,17 @@ ELSEWHERE: dict[str, str] = {
     ),
     "fada-batch submit --job job/full.yaml -p train.mode=joint": (
         "test_joint.py::test_cli_validate_submit_and_train_in_joint_mode"
+    ),
+    # README.md, the saved joint adapter: the joint fixture's (no joint adapter in the copy)
+    "fada-batch evaluate --job job/full.yaml -p train.mode=joint": (
+        "test_joint.py::test_joint_evaluate_from_disk_equals_training"
+    ),
+    # docs/evaluation.md
+    "fada-batch evaluate --job job/full.yaml --category joint": (
+        "test_joint.py::test_joint_evaluate_from_disk_equals_training"
+    ),
+    "fada-batch ask --adapter outputs/blip2_joint/final_model --image scan.png --category Femur": (
+        "test_joint.py::test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did"
     ),
     "sbatch --dependency=afterany:<ARRAY_JOB_ID> slurm/collect.sbatch job/full.yaml": (
         "test_launch.py::test_plain_sbatch_array_trains_the_demo_categories"

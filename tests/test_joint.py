@@ -4,7 +4,10 @@ category and overall, the collector's side-by-side table, the CLI, and the promp
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -217,3 +220,154 @@ def test_cli_validate_submit_and_train_in_joint_mode(joint_run, job_factory, tmp
         submit(waiting, executor="slurm", dry_run=True)
     with pytest.raises(Exception, match="no labels yet for Cervix"):
         train_joint(waiting)
+
+
+# ------------------------------------------------------- the saved joint adapter: evaluate, ask
+
+
+def _predictions(eval_dir: Path) -> list[dict[str, str]]:
+    with (eval_dir / "predictions.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_joint_evaluate_from_disk_equals_training(joint_run, tmp_path, capsys, monkeypatch):
+    """`fada-batch evaluate` on the saved joint adapter (base model and adapter loaded with
+    from_pretrained) answers every held-out question as the evaluation after training did, per
+    category and overall, with the prompts of training: the category prefix comes from what
+    the adapter recorded, even when the job now says train.category_in_prompt=false."""
+    from fada_batch.cli import main
+    from fada_batch.evaluation import evaluate
+
+    cfg, job, out = joint_run
+    root = tmp_path / "copy"
+    shutil.copytree(out, root / "blip2_joint")
+    asked: list[str] = []
+    real_generate = evaluate.generate
+
+    def spy(model, encoder, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_generate(model, encoder, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    args = [
+        "evaluate",
+        "--job",
+        str(job),
+        "-p",
+        f"output.root={root}",
+        "-p",
+        "train.category_in_prompt=false",
+    ]
+    assert main([*args, "--category", "joint"]) == 0  # the job's train.mode=joint makes it the default too
+    said = capsys.readouterr().out
+    trained, again = (
+        json.loads((d / "eval" / "metrics.json").read_text()) for d in (out, root / "blip2_joint")
+    )
+    assert again["n_pairs"] == trained["n_pairs"] > 0 and sorted(again["categories"]) == CATS
+    for model in ("adapter", "base", "majority", "questions"):  # same answers: same scores
+        assert again[model] == trained[model], model
+    assert again["categories"] == trained["categories"]
+    assert _predictions(root / "blip2_joint" / "eval") == _predictions(out / "eval")
+    for name in CATS:
+        slug = cfg.data.category(name).slug
+        assert _predictions(root / "blip2_joint" / "categories" / slug / "eval") == _predictions(
+            out / "categories" / slug / "eval"
+        )
+    assert len(asked) == 2 * trained["n_pairs"]  # the adapter's and the base model's answers
+    assert {p.split(". Question: ", 1)[0] for p in asked} == set(CATS)
+    assert "joint: " in said and "  Femur: exact match adapter" in said
+
+
+def test_evaluate_finds_the_joint_adapter_and_says_when_there_is_none(joint_run, tmp_path, capsys):
+    from fada_batch.cli import _evaluate_targets, main
+
+    cfg, job, _out = joint_run
+    assert _evaluate_targets(cfg, None) == [JOINT]  # train.mode=joint
+    per_category = replace(cfg, train=replace(cfg.train, mode="per_category"))
+    assert _evaluate_targets(per_category, None) == ["Femur", JOINT]  # each one there, and joint
+    assert _evaluate_targets(per_category, "Joint") == [JOINT]
+    empty = tmp_path / "empty"
+    assert main(["evaluate", "--job", str(job), "-p", f"output.root={empty}", "--category", "joint"]) == 1
+    err = capsys.readouterr().err
+    assert f"no complete joint adapter in {empty / 'blip2_joint' / FINAL_MODEL}" in err
+    assert "fada-batch train --job JOB -p train.mode=joint" in err
+
+
+def test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did(joint_run, capsys, monkeypatch):
+    """`ask --category Femur` on the joint adapter puts "Femur. " before each question, as in
+    training, and answers a held-out Femur image as the joint evaluation did."""
+    from fada_batch.cli import main
+    from fada_batch.evaluation import evaluate
+
+    asked: list[str] = []
+    real_generate = evaluate.generate
+
+    def spy(model, encoder, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_generate(model, encoder, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+
+    cfg, _job, out = joint_run
+    femur = cfg.data.category("Femur")
+    rows = _predictions(out / "categories" / femur.slug / "eval")
+    key = rows[0]["image"]  # femur/<name>
+    expected = {r["question"]: r["adapter_prediction"] for r in rows if r["image"] == key}
+    part = prepare_data(cfg, femur, out / "categories" / femur.slug, resuming=True)
+    image = part.image_paths[key.split("/", 1)[1]]
+    args = ["ask", "--adapter", str(out / FINAL_MODEL), "--image", str(image), "--json"]
+    assert main([*args, "--category", "femur"]) == 0  # names match as category names do
+    answers = json.loads(capsys.readouterr().out)
+    assert len(answers) == 8 and {a["category"] for a in answers} == {"Femur"}
+    assert len(asked) == 8 and all(p.startswith("Femur. Question: ") for p in asked), asked
+    for a in answers:
+        if a["question_id"] in expected:  # empty reference cells are not evaluated
+            assert a["answer"] == expected[a["question_id"]], a
+    assert main(args) == 1  # the category is needed: the prompts start with it
+    err = capsys.readouterr().err
+    assert "joint adapter" in err and "--category (one of: Abdomen, Femur)" in err
+    assert main([*args, "--category", "Thorax"]) == 1
+    assert "--category 'Thorax' is not one the joint adapter" in capsys.readouterr().err
+
+
+def test_ask_category_rules_for_joint_and_category_adapters(tmp_path):
+    from fada_batch.evaluation.ask import AskError, adapter_category
+    from fada_batch.evaluation.evaluate import AdapterInfo
+
+    def info(**kw):
+        return AdapterInfo(tmp_path, None, None, None, None, **kw)
+
+    joint = info(category=JOINT, mode="joint", categories=["Abdomen", "Trans-cerebellum"],
+                 prompt_prefixes={"Abdomen": "Abdomen", "Trans-cerebellum": "Transcerebellar Plane"})  # fmt: skip
+    assert adapter_category(joint, "Abodomen") == ("Abdomen", "Abdomen")  # a built-in alias
+    assert adapter_category(joint, "transcerebellar plane") == ("Trans-cerebellum", "Transcerebellar Plane")
+    with pytest.raises(AskError, match=r"--category \(one of: Abdomen, Trans-cerebellum\)"):
+        adapter_category(joint, None)
+    plain = info(category=JOINT, mode="joint", categories=CATS, prompt_prefixes=dict.fromkeys(CATS))
+    assert adapter_category(plain, None) == (None, None)  # trained without the prefix
+    assert adapter_category(plain, "Femur") == ("Femur", None)
+    own = info(category="Femur")
+    assert adapter_category(own, None) == (None, None)
+    assert adapter_category(own, "femur") == ("Femur", None)
+    with pytest.raises(AskError, match="is Femur's own"):
+        adapter_category(own, "Abdomen")
+
+
+def test_a_joint_adapter_records_its_prompt_prefixes(joint_run, tmp_path):
+    """fada_batch.json says what each category's prompts start with; an adapter saved before
+    that was recorded takes them from the job config saved beside it."""
+    from fada_batch.evaluation.evaluate import read_adapter_info
+
+    _cfg, _job, out = joint_run
+    info = read_adapter_info(out / FINAL_MODEL)
+    assert (info.joint, info.categories) == (True, CATS)
+    assert info.prompt_prefixes == {"Abdomen": "Abdomen", "Femur": "Femur"}
+    card = (out / FINAL_MODEL / "README.md").read_text()  # the model card says how to prompt it
+    assert "text='Abdomen. Question: " in card and "--category <category>" in card
+    assert "(Abdomen: `Abdomen. `, Femur: `Femur. `)" in card
+    old = tmp_path / "old"
+    shutil.copytree(out / FINAL_MODEL, old)
+    marker = json.loads((old / "fada_batch.json").read_text())
+    del marker["prompt_prefixes"]
+    (old / "fada_batch.json").write_text(json.dumps(marker))
+    assert read_adapter_info(old).prompt_prefixes == info.prompt_prefixes

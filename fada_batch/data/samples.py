@@ -54,6 +54,8 @@ class CategorySamples:
     # joint mode (`prepare_joint_data`): each category's own samples, under the same image
     # keys and prompts as the union's; empty for a category's own run
     parts: dict[str, CategorySamples] = field(default_factory=dict)
+    # joint mode: what each category's prompts start with (`joint_prefix`; None: nothing)
+    prompt_prefixes: dict[str, str | None] = field(default_factory=dict)
 
 
 def format_prompt(template: str, question: str, category: str | None = None) -> str:
@@ -63,6 +65,13 @@ def format_prompt(template: str, question: str, category: str | None = None) -> 
     training, evaluation and `ask` all call it."""
     text = template.format(question=question)
     return f"{category}. {text}" if category else text
+
+
+def joint_prefix(category: Category, in_prompt: bool) -> str | None:
+    """What a joint adapter's prompts start with for `category` (`format_prompt`'s `category`):
+    its display name with train.category_in_prompt, else nothing. Recorded per category in the
+    joint adapter's `fada_batch.json` (`prompt_prefixes`), which `evaluate` and `ask` read."""
+    return category.display_name if in_prompt else None
 
 
 def samples_for(records: list[Any], names: set[str], questions: list[str], template: str) -> list[Sample]:
@@ -247,11 +256,12 @@ def prepare_joint_data(
         DataError: a category's data cannot be used (its name in the message).
     """
     parts: dict[str, CategorySamples] = {}
+    prefixes: dict[str, str | None] = {}
     for category in categories:
         sub = out_dir / JOINT_PARTS_DIR / category.slug
         sub.mkdir(parents=True, exist_ok=True)
         cs = prepare_data(cfg, category, sub, resuming=resuming, replace_split=replace_split)
-        prefix = category.display_name if cfg.train.category_in_prompt else None
+        prefix = prefixes[category.name] = joint_prefix(category, cfg.train.category_in_prompt)
         parts[category.name] = _joint_part(cs, category, prefix, cfg.data.prompt_template)
     first = next(iter(parts.values()))
     union = CategorySamples(
@@ -270,6 +280,7 @@ def prepare_joint_data(
         questions=first.questions,
         data=None,
         parts=parts,
+        prompt_prefixes=prefixes,
     )
     write_split(out_dir, union.split)
     return union

@@ -8,11 +8,14 @@ The base model is the one named in the adapter's `adapter_config.json` unless `b
 overrides it; an adapter is refused on another base model. It is loaded as training loaded it
 (quantization and dtype recorded in the adapter's `fada_batch.json`). Prompts, questions, the
 EOS and the answer length limit come from `fada_batch.json` too, so the answers are generated
-exactly as in evaluation (`evaluate.generate`).
+exactly as in evaluation (`evaluate.generate`). A joint adapter (train.mode=joint) is asked
+about one category at a time, `Asker(path, category="Femur")`: its prompts start with the
+prefix it recorded for that category, as in training (`adapter_category`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from fada_batch.data.samples import format_prompt
 from fada_batch.evaluation.evaluate import (
     DEFAULT_SETTINGS,
     AdapterError,
+    AdapterInfo,
     GenerationSettings,
     answer_both,
     check_base_model,
@@ -72,9 +76,12 @@ class Asker:
             (auto: fp32 on the CPU, bf16 on a GPU where it fits, else 8-bit or 4-bit).
         settings: generation settings (greedy, batches of 16; max_new_tokens None: what the
             adapter's training answers need, as recorded with it).
+        category: the scans' category, for a joint adapter (train.mode=joint): its prompts
+            start with the category's name as in training (`adapter_category`).
 
     Raises:
         AdapterError: missing/incomplete adapter, or one trained on another base model.
+        AskError: `category` missing for a joint adapter that needs it, or not one of its own.
         ModelLoadError: the base model cannot be loaded (offline and not cached, ...).
     """
 
@@ -89,10 +96,12 @@ class Asker:
         quantization: str = "auto",
         settings: GenerationSettings = DEFAULT_SETTINGS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        category: str | None = None,
     ) -> None:
         from fada_batch.training.model import eos_token_id
 
         self.info = read_adapter_info(Path(adapter_dir))
+        self.category, self.prefix = adapter_category(self.info, category)
         base = base_model or self.info.base_model
         if not base:
             raise AdapterError(f"{self.info.path}/adapter_config.json names no base model: pass --base-model")
@@ -167,7 +176,7 @@ class Asker:
         if problems:
             raise AskError(f"{plural(len(problems), 'image')} cannot be read:\n" + "\n".join(problems))
         keys = {str(p): p for p in paths}
-        items = [(str(p), format_prompt(self.template, q)) for p in paths for q in texts]
+        items = [(str(p), format_prompt(self.template, q, self.prefix)) for p in paths for q in texts]
         adapter, base = answer_both(
             self.loaded,
             self.encoder,
@@ -189,10 +198,62 @@ class Asker:
                 "answer": adapter[k].text,
                 "cut_off": not adapter[k].ended,
             }
+            if self.category is not None:
+                row["category"] = self.category
             if base is not None:
                 row["base_answer"] = base[k].text
             out.append(row)
         return out
+
+
+def adapter_category(info: AdapterInfo, name: str | None) -> tuple[str | None, str | None]:
+    """The category `ask` asks about and the prefix its prompts start with (None: none).
+
+    A joint adapter trained with the category in its prompts (train.mode=joint,
+    category_in_prompt) needs `name`, one of its own categories (by name, display name or an
+    alias); one trained without accepts it and asks as it was trained. A category's own adapter
+    takes no other category than its own.
+
+    Raises:
+        AskError: naming --category and the adapter's categories.
+    """
+    if not info.joint:
+        mine = info.category
+        if name is not None and mine and _match([mine], {}, name) is None:
+            raise AskError(
+                f"--category {name}: the adapter in {info.path} is {mine}'s own, trained on that "
+                f"category alone; leave --category out (it is for joint adapters) or pass {mine}."
+            )
+        return (mine if name is not None else None), None
+    names = list(info.categories or [])
+    prefixes = info.prompt_prefixes or {}
+    choices = ", ".join(names)
+    if name is None:
+        if any(prefixes.get(n) is not None for n in names):
+            raise AskError(
+                f"the adapter in {info.path} is a joint adapter whose prompts start with the "
+                f"scan's category, as it was trained: name it with --category (one of: {choices})."
+            )
+        return None, None
+    found = _match(names, prefixes, name)
+    if found is None:
+        raise AskError(
+            f"--category {name!r} is not one the joint adapter in {info.path} was trained on: "
+            f"pass one of: {choices}."
+        )
+    return found, prefixes.get(found)
+
+
+def _match(names: list[str], prefixes: dict[str, str | None], given: str) -> str | None:
+    """The name among `names` that `given` names: itself, its prompt prefix (display name) or
+    a built-in alias of it (`Abodomen`), compared as category names are (case, spaces, dashes
+    and underscores aside); None when none does."""
+    from fada_batch.data.categories import UnknownCategoryError, category_key, get_category
+
+    keys = {category_key(given)}
+    with contextlib.suppress(UnknownCategoryError):
+        keys.add(category_key(get_category(given).name))
+    return next((n for n in names if keys & {category_key(n), category_key(prefixes.get(n) or n)}), None)
 
 
 def format_answers(rows: list[dict[str, Any]]) -> str:

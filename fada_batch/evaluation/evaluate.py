@@ -130,6 +130,15 @@ class AdapterInfo:
     quantization: str | None = None  # how the base was loaded in training (none/8bit/4bit)
     dtype: str | None = None  # the base's dtype in training (float32, bfloat16, ...)
     max_new_tokens: int | None = None  # what the training answers need (longest + margin)
+    # a joint adapter (train.mode=joint): "joint", the categories it was trained on, and what
+    # each category's prompts start with (None: nothing, train.category_in_prompt false)
+    mode: str | None = None
+    categories: list[str] | None = None
+    prompt_prefixes: dict[str, str | None] | None = None
+
+    @property
+    def joint(self) -> bool:
+        return self.mode == "joint"
 
 
 def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
@@ -180,6 +189,7 @@ def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
         except (OSError, ValueError) as e:
             raise AdapterError(f"cannot read {marker_path}: {e}. Retrain the category.") from e
     eos = marker.get("eos_token_id")
+    joint = marker.get("mode") == "joint"
     return AdapterInfo(
         path=adapter_dir,
         base_model=config.get("base_model_name_or_path") or marker.get("base_model"),
@@ -190,7 +200,41 @@ def read_adapter_info(adapter_dir: Path) -> AdapterInfo:
         quantization=marker.get("quantization"),
         dtype=marker.get("dtype"),
         max_new_tokens=marker.get("max_new_tokens"),
+        mode=marker.get("mode"),
+        categories=list(marker.get("categories") or []) if joint else None,
+        prompt_prefixes=_recorded_prefixes(adapter_dir, marker) if joint else None,
     )
+
+
+def _recorded_prefixes(adapter_dir: Path, marker: dict[str, Any]) -> dict[str, str | None]:
+    """A joint adapter's prompt prefix per category, as training wrote its prompts: recorded
+    in `fada_batch.json` (`prompt_prefixes`); for a joint adapter saved before that was
+    recorded, the display names of the job config saved beside it (`config.yaml`).
+
+    Raises:
+        AdapterError: neither says what the prompts started with.
+    """
+    from fada_batch.data.samples import joint_prefix
+
+    names = list(marker.get("categories") or [])
+    recorded = marker.get("prompt_prefixes")
+    if isinstance(recorded, dict) and set(recorded) == set(names):
+        return {n: recorded[n] for n in names}
+    in_prompt = bool(marker.get("category_in_prompt", True))
+    if not in_prompt:
+        return dict.fromkeys(names)
+    config_path = adapter_dir / "config.yaml"
+    try:
+        from fada_batch.config import load_job
+
+        cfg = load_job(config_path)
+        return {n: joint_prefix(cfg.data.category(n), in_prompt) for n in names}
+    except (OSError, ValueError) as e:  # ConfigError, UnknownCategoryError: ValueErrors
+        raise AdapterError(
+            f"{adapter_dir / 'fada_batch.json'} is a joint adapter's that does not record its prompt "
+            f"prefixes, and {config_path} cannot supply them ({e}): retrain it with `fada-batch "
+            "train --job JOB -p train.mode=joint --force`."
+        ) from e
 
 
 def load_like_training(
@@ -739,10 +783,19 @@ def evaluate_after_training(
 
 
 def evaluate_joint_loaded(
-    loaded: Any, samples: Any, out_dir: Path, *, eos_token_id: int, cfg: Any, max_new_tokens: int | None
+    loaded: Any,
+    samples: Any,
+    out_dir: Path,
+    *,
+    eos_token_id: int,
+    cfg: Any,
+    max_new_tokens: int | None,
+    prompt_template: str | None = None,
 ) -> dict[str, Any]:
     """A joint adapter (train.mode=joint) evaluated per category and overall, with the same
-    metrics and baselines as a category's own evaluation.
+    metrics and baselines as a category's own evaluation. Each category's prompts start as
+    they did in training (`samples.prompt_prefixes`, with `prompt_template`, default
+    data.prompt_template).
 
     Each category's held-out images are answered and scored on their own (its questions, its
     majority baseline from its training answers), written to
@@ -757,19 +810,18 @@ def evaluate_joint_loaded(
     per_category: dict[str, Any] = {}
     settings = settings_from(cfg.eval, max_new_tokens)
     for name, part in samples.parts.items():
-        category = cfg.data.category(name)
-        folder = Path(out_dir) / JOINT_PARTS_DIR / category.slug
+        folder = Path(out_dir) / JOINT_PARTS_DIR / cfg.data.category(name).slug
         metrics = evaluate_loaded(
             loaded,
             part,
             folder,
             eos_token_id=eos_token_id,
-            prompt_template=cfg.data.prompt_template,
+            prompt_template=prompt_template or cfg.data.prompt_template,
             split=cfg.eval.split,
             settings=settings,
             max_pixels=cfg.data.max_image_pixels,
             normalize=normalize_level(cfg.data),
-            prefix=category.display_name if cfg.train.category_in_prompt else None,
+            prefix=samples.prompt_prefixes.get(name),
         )
         per_category[name] = summary_block(metrics)
         held_out += {"test": part.test, "val": part.val}[cfg.eval.split]
@@ -898,21 +950,15 @@ def evaluate_category(cfg: Any, category_name: str, *, job_probe: JobProbe | Non
         return _evaluate_locked(cfg, category, out_dir, info, settings)
 
 
-def _evaluate_locked(
-    cfg: Any, category: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
-) -> dict[str, Any]:
-    from fada_batch.data.samples import prepare_data
+def _load_for_evaluation(
+    cfg: Any, info: AdapterInfo, train: list[Sample], settings: GenerationSettings
+) -> tuple[Any, int, GenerationSettings]:
+    """The base model loaded as training loaded it, with the adapter on it; the EOS it was
+    trained with; `settings` with the answer length limit its training answers need."""
     from fada_batch.training.collate import answer_length_stats
     from fada_batch.training.model import eos_token_id
-    from fada_batch.training.outputs import final_model_complete
 
     mc = cfg.model
-    if not final_model_complete(out_dir):  # removed by a --force retraining since the check
-        raise EvaluationError(f"{category.name}: {out_dir} no longer holds a complete trained adapter")
-    # resuming=True: refuse (rather than rewrite) a split.json that no longer matches the data
-    samples = prepare_data(cfg, category, out_dir, resuming=True)
-    if info.questions and list(info.questions) != list(samples.questions):
-        log.warning("%s: the sheet's questions differ from those the adapter was trained with", category.name)
     loaded = load_like_training(
         info, mc.name_or_path, device=mc.device, dtype=mc.dtype, quantization=mc.quantization
     )
@@ -921,8 +967,23 @@ def _evaluate_locked(
     budget = info.max_new_tokens
     if budget is None:  # an adapter from before the limit was recorded: its training answers say it
         encoder = make_encoder(loaded, eos)
-        budget = int(answer_length_stats([encoder.encode(s) for s in samples.train])["max_new_tokens"])
-    settings = settings.with_default(budget)
+        budget = int(answer_length_stats([encoder.encode(s) for s in train])["max_new_tokens"])
+    return loaded, eos, settings.with_default(budget)
+
+
+def _evaluate_locked(
+    cfg: Any, category: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
+) -> dict[str, Any]:
+    from fada_batch.data.samples import prepare_data
+    from fada_batch.training.outputs import final_model_complete
+
+    if not final_model_complete(out_dir):  # removed by a --force retraining since the check
+        raise EvaluationError(f"{category.name}: {out_dir} no longer holds a complete trained adapter")
+    # resuming=True: refuse (rather than rewrite) a split.json that no longer matches the data
+    samples = prepare_data(cfg, category, out_dir, resuming=True)
+    if info.questions and list(info.questions) != list(samples.questions):
+        log.warning("%s: the sheet's questions differ from those the adapter was trained with", category.name)
+    loaded, eos, settings = _load_for_evaluation(cfg, info, samples.train, settings)
     metrics = evaluate_loaded(
         loaded,
         samples,
@@ -943,6 +1004,106 @@ def _evaluate_locked(
         metrics["majority"]["overall"]["exact_match"],
         metrics["n_pairs"],
         cfg.eval.split,
+        out_dir / EVAL_DIR,
+    )
+    return metrics
+
+
+def evaluate_joint(cfg: Any, *, job_probe: JobProbe | None = None) -> dict[str, Any]:
+    """Evaluate the joint adapter (`{output.root}/blip2_joint/final_model/`) on every
+    category's held-out images, per category and overall, as its evaluation after training
+    does: the categories, and the prefix each category's prompts start with, are the ones its
+    `fada_batch.json` records (train.mode, categories, category_in_prompt, prompt_prefixes), not
+    the job's; the split is each category's `split.json` under `blip2_joint/categories/`.
+
+    Writes `blip2_joint/eval/` (overall, with a "categories" block) and
+    `blip2_joint/categories/<slug>/eval/`, and the scores into the model card and TensorBoard.
+
+    Returns:
+        the overall metrics.json content (see `evaluate_joint_loaded`).
+
+    Raises:
+        EvaluationError: no complete joint adapter, or it is not a joint adapter.
+        AdapterError, ModelLoadError, DataError: as `evaluate_category`.
+    """
+    from fada_batch.data.split import SPLIT_FILE
+    from fada_batch.training.outputs import FINAL_MODEL, final_model_complete, joint_output_dir
+
+    out_dir = joint_output_dir(cfg)
+    if not final_model_complete(out_dir):
+        raise EvaluationError(
+            f"there is no complete joint adapter in {out_dir / FINAL_MODEL}: train it first "
+            "(`fada-batch train --job JOB -p train.mode=joint`)."
+        )
+    info = read_adapter_info(out_dir / FINAL_MODEL)
+    if not info.joint or not info.categories:
+        raise EvaluationError(
+            f"{out_dir / FINAL_MODEL / 'fada_batch.json'} does not record a joint adapter (mode "
+            f"{info.mode!r}, categories {info.categories}): retrain it with train.mode=joint --force."
+        )
+    if not (out_dir / SPLIT_FILE).is_file():
+        raise EvaluationError(
+            f"{out_dir / SPLIT_FILE} is missing, so the held-out images are unknown; evaluating on "
+            "others could include training images. Retrain the joint adapter with --force."
+        )
+    check_base_model(
+        info,
+        cfg.model.name_or_path,
+        fix=f"set model.name_or_path back to it (-p model.name_or_path={info.base_model})",
+    )
+    settings = settings_from(cfg.eval)
+    settings.check()
+    with category_lock(out_dir, purpose="evaluated", job_probe=job_probe):
+        return _evaluate_joint_locked(cfg, out_dir, info, settings)
+
+
+def _evaluate_joint_locked(
+    cfg: Any, out_dir: Path, info: AdapterInfo, settings: GenerationSettings
+) -> dict[str, Any]:
+    from fada_batch.data.samples import prepare_joint_data
+    from fada_batch.training.outputs import final_model_complete
+
+    if not final_model_complete(out_dir):  # removed by a --force retraining since the check
+        raise EvaluationError(f"joint: {out_dir} no longer holds a complete trained adapter")
+    names = list(info.categories or [])
+    prefixes = dict(info.prompt_prefixes or {})
+    in_prompt = any(p is not None for p in prefixes.values())
+    if [cfg.data.category(c).name for c in cfg.data.categories] != names:
+        log.warning(
+            "the joint adapter in %s was trained on %s; evaluating on those (data.categories: %s)",
+            out_dir,
+            ", ".join(names),
+            ", ".join(cfg.data.categories),
+        )
+    # the job as training saw it: its categories and prompt rule, from the adapter's record
+    as_trained = replace(
+        cfg,
+        data=replace(cfg.data, categories=names),
+        train=replace(cfg.train, mode="joint", category_in_prompt=in_prompt),
+    )
+    categories = [cfg.data.category(n) for n in names]
+    # resuming=True: refuse (rather than rewrite) a split.json that no longer matches the data
+    samples = prepare_joint_data(as_trained, categories, out_dir, resuming=True)
+    samples.prompt_prefixes = prefixes
+    loaded, eos, settings = _load_for_evaluation(cfg, info, samples.train, settings)
+    metrics = evaluate_joint_loaded(
+        loaded,
+        samples,
+        out_dir,
+        eos_token_id=eos,
+        cfg=as_trained,
+        max_new_tokens=settings.max_new_tokens,
+        prompt_template=info.prompt_template,
+    )
+    publish_scores(out_dir, metrics, tensorboard=cfg.train.tensorboard)
+    log.info(
+        "joint: exact match adapter %.3f, base %.3f, majority %.3f on %d %s pairs of %s; %s",
+        metrics["adapter"]["overall"]["exact_match"],
+        metrics["base"]["overall"]["exact_match"],
+        metrics["majority"]["overall"]["exact_match"],
+        metrics["n_pairs"],
+        cfg.eval.split,
+        plural(len(names), "category", "categories"),
         out_dir / EVAL_DIR,
     )
     return metrics
@@ -970,5 +1131,11 @@ def format_metrics(category: str, metrics: dict[str, Any]) -> str:
         lines.append(
             f"  {q:8} {a.get('exact_match', float('nan')):10.3f} {b.get('exact_match', float('nan')):8.3f} "
             f"{m.get('exact_match', float('nan')):11.3f} {a.get('token_f1', float('nan')):10.3f}"
+        )
+    for name, block in (metrics.get("categories") or {}).items():  # a joint adapter's, per category
+        lines.append(
+            f"  {name}: exact match adapter {block['overall']['exact_match']:.3f}, base "
+            f"{block['base_overall']['exact_match']:.3f}, majority {block['majority_overall']['exact_match']:.3f}; "
+            f"adapter F1 {block['overall']['token_f1']:.3f} ({plural(block['n_pairs'], 'pair')})"
         )
     return "\n".join(lines)

@@ -83,9 +83,22 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [*lines, *("| " + " | ".join(cell(v) for v in r) + " |" for r in rows), ""]
 
 
+def _prefix_lines(prefixes: dict[str, str]) -> list[str]:
+    """A joint adapter's prompts start with the scan's category: which text for which one."""
+    if not prefixes:
+        return []
+    listed = ", ".join(f"{n}: `{p}. `" for n, p in prefixes.items())
+    return [
+        "This joint adapter was trained on several categories, each prompt starting with the "
+        f"scan's category ({listed}); ask it the same way, as in the example above.",
+        "",
+    ]
+
+
 def _usage(f: dict[str, Any]) -> list[str]:
     q1 = f["questions"][0] if f["questions"] else "..."
-    prompt = format_prompt(f["prompt_template"], q1)
+    prefixes = {n: p for n, p in (f.get("prompt_prefixes") or {}).items() if p}
+    prompt = format_prompt(f["prompt_template"], q1, next(iter(prefixes.values()), None))
     return [
         "## How to use",
         "",
@@ -104,10 +117,12 @@ def _usage(f: dict[str, Any]) -> list[str]:
         "",
         f"The prompt is `{f['prompt_template']}` with one of the questions below; the answer ends at "
         f"token {f['eos_token_id']} (the EOS it was trained with). With fada-batch: "
-        "`fada-batch ask --adapter <this folder> --image scan.png`. "
-        "`fada-batch export --adapter <this folder> --to OUT --merge` merges it into a plain "
+        "`fada-batch ask --adapter <this folder> --image scan.png"
+        + (" --category <category>`" if prefixes else "`")
+        + ". `fada-batch export --adapter <this folder> --to OUT --merge` merges it into a plain "
         "transformers model.",
         "",
+        *_prefix_lines(prefixes),
         "Questions (Q1..Q8):",
         "",
         *(f"{i}. {q}" for i, q in enumerate(f["questions"], 1)),

@@ -1156,6 +1156,7 @@ def _finish(run: _Run, t_start: float, feature_s: float, counts: tuple[int, int]
     }
     if cs.parts:  # joint: which categories, and whether prompts start with the category's name
         record.update(mode="joint", categories=list(cs.parts), category_in_prompt=tc.category_in_prompt)
+        record["prompt_prefixes"] = cs.prompt_prefixes  # what evaluate and ask start prompts with
     card = render_card(_card_facts(run, shipped, answers["max_new_tokens"], eos))
     final = save_final_model(
         run.out_dir, run.loaded, cfg, run.category, cs.questions, eos, record=record, card=card
@@ -1232,6 +1233,7 @@ def _card_facts(run: _Run, shipped: dict[str, Any], max_new_tokens: int, eos: in
         "base_model": hub_base_model(cfg.model.name_or_path),
         "questions": list(run.cs.questions),
         "prompt_template": cfg.data.prompt_template,
+        "prompt_prefixes": run.cs.prompt_prefixes,  # joint: what each category's prompts start with
         "eos_token_id": eos,
         "max_new_tokens": max_new_tokens,
         "images": summary.get("images") or {},

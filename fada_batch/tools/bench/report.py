@@ -20,7 +20,10 @@ def _hms(seconds: float) -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     """The bench result as a table: per recipe, the ratio, then the estimate per category."""
-    return "\n".join(_head_lines(result) + _recipe_lines(result) + _estimate_lines(result))
+    lines = _head_lines(result) + _recipe_lines(result) + _estimate_lines(result)
+    if result.get("scaling"):
+        lines += scaling_lines(result["scaling"], result["machine"].get("type", ""))
+    return "\n".join(lines)
 
 
 def _head_lines(result: dict[str, Any]) -> list[str]:
@@ -123,5 +126,46 @@ def _estimate_lines(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"(no label sheets under data.root: 'reference' is {REFERENCE_IMAGES:,} images x 8 "
             "questions, the seed's Abdomen; --images N estimates for N images)"
+        )
+    return lines
+
+
+def scaling_lines(sc: dict[str, Any], device_type: str) -> list[str]:
+    """The data-parallel ESTIMATE (`bench.scaling`): inputs, one row per GPU count, assumptions."""
+    mb = sc["gradient_bytes"] / 1e6
+    batch = sc["batch"]
+    where = " (on the CPU: read GPU as a device like this one)" if device_type == "cpu" else ""
+    lines = [
+        "",
+        "data-parallel ESTIMATE for N GPUs (arithmetic, not measured on N GPUs):",
+        f"  the optimizer step measured here{where}, {sc['measured_step_s']:.4g} s for {batch} "
+        "samples, split over N ranks, plus a ring all-reduce of the LoRA gradients",
+        f"  gradients: {sc['trainable_parameters']:,} trainable parameters x {sc['bytes_per_gradient']:g} "
+        f"bytes = {mb:.2f} MB per step; each rank sends and receives 2(N-1)/N of it",
+        f"  bandwidth: {sc['intra_node_gbps']:g} GB/s within a node (NVLink), {sc['inter_node_gbps']:g} GB/s "
+        f"across nodes (network), {sc['latency_us']:g} us per message, {sc['gpus_per_node']} GPUs per "
+        "node (--nvlink-gbps, --network-gbps, --latency-us, --gpus-per-node set them)",
+        f"  {'GPUs':>5} {'nodes':>5} {'per GPU':>7} {'compute s':>10} {'all-reduce MB':>13} "
+        f"{'all-reduce ms':>13} {'link':<10} {'step s':>9} {'samples/s':>10} {'speed-up':>8} {'efficiency':>10}",
+    ]
+    for r in sc["rows"]:
+        lines.append(
+            f"  {r['gpus']:>5} {r['nodes']:>5} {r['per_rank_batch']:>7} {r['compute_s']:>10.4g} "
+            f"{r['allreduce_bytes'] / 1e6:>13.2f} {r['allreduce_s'] * 1e3:>13.3f} {r['link']:<10} "
+            f"{r['step_s']:>9.4g} {r['samples_per_s']:>10.2f} {r['speedup']:>7.2f}x {r['efficiency']:>10.2f}"
+        )
+    lines.append(
+        f"  assumes: the effective batch stays {batch} samples per step (train.batch_size x "
+        f"grad_accum_steps), the slowest rank taking ceil({batch}/N); compute per sample as measured "
+        f"at {batch} per step (a GPU given fewer samples is used less well: optimistic at large N); "
+        "the all-reduce not overlapped with the backward pass and, across nodes, at the network's "
+        "pace for the whole ring (both make its time an upper bound); model loading, the feature "
+        "cache and evaluation not included"
+    )
+    idle = [r["gpus"] for r in sc["rows"] if r["gpus"] > batch]
+    if idle:
+        lines.append(
+            f"  with {', '.join(map(str, idle))} GPUs some have no sample of a {batch}-sample step: "
+            "raise train.batch_size (or grad_accum_steps) to use them"
         )
     return lines

@@ -19,6 +19,7 @@ from fada_batch.tools.bench.inputs import category_inputs, load_for_bench, make_
 from fada_batch.tools.bench.measure import free_memory, machine_info
 from fada_batch.tools.bench.model import per_sample_flops
 from fada_batch.tools.bench.ours import bench_ours
+from fada_batch.tools.bench.scaling import ScalingSettings, scaling_block
 from fada_batch.tools.bench.seed import bench_seed
 from fada_batch.training.model import base_of
 
@@ -34,6 +35,7 @@ def run_bench(
     images: int | None = None,
     answer_tokens: tuple[int, int] = (6, 24),
     threads: int | None = None,
+    scaling: ScalingSettings | None = None,
 ) -> dict[str, Any]:
     """Measure ours (and with `baseline` the seed's recipe) on the same samples, then estimate.
 
@@ -44,6 +46,8 @@ def run_bench(
         images: estimate for categories of this many images x 8 questions instead of the
             pre-flight's counts (no data needed).
         threads: torch CPU threads for the run (restored afterwards); None leaves torch's.
+        scaling: GPU counts and bandwidths of the data-parallel estimate (`bench.scaling`);
+            None: its defaults.
     Returns:
         A JSON-able dict; `format_report` prints it.
     """
@@ -62,6 +66,7 @@ def run_bench(
                 category=category,
                 images=images,
                 answer_tokens=answer_tokens,
+                scaling=scaling or ScalingSettings(),
             )
     finally:
         torch.set_num_threads(old_threads)
@@ -78,6 +83,7 @@ def _run(
     category: str | None,
     images: int | None,
     answer_tokens: tuple[int, int],
+    scaling: ScalingSettings,
 ) -> dict[str, Any]:
     step_size = cfg.train.batch_size * cfg.train.grad_accum_steps
     loaded, load_s = load_for_bench(
@@ -119,6 +125,7 @@ def _run(
     }
     ours = bench_ours(loaded, cfg, inputs, steps=steps, warmup=warmup, load_s=load_s)
     result["ours"] = dataclasses.asdict(ours)
+    result["scaling"] = _scaling(loaded.model, ours.seconds / ours.steps, step_size, scaling)
     if loaded.quantization_reason:
         result["ours"]["notes"].append(f"quantization auto: {loaded.quantization_reason}")
     del loaded
@@ -142,3 +149,14 @@ def _run(
         for e, s in zip(result["estimates"], seed_est, strict=True):
             e["seed_total_s"] = s.total_s  # the vision side runs per sample: no feature cache
     return result
+
+
+def _scaling(model: Any, step_s: float, batch: int, settings: ScalingSettings) -> dict[str, Any]:
+    """The data-parallel estimate (`bench.scaling`) from the measured step and the model's
+    trainable parameters; a gradient has its parameter's dtype (bytes: the mean, if mixed)."""
+    grads = [p for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in grads)
+    total = sum(p.numel() * p.element_size() for p in grads)
+    return scaling_block(
+        settings, step_s=step_s, batch=batch, grad_numel=numel, grad_bytes=total / max(1, numel)
+    )
