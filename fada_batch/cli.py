@@ -569,6 +569,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings_from,
     )
     from fada_batch.fsutil import LockedError
+    from fada_batch.run.report_questions import text_headline
     from fada_batch.run.slurmjobs import job_phase
     from fada_batch.training.outputs import JOINT
 
@@ -593,7 +594,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"error: {cat}: {e}", file=sys.stderr)
             failed += 1
             continue
-        print(format_metrics(cat, metrics), flush=True)
+        own = text_headline({"questions": metrics.get("questions")})
+        print("\n".join([format_metrics(cat, metrics), *own]), flush=True)
     return EXIT_FAILED if failed else EXIT_OK
 
 

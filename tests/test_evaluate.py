@@ -289,6 +289,12 @@ def test_evaluate_cli_reproduces_the_training_evaluation(margin_runs, tmp_path, 
     after = _metrics(out)
     for model in MODELS:
         assert after[model] == before[model], model
+    # each question on its own terms too, by name, as metrics.json has it
+    q2 = after["questions"]["Q2"]
+    line = next(x for x in printed.splitlines() if "orientation accuracy" in x)
+    assert line.lstrip().startswith(f"Q2 {q2['name']}"), line
+    assert f"adapter {q2['adapter']['orientation_accuracy']:.3f} (" in line and "vs majority p" in line, line
+    assert "sensitivity (abnormal)" in printed and "structure F1" in printed
     assert main(["evaluate", "--job", str(job), "--category", "thorax"]) == 1  # not trained
     assert "Thorax has no complete trained adapter" in capsys.readouterr().err
 

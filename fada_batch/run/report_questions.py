@@ -178,6 +178,31 @@ def html_headline(c: dict[str, Any]) -> str:
     )
 
 
+def text_headline(c: dict[str, Any]) -> list[str]:
+    """Terminal lines of one category's own-terms figures (exact match is `format_metrics`'s
+    table): per question and figure, the adapter with its interval, base and majority, and the
+    McNemar test of the adapter against the majority in the question's own terms."""
+    out = []
+    for r in headline_rows(c):
+        own = [f for f in r["figures"] if f != "exact_match"]
+        for i, f in enumerate(own):
+            value, ci = r["values"]["adapter"][f]
+            test = ""
+            if i == 0 and r["tests"]["majority"]["own"] is not None:
+                text, apart = r["tests"]["majority"]["own"]
+                test = f"  vs majority {text}" + ("" if apart or text == "–" else f" {SAME}")
+            out.append(
+                f"  {r['title'] if i == 0 else '':<28} {FIGURE_LABELS.get(f, f):<22} adapter "
+                f"{value}{f' ({ci})' if ci else ''}, base {r['values']['base'][f][0]}, "
+                f"majority {r['values']['majority'][f][0]}{test}"
+            )
+    if out:
+        out.insert(
+            0, f"  each question on its own terms (95% interval over images; {SAME}: cannot tell apart):"
+        )
+    return out
+
+
 HEADLINE_NOTE = (
     f"Each figure with its 95% bootstrap interval over held-out images ({N_BOOT} resamples). The last two "
     f"columns: McNemar's exact test on per-answer exact match (EM) and on per-answer correctness in the "
