@@ -230,17 +230,11 @@ def _predictions(eval_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_joint_evaluate_from_disk_equals_training(joint_run, tmp_path, capsys, monkeypatch):
-    """`fada-batch evaluate` on the saved joint adapter (base model and adapter loaded with
-    from_pretrained) answers every held-out question as the evaluation after training did, per
-    category and overall, with the prompts of training: the category prefix comes from what
-    the adapter recorded, even when the job now says train.category_in_prompt=false."""
-    from fada_batch.cli import main
+def _record_prompts(monkeypatch) -> list[str]:
+    """The prompts every later generation is asked (evaluate and ask both generate through
+    `evaluation.evaluate.generate`), in order."""
     from fada_batch.evaluation import evaluate
 
-    cfg, job, out = joint_run
-    root = tmp_path / "copy"
-    shutil.copytree(out, root / "blip2_joint")
     asked: list[str] = []
     real_generate = evaluate.generate
 
@@ -249,6 +243,20 @@ def test_joint_evaluate_from_disk_equals_training(joint_run, tmp_path, capsys, m
         return real_generate(model, encoder, prompts, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", spy)
+    return asked
+
+
+def test_joint_evaluate_from_disk_equals_training(joint_run, tmp_path, capsys, monkeypatch):
+    """`fada-batch evaluate` on the saved joint adapter (base model and adapter loaded with
+    from_pretrained) answers every held-out question as the evaluation after training did, per
+    category and overall, with the prompts of training: the category prefix comes from what
+    the adapter recorded, even when the job now says train.category_in_prompt=false."""
+    from fada_batch.cli import main
+
+    cfg, job, out = joint_run
+    root = tmp_path / "copy"
+    shutil.copytree(out, root / "blip2_joint")
+    asked = _record_prompts(monkeypatch)
     args = [
         "evaluate",
         "--job",
@@ -297,16 +305,8 @@ def test_ask_a_joint_adapter_with_its_category_answers_as_evaluation_did(joint_r
     """`ask --category Femur` on the joint adapter puts "Femur. " before each question, as in
     training, and answers a held-out Femur image as the joint evaluation did."""
     from fada_batch.cli import main
-    from fada_batch.evaluation import evaluate
 
-    asked: list[str] = []
-    real_generate = evaluate.generate
-
-    def spy(model, encoder, prompts, *args, **kwargs):
-        asked.extend(prompts)
-        return real_generate(model, encoder, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "generate", spy)
+    asked = _record_prompts(monkeypatch)
 
     cfg, _job, out = joint_run
     femur = cfg.data.category("Femur")

@@ -118,21 +118,6 @@ def accumulate_step(
 
 
 @torch.no_grad()
-def evaluate_loss(
-    model: Any,
-    features: FeatureSource,
-    samples: list[Sample],
-    encoded: list[Encoded],
-    encoder: Encoder,
-    device: torch.device,
-    batch_size: int,
-) -> float | None:
-    """Mean answer-token loss over `samples` (dropout off); None when there are none."""
-    total, count = evaluate_loss_sum(model, features, samples, encoded, encoder, device, batch_size)
-    return total / max(1, count) if samples else None
-
-
-@torch.no_grad()
 def evaluate_loss_sum(
     model: Any,
     features: FeatureSource,
